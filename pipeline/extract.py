@@ -1,0 +1,169 @@
+"""Extraction: run the frozen backbone over every split once, pool each tap on the device, fill the store."""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbone import build_model, build_preprocess, check_model_name, weights_fingerprint
+from .data import Dataset, build_dataset
+from .errors import H2TError
+from .pooling import validate_target_size
+from .store import DTYPES, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
+from .taps import TappedForward, select_taps
+
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+@dataclass
+class Plan:
+    """Everything known before the backbone runs: the store's identity, location and layer table."""
+    spec: dict
+    path: str
+    layers: list[dict]
+    dataset: Dataset
+    taps: list
+    preprocess: object
+
+
+def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
+    """Resolve the store for a config without loading weights or running a forward on data."""
+    import timm
+
+    check_model_name(cfg.model.name)
+    target_size = validate_target_size(cfg.pooling.target_size)
+    if cfg.store.dtype not in DTYPES:
+        raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {cfg.store.dtype!r}")
+    dataset = dataset or build_dataset(cfg.data)
+    preprocess = build_preprocess(cfg.model)
+    with torch.device("meta"):  # structure only: tap names and shapes, no weights, no compute
+        skeleton = timm.create_model(cfg.model.name, pretrained=False,
+                                     **_model_kwargs(cfg.model, preprocess.input_size))
+    skeleton.eval()
+    taps = select_taps(skeleton, list(cfg.taps.include), list(cfg.taps.exclude))
+    runner = TappedForward(skeleton, taps, target_size, cfg.pooling.rule)
+    try:
+        layers = runner.layer_table(preprocess.input_size)
+    except RuntimeError as exc:
+        raise H2TError(f"{cfg.model.name} cannot run at input size {preprocess.input_size}: "
+                       f"{str(exc).splitlines()[0]}") from None
+    finally:
+        runner.close()
+    spec = {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"name": cfg.model.name, "weights": weights_fingerprint(cfg.model),
+                  "timm": timm.__version__, "torch": torch.__version__},
+        "preprocess": preprocess.as_dict(),
+        "taps": [t.name for t in taps],
+        "pooling": {"rule": cfg.pooling.rule, "target_size": target_size},
+        "dtype": cfg.store.dtype,
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
+                    "splits": {name: len(split) for name, split in dataset.splits.items()}},
+    }
+    return Plan(spec, store_path(cfg.store.root, spec), layers, dataset, taps, preprocess)
+
+
+def _model_kwargs(model_cfg, input_size: int) -> dict:
+    from .backbone import _takes_img_size
+
+    return {"img_size": input_size} if _takes_img_size(model_cfg.name) else {}
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise H2TError(f"extract.device={name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise H2TError(f"extract.device={name}: no CUDA device on this machine")
+    return device
+
+
+def _check_finite(layer: str, block: np.ndarray, dtype: str) -> None:
+    if not np.isfinite(block).all():
+        raise H2TError(f"tap {layer}: activations contain NaN or inf; not stored")
+    if dtype == "float16" and block.size and np.abs(block).max() > FLOAT16_MAX:
+        raise H2TError(f"tap {layer}: activations reach {np.abs(block).max():.3g}, beyond float16; "
+                       f"use store.dtype=float32")
+
+
+@dataclass
+class ExtractResult:
+    store: FeatureStore
+    backbone_images: int
+    seconds: float
+
+
+def extract(cfg, plan: Plan | None = None) -> ExtractResult:
+    """Make sure the complete store exists; run the backbone only over shards not yet written."""
+    start_time = time.perf_counter()
+    plan = plan or plan_store(cfg)
+    store = open_store(plan.path, plan.spec)
+    if store is not None and store.complete:
+        return ExtractResult(store, 0, time.perf_counter() - start_time)
+    shard_rows = int(cfg.extract.batch_size)
+    if shard_rows < 1:
+        raise H2TError(f"extract.batch_size must be >= 1, got {shard_rows}")
+    dataset = plan.dataset
+    if store is None or store.meta["status"] == STATUS_CREATING:
+        store = create_store(plan.path, plan.spec, plan.layers,
+                             {s: len(split) for s, split in dataset.splits.items()}, dataset.num_classes,
+                             dataset.class_names, shard_rows, cfg.store.dtype, int(cfg.store.col_chunk),
+                             cfg.store.compression)
+        for name, split in dataset.splits.items():
+            store.group[f"{name}/labels"][:] = split.labels
+            store.group[f"{name}/sample_ids"][:] = split.ids
+    shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
+
+    device = _device(cfg.extract.device)
+    model = build_model(cfg.model).to(device)
+    if cfg.extract.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = TappedForward(model, plan.taps, plan.spec["pooling"]["target_size"], plan.spec["pooling"]["rule"])
+    done = {name: store.shards_done(name) for name in dataset.splits}
+    todo = [(name, start) for name, split in dataset.splits.items()
+            for shard, start in enumerate(range(0, len(split), shard_rows)) if not done[name][shard]]
+    total = sum(min(shard_rows, len(dataset.splits[n]) - s) for n, s in todo)
+    dtype = cfg.store.dtype
+    images_done = 0
+    # Loading the next batch and writing the previous one overlap with the forward pass.
+    with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
+            tqdm(total=total, unit="img", desc=f"extract {plan.spec['model']['name']}",
+                 disable=not cfg.extract.progress) as bar:
+        pending_write = None
+
+        def load(item):
+            name, start = item
+            split = dataset.splits[name]
+            return split.load(start, min(start + shard_rows, len(split)))
+
+        next_images = loader.submit(load, todo[0]) if todo else None
+        for i, (name, start) in enumerate(todo):
+            images = next_images.result()
+            if i + 1 < len(todo):
+                next_images = loader.submit(load, todo[i + 1])
+            x = plan.preprocess(images, device)
+            if cfg.extract.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                pooled = runner(x)
+            blocks = [p.float().cpu().numpy() for p in pooled]
+            for layer, block in zip(plan.layers, blocks):
+                _check_finite(layer["name"], block, dtype)
+            blocks = [b.astype(dtype, copy=False) for b in blocks]
+            if pending_write is not None:
+                pending_write.result()
+            pending_write = writer.submit(store.write_rows, name, start, blocks)
+            images_done += len(blocks[0])
+            bar.update(len(blocks[0]))
+        if pending_write is not None:
+            pending_write.result()
+    runner.close()
+    store.mark_complete()
+    return ExtractResult(store, images_done, time.perf_counter() - start_time)

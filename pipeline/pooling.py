@@ -1,0 +1,78 @@
+"""Head2Toe pooling: reduce each tapped activation to about `target_size` features.
+
+The rule (head2toe-method.md) is applied on the device inside the forward, so full maps never reach the
+host. Sizes are computed by `pooled_dim` from shapes alone, so the store layout is known before any image
+goes through the backbone.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .errors import H2TError
+
+POOLING_RULES = ("head2toe",)
+
+
+def _conv_kernel(channels: int, height: int, target_size: int) -> int:
+    """Kernel (= stride) of the square average pool; 0 means global average."""
+    if channels >= target_size:
+        return 0
+    n = math.isqrt(target_size // channels)
+    return height // n if n > 0 else 0
+
+
+def _token_kernel(tokens: int, channels: int, target_size: int) -> int:
+    """Kernel (= stride) of the 1-D average pool over tokens; 0 means mean over all tokens."""
+    if channels >= target_size:
+        return 0
+    groups = target_size / channels
+    # When there are fewer tokens than the budget allows, the reference's kernel would be 0: keep all tokens.
+    return max(int(tokens / groups), 1)
+
+
+def pooled_dim(shape: tuple[int, ...], target_size: int) -> int:
+    """Number of features a per-example activation of `shape` pools to (batch axis excluded)."""
+    if len(shape) == 1:
+        return shape[0]
+    if len(shape) == 2:  # tokens (N, C)
+        tokens, channels = shape
+        k = _token_kernel(tokens, channels, target_size)
+        return channels if k == 0 else channels * (tokens // k)
+    if len(shape) == 3:  # conv map (C, H, W)
+        channels, height, width = shape
+        k = _conv_kernel(channels, height, target_size)
+        if k == 0:
+            return channels
+        return channels * (height // k) * (width // k)
+    raise H2TError(f"cannot pool an activation of shape {tuple(shape)}: expected (C,), (N, C) or (C, H, W)")
+
+
+def pool(x: torch.Tensor, target_size: int, rule: str = "head2toe") -> torch.Tensor:
+    """Pool a batch of activations (B, C) / (B, N, C) / (B, C, H, W) to (B, pooled_dim)."""
+    if rule not in POOLING_RULES:
+        raise H2TError(f"unknown pooling.rule={rule!r}; known: {', '.join(POOLING_RULES)}")
+    if x.ndim == 2:
+        return x
+    if x.ndim == 3:
+        _, tokens, channels = x.shape
+        k = _token_kernel(tokens, channels, target_size)
+        if k == 0:
+            return x.mean(dim=1)
+        pooled = F.avg_pool1d(x.transpose(1, 2), kernel_size=k, stride=k)  # (B, C, N // k)
+        return pooled.flatten(1)
+    if x.ndim == 4:
+        _, channels, height, _ = x.shape
+        k = _conv_kernel(channels, height, target_size)
+        if k == 0:
+            return x.mean(dim=(2, 3))
+        return F.avg_pool2d(x, kernel_size=k, stride=k).flatten(1)
+    raise H2TError(f"cannot pool an activation of shape {tuple(x.shape)}")
+
+
+def validate_target_size(target_size) -> int:
+    if isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1:
+        raise H2TError(f"pooling.target_size must be a positive integer, got {target_size!r}")
+    return target_size

@@ -1,0 +1,200 @@
+"""The feature store: one Zarr v3 group per (backbone + weights + preprocessing + pooling, dataset).
+
+Schema (version SCHEMA_VERSION), declared here and validated on open:
+
+    <root>/<model>/<dataset>/<store_id>.zarr/
+        attrs["h2t"]: schema_version, store_id, spec (provenance), layers (name, role, raw_shape, dim,
+                      offset), splits {name: n}, num_classes, class_names, shard_rows, status, created_*
+        <split>/features/<tap>   (n, dim)  float16|float32, one shard per `shard_rows` rows
+        <split>/labels           (n,)      int64
+        <split>/sample_ids       (n,)      str
+        <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
+        derived/relevance/<key>  (D,)      float32 relevance, attrs = the scoring parameters
+
+A reader trusts only `status == "complete"`; an interrupted writer resumes from the ledger.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import ZstdCodec
+
+from .errors import H2TError
+
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "float32")
+STATUS_CREATING, STATUS_WRITING, STATUS_COMPLETE = "creating", "writing", "complete"
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def store_id(spec: dict) -> str:
+    """Content hash of everything that changes the stored numbers."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in str(text))
+
+
+def store_path(root: str, spec: dict) -> str:
+    return os.path.join(str(root), _slug(spec["model"]["name"]), _slug(spec["dataset"]["name"]),
+                        f"{store_id(spec)}.zarr")
+
+
+@dataclass
+class FeatureStore:
+    """An open store. `layers` is the layer table; column offsets index the concatenated feature axis."""
+    path: str
+    group: zarr.Group
+
+    @property
+    def meta(self) -> dict:
+        return self.group.attrs["h2t"]
+
+    @property
+    def id(self) -> str:
+        return self.meta["store_id"]
+
+    @property
+    def layers(self) -> list[dict]:
+        return self.meta["layers"]
+
+    @property
+    def n_features(self) -> int:
+        return sum(layer["dim"] for layer in self.layers)
+
+    @property
+    def complete(self) -> bool:
+        return self.meta["status"] == STATUS_COMPLETE
+
+    def splits(self) -> dict[str, int]:
+        return dict(self.meta["splits"])
+
+    def features(self, split: str, layer: str) -> zarr.Array:
+        return self.group[f"{split}/features/{layer}"]
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.group[f"{split}/labels"][:]
+
+    def sample_ids(self, split: str) -> np.ndarray:
+        return np.asarray(self.group[f"{split}/sample_ids"][:], dtype=str)
+
+    def shards_done(self, split: str) -> np.ndarray:
+        return self.group[f"{split}/shards_done"][:]
+
+    def _update_meta(self, **changes) -> None:
+        meta = dict(self.meta)
+        meta.update(changes)
+        self.group.attrs["h2t"] = meta
+
+    # --- writing ---------------------------------------------------------------------------------------
+    def write_rows(self, split: str, start: int, blocks: list[np.ndarray]) -> None:
+        """Write one shard of rows for every layer, then mark the shard done in the ledger."""
+        if self.complete:
+            raise H2TError(f"store {self.path} is complete and immutable")
+        stop = start + len(blocks[0])
+        for layer, block in zip(self.layers, blocks):
+            self.features(split, layer["name"])[start:stop] = block
+        self.group[f"{split}/shards_done"][start // self.meta["shard_rows"]] = 1
+
+    def mark_complete(self) -> None:
+        for split in self.splits():
+            done = self.shards_done(split)
+            if not done.all():
+                raise H2TError(f"store {self.path}: split {split} has {int((done == 0).sum())} unwritten shards")
+        self._update_meta(status=STATUS_COMPLETE,
+                          completed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+    # --- derived artefacts -----------------------------------------------------------------------------
+    def save_relevance(self, key: str, scores: np.ndarray, params: dict) -> None:
+        derived = self.group.require_group("derived/relevance")
+        arr = derived.create_array(key, shape=scores.shape, dtype="float32", chunks=scores.shape, overwrite=True)
+        arr[:] = scores.astype(np.float32)
+        arr.attrs["params"] = params
+
+    def load_relevance(self, key: str) -> np.ndarray | None:
+        try:
+            return self.group[f"derived/relevance/{key}"][:]
+        except KeyError:
+            return None
+
+
+def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
+                 class_names: list[str], shard_rows: int, dtype: str, col_chunk: int,
+                 compression: str) -> FeatureStore:
+    """Lay out an empty store (status `writing`): every array exists, the ledger is all zeros."""
+    if dtype not in DTYPES:
+        raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compression not in ("zstd", "none"):
+        raise H2TError(f"store.compression must be zstd or none, got {compression!r}")
+    compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
+    meta = {
+        "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
+        "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
+        "shard_rows": int(shard_rows), "status": STATUS_CREATING,
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_by": f"{_user()}@{socket.gethostname()}",
+    }
+    try:  # status `creating` until every array exists: a crash here leaves a store that is simply recreated
+        group = zarr.open_group(path, mode="w", zarr_format=3, attributes={"h2t": meta})
+    except OSError as exc:
+        raise H2TError(f"cannot create store at {path}: {exc.strerror or exc}") from None
+    for split, n in split_sizes.items():
+        n_shards = -(-n // shard_rows)
+        for layer in layers:
+            dim = layer["dim"]
+            inner = min(col_chunk, dim)
+            group.create_array(f"{split}/features/{layer['name']}", shape=(n, dim), dtype=dtype,
+                               chunks=(shard_rows, inner), shards=(shard_rows, -(-dim // inner) * inner),
+                               compressors=compressors, fill_value=0)
+        group.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(n,), compressors=None)
+        group.create_array(f"{split}/sample_ids", shape=(n,), dtype=str, chunks=(n,))
+        group.create_array(f"{split}/shards_done", shape=(n_shards,), dtype="uint8", chunks=(1,),
+                           fill_value=0, compressors=None)
+    store = FeatureStore(path, group)
+    store._update_meta(status=STATUS_WRITING)
+    return store
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no passwd entry in some containers
+        return "unknown"
+
+
+def open_store(path: str, spec: dict | None = None) -> FeatureStore | None:
+    """Open an existing store (None if there is none); refuse one whose schema or provenance differs."""
+    if not _exists(path):
+        return None
+    try:
+        group = zarr.open_group(path, mode="r+" if _writable(path) else "r", zarr_format=3)
+        meta = group.attrs["h2t"]
+    except (KeyError, ValueError, OSError, FileNotFoundError) as exc:
+        raise H2TError(f"{path} is not an h2t store ({type(exc).__name__}: {exc})") from None
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise H2TError(f"store {path} has schema version {meta.get('schema_version')}, "
+                       f"this h2t reads version {SCHEMA_VERSION}")
+    if spec is not None and canonical_json(meta["spec"]) != canonical_json(spec):
+        raise H2TError(f"store {path} was extracted with other settings (provenance differs): not reused")
+    return FeatureStore(path, group)
+
+
+def _exists(path: str) -> bool:
+    return Path(path, "zarr.json").is_file()
+
+
+def _writable(path: str) -> bool:
+    return os.access(path, os.W_OK)

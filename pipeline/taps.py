@@ -1,0 +1,173 @@
+"""Named taps: which activations of a backbone are recorded, in a fixed order, and pooled inside the forward.
+
+A tap is a module path (its forward output is recorded) or one of the two head taps `pre_logits` and
+`logits`. Each family has an explicit, ordered default list (docs/ARCHITECTURE.md); any other timm model
+gets its feature_info modules. Users choose a subset by names or glob patterns.
+"""
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+
+from .errors import H2TError
+from .pooling import pool, pooled_dim
+
+HEAD_TAPS = ("pre_logits", "logits")
+
+
+@dataclass(frozen=True)
+class Tap:
+    name: str  # module path, or one of HEAD_TAPS
+    role: str  # what the activation is: stem, expansion, depthwise, block, attention, mlp_hidden, ...
+
+
+def _resnet_taps(model) -> list[Tap]:
+    taps = [Tap("act1", "stem")]
+    for stage in ("layer1", "layer2", "layer3", "layer4"):
+        for idx, block in enumerate(getattr(model, stage)):
+            path = f"{stage}.{idx}"
+            taps.append(Tap(f"{path}.act1", "conv1"))
+            if hasattr(block, "conv3"):  # bottleneck: the three conv outputs after norm + activation
+                taps.append(Tap(f"{path}.act2", "conv2"))
+            taps.append(Tap(path, "block"))
+    return taps
+
+
+_EFFICIENTNET_BLOCK_TAPS = {
+    "InvertedResidual": (("bn1", "expansion"), ("bn2", "depthwise")),
+    "CondConvResidual": (("bn1", "expansion"), ("bn2", "depthwise")),
+    "DepthwiseSeparableConv": (("bn1", "depthwise"),),
+    "EdgeResidual": (("bn1", "expansion"),),
+}
+
+
+def _efficientnet_taps(model) -> list[Tap]:
+    taps = [Tap("bn1", "stem")]
+    for s, stage in enumerate(model.blocks):
+        for b, block in enumerate(stage):
+            path = f"blocks.{s}.{b}"
+            for sub, role in _EFFICIENTNET_BLOCK_TAPS.get(type(block).__name__, ()):
+                taps.append(Tap(f"{path}.{sub}", role))
+            taps.append(Tap(path, "block"))
+    if isinstance(getattr(model, "bn2", None), torch.nn.Module) and not isinstance(model.bn2, torch.nn.Identity):
+        taps.append(Tap("bn2", "head_conv"))
+    return taps
+
+
+def _vit_taps(model) -> list[Tap]:
+    taps = [Tap("patch_embed", "patch_embedding"), Tap("pos_drop", "position_embedded")]
+    for i, _ in enumerate(model.blocks):
+        path = f"blocks.{i}"
+        taps += [Tap(f"{path}.norm1", "pre_attention_norm"), Tap(f"{path}.attn", "attention"),
+                 Tap(f"{path}.mlp.act", "mlp_hidden"), Tap(f"{path}.mlp", "mlp_output")]
+    taps.append(Tap("norm", "final_sequence"))
+    return taps
+
+
+def _feature_info_taps(model) -> list[Tap]:
+    info = getattr(model, "feature_info", None) or []
+    taps = [Tap(item["module"], "feature") for item in info if item.get("module")]
+    if not taps:
+        raise H2TError(f"{type(model).__name__} has no tap list and no feature_info: "
+                       f"name modules with taps.include=[...] (module paths)")
+    return taps
+
+
+def default_taps(model: torch.nn.Module) -> list[Tap]:
+    """The family's explicit, ordered tap list, ending with pre-logits and logits."""
+    from timm.models.efficientnet import EfficientNet
+    from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.resnet import ResNet
+    from timm.models.vision_transformer import VisionTransformer
+
+    if isinstance(model, ResNet):
+        body = _resnet_taps(model)
+    elif isinstance(model, (EfficientNet, MobileNetV3)):
+        body = _efficientnet_taps(model)
+    elif isinstance(model, VisionTransformer):
+        body = _vit_taps(model)
+    else:
+        body = _feature_info_taps(model)
+    return body + [Tap("pre_logits", "pre_logits"), Tap("logits", "logits")]
+
+
+def select_taps(model: torch.nn.Module, include=("*",), exclude=()) -> list[Tap]:
+    """Default taps filtered by glob patterns; a pattern that names a module outside the list adds it."""
+    defaults = default_taps(model)
+    modules = dict(model.named_modules())
+    chosen: list[Tap] = []
+    for pattern in include:
+        pattern = str(pattern)
+        hits = [t for t in defaults if fnmatch.fnmatchcase(t.name, pattern)]
+        if not hits and pattern in modules and pattern:
+            hits = [Tap(pattern, "user")]
+        if not hits:
+            close = difflib.get_close_matches(pattern, [t.name for t in defaults] + list(modules), n=3)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise H2TError(f"tap {pattern!r} matches no tap or module of {type(model).__name__}{hint}")
+        chosen += [t for t in hits if t not in chosen]
+    for pattern in exclude:
+        chosen = [t for t in chosen if not fnmatch.fnmatchcase(t.name, str(pattern))]
+    if not chosen:
+        raise H2TError("taps.include / taps.exclude leave no tap selected")
+    order = {t.name: i for i, t in enumerate(defaults)}
+    module_order = {name: i for i, name in enumerate(modules)}
+    # Keep the network's order: default taps by their list position, user modules by definition order.
+    return sorted(chosen, key=lambda t: (order.get(t.name, len(order)), module_order.get(t.name, 0)))
+
+
+class TappedForward:
+    """Runs the backbone once and returns every tap's activation pooled on the device, in tap order."""
+
+    def __init__(self, model: torch.nn.Module, taps: list[Tap], target_size: int, pooling_rule: str = "head2toe"):
+        self.model, self.taps, self.target_size, self.rule = model, taps, target_size, pooling_rule
+        self.module_taps = [t for t in taps if t.name not in HEAD_TAPS]
+        self.want_head = {t.name for t in taps if t.name in HEAD_TAPS}
+        self._out: dict[str, torch.Tensor] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        modules = dict(model.named_modules())
+        self._handles = [modules[t.name].register_forward_hook(self._hook(t.name)) for t in self.module_taps]
+
+    def _hook(self, name: str):
+        def record(_module, _inputs, output):
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+            self._shapes[name] = tuple(output.shape[1:])
+            self._out[name] = pool(output, self.target_size, self.rule)
+        return record
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        self._out.clear()
+        features = self.model.forward_features(x)
+        if self.want_head:
+            pre_logits = self.model.forward_head(features, pre_logits=True)
+            self._out["pre_logits"] = pre_logits.flatten(1)
+            self._shapes["pre_logits"] = tuple(pre_logits.shape[1:])
+            if "logits" in self.want_head:
+                logits = self.model.forward_head(features)
+                self._out["logits"], self._shapes["logits"] = logits.flatten(1), tuple(logits.shape[1:])
+        missing = [t.name for t in self.taps if t.name not in self._out]
+        if missing:
+            raise H2TError(f"tap {missing[0]!r} produced no activation in forward_features of "
+                           f"{type(self.model).__name__}")
+        return [self._out[t.name] for t in self.taps]
+
+    def layer_table(self, input_size: int) -> list[dict]:
+        """Raw shape and pooled width of each tap, from one forward of a meta tensor (no compute)."""
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            self(torch.zeros(1, 3, input_size, input_size, device=device))
+        table, offset = [], 0
+        for t in self.taps:
+            shape = self._shapes[t.name]
+            dim = pooled_dim(shape, self.target_size) if t.name not in HEAD_TAPS else int(torch.Size(shape).numel())
+            table.append({"name": t.name, "role": t.role, "raw_shape": list(shape), "dim": dim, "offset": offset})
+            offset += dim
+        return table
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
