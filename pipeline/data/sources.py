@@ -100,7 +100,7 @@ def _render_count(rng, size: int, num_classes: int):
     while len(placed) < count:  # rejection sampling of non-overlapping objects
         radius = rng.uniform(0.05, 0.08) * size
         cx, cy = rng.uniform(radius, size - radius, size=2)
-        if all((cx - x) ** 2 + (cy - y) ** 2 > ((radius + r) * 1.35) ** 2 for x, y, r in placed):
+        if all((cx - x) ** 2 + (cy - y) ** 2 > ((radius + r) * 1.5) ** 2 for x, y, r in placed):
             placed.append((cx, cy, radius))
             kind = ("square", "triangle", "circle")[int(rng.integers(3))]
             _draw(draw, kind, cx, cy, radius, rng.uniform(0, 2 * np.pi), _colour(rng))

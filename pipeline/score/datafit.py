@@ -33,6 +33,13 @@ class MultinomialLogistic:
             loss, gW, gb = loss + l, gW + gw, gb + g
         return loss / self.n, gW / self.n, gb / self.n
 
+    def lambda_max(self, matrix) -> float:
+        """Smallest lam for which W = 0 is optimal (intercept at the log class prior)."""
+        prior = np.bincount(self.labels, minlength=self.num_classes) / self.n
+        b = np.log(np.maximum(prior, 1e-12)).astype(np.float32)
+        _, gW, _ = self.value_grad(matrix, np.zeros((matrix.D, self.num_classes), np.float32), b)
+        return float(np.linalg.norm(gW, axis=1).max())
+
     @staticmethod
     def lipschitz(matrix, iterations: int = 20, seed: int = 0) -> float:
         """Bound on the gradient's Lipschitz constant: 0.5 * largest eigenvalue of [X 1]^T [X 1] / n."""

@@ -1,0 +1,129 @@
+"""Group-lasso scoring: true group sparsity, agreement with an independent solver, out-of-core streaming."""
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from pipeline.errors import H2TError
+from pipeline.score import FeatureMatrix, GroupL2Rows, MultinomialLogistic, score_store
+from pipeline.score.matrix import l2_normalise_rows
+from pipeline.score.solvers import FISTA
+from tests.conftest import make_store, score_cfg
+
+
+def informative_problem(rng, n=240, widths=(20, 30, 10), num_classes=3, informative=6):
+    """Labels depend on a few features only; the rest are noise."""
+    D = sum(widths)
+    X = np.abs(rng.standard_normal((n, D))).astype(np.float32)
+    cols = rng.choice(D, informative, replace=False)
+    W = rng.standard_normal((informative, num_classes)) * 4
+    y = np.argmax(X[:, cols] @ W + rng.standard_normal((n, num_classes)) * 0.3, axis=1)
+    return X, y.astype(np.int64), cols
+
+
+def normalised(X, widths):
+    parts, o = [], 0
+    for w in widths:
+        parts.append(l2_normalise_rows(X[:, o:o + w]))
+        o += w
+    return np.concatenate(parts, axis=1)
+
+
+def test_large_lambda_zeroes_most_rows_exactly(tmp_path, rng):
+    widths = (20, 30, 10)
+    X, y, _ = informative_problem(rng, widths=widths)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3,
+                       spec={"widths": list(widths)})
+    lam_max = MultinomialLogistic(y, 3).lambda_max(FeatureMatrix(store, "train", 2**28))
+    relevance, info = score_store(store, score_cfg(lam=0.5 * lam_max), "train")
+    assert (relevance == 0).mean() >= 0.8, "group lasso must zero whole rows"
+    assert info["nonzero_rows"] >= 1
+    # A Frobenius penalty only shrinks: with the same strength no row is exactly zero.
+    W = np.ones((len(relevance), 3), np.float32)
+    frob_shrunk = W * max(0.0, 1 - 0.5 * lam_max / np.linalg.norm(W))
+    assert (np.linalg.norm(frob_shrunk, axis=1) > 0).all()
+    assert (np.linalg.norm(GroupL2Rows(10.0).prox(W, 1.0), axis=1) == 0).all()
+
+
+def test_lambda_above_lambda_max_gives_all_zero(tmp_path, rng):
+    X, y, _ = informative_problem(rng)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
+    Xn = l2_normalise_rows(X)  # lam_max computed independently of the solver's code
+    prior = np.bincount(y, minlength=3) / len(y)
+    residual = np.tile(prior, (len(y), 1))
+    residual[np.arange(len(y)), y] -= 1
+    lam_max = np.linalg.norm(Xn.T @ residual / len(y), axis=1).max()
+    relevance, _ = score_store(store, score_cfg(lam=float(lam_max) * 1.01), "train")
+    assert (relevance == 0).all()
+    relevance, _ = score_store(store, score_cfg(lam=float(lam_max) * 0.9), "train")
+    assert (relevance > 0).any()
+
+
+def test_agrees_with_independent_convex_solver(tmp_path, rng):
+    cp = pytest.importorskip("cvxpy")
+    widths = (20, 30, 10)
+    X, y, _ = informative_problem(rng, widths=widths)
+    lam, K = 3e-3, 3
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, K,
+                       spec={"widths": list(widths)})
+    relevance, info = score_store(store, score_cfg(lam=lam, max_iter=5000, tol=1e-4), "train")
+
+    Xn = normalised(X, widths).astype(np.float64)
+    n, D = Xn.shape
+    W, b = cp.Variable((D, K)), cp.Variable(K)
+    logits = Xn @ W + np.ones((n, 1)) @ b[None, :]
+    Y = np.eye(K)[y]
+    loss = (cp.sum(cp.log_sum_exp(logits, axis=1)) - cp.sum(cp.multiply(Y, logits))) / n
+    problem = cp.Problem(cp.Minimize(loss + lam * cp.sum(cp.norm(W, 2, axis=1))))
+    problem.solve()
+    reference = np.sum(W.value ** 2, axis=1)
+
+    assert abs(info["objective"] - problem.value) / problem.value <= 1e-3
+    k = max(1, int(0.1 * D))
+    ours, theirs = set(np.argsort(-relevance)[:k]), set(np.argsort(-reference)[:k])
+    assert len(ours & theirs) / k >= 0.9
+
+
+def test_streaming_equals_in_memory_and_stays_within_budget(tmp_path, rng):
+    n, widths = 2048, (256, 256, 512)
+    X = np.abs(rng.standard_normal((n, sum(widths)))).astype(np.float32)
+    y = (X[:, 3] > X[:, 700]).astype(np.int64)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:16]}, {"train": y, "test": y[:16]}, 2,
+                       shard_rows=64, spec={"widths": list(widths)})
+    matrix_bytes = n * sum(widths) * 4  # 8 MiB
+    budget = 1 * 2**20
+    streamed = FeatureMatrix(store, "train", budget)
+    assert not streamed.in_memory and streamed.block_rows < n
+    in_memory = FeatureMatrix(store, "train", 64 * 2**20)
+    assert in_memory.in_memory
+    datafit = MultinomialLogistic(y, 2)
+    W = rng.standard_normal((sum(widths), 2)).astype(np.float32) * 0.01
+    b = np.zeros(2, np.float32)
+
+    tracemalloc.start()
+    loss_s, gW_s, gb_s = datafit.value_grad(streamed, W, b)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    loss_m, gW_m, gb_m = datafit.value_grad(in_memory, W, b)
+    np.testing.assert_allclose(loss_s, loss_m, rtol=1e-5)
+    np.testing.assert_allclose(gW_s, gW_m, rtol=1e-4, atol=1e-7)
+    assert peak < matrix_bytes / 2, f"streaming pass peaked at {peak} bytes for a {matrix_bytes}-byte matrix"
+
+
+def test_scores_are_cached_in_the_store_by_parameters(tmp_path, rng):
+    X, y, _ = informative_problem(rng)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
+    first, info1 = score_store(store, score_cfg(lam=5e-3), "train")
+    again, info2 = score_store(store, score_cfg(lam=5e-3), "train")
+    other, info3 = score_store(store, score_cfg(lam=1e-2), "train")
+    assert not info1["cached"] and info2["cached"] and not info3["cached"]
+    np.testing.assert_array_equal(first, again)
+    assert info1["key"] != info3["key"]
+
+
+@pytest.mark.parametrize("bad", [{"lam": 0}, {"lam": -1}, {"solver": "sgd"}])
+def test_bad_scoring_settings_are_named(tmp_path, rng, bad):
+    X, y, _ = informative_problem(rng, n=32)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
+    with pytest.raises(H2TError, match=f"score.{next(iter(bad))}"):
+        score_store(store, score_cfg(**bad), "train")
