@@ -16,12 +16,17 @@ from .errors import H2TError
 POOLING_RULES = ("head2toe",)
 
 
-def _conv_kernel(channels: int, height: int, target_size: int) -> int:
-    """Kernel (= stride) of the square average pool; 0 means global average."""
+def _conv_kernel(channels: int, height: int, width: int, target_size: int) -> tuple[int, int]:
+    """Kernel (= stride) of the average pool per axis; (0, 0) means global average.
+
+    The reference derives one kernel from H for square maps; a non-square map gets H // n and W // n.
+    """
     if channels >= target_size:
-        return 0
+        return 0, 0
     n = math.isqrt(target_size // channels)
-    return height // n if n > 0 else 0
+    if n == 0 or height // n == 0 or width // n == 0:
+        return 0, 0
+    return height // n, width // n
 
 
 def _token_kernel(tokens: int, channels: int, target_size: int) -> int:
@@ -43,10 +48,10 @@ def pooled_dim(shape: tuple[int, ...], target_size: int) -> int:
         return channels if k == 0 else channels * (tokens // k)
     if len(shape) == 3:  # conv map (C, H, W)
         channels, height, width = shape
-        k = _conv_kernel(channels, height, target_size)
-        if k == 0:
+        kh, kw = _conv_kernel(channels, height, width, target_size)
+        if kh == 0:
             return channels
-        return channels * (height // k) * (width // k)
+        return channels * (height // kh) * (width // kw)
     raise H2TError(f"cannot pool an activation of shape {tuple(shape)}: expected (C,), (N, C) or (C, H, W)")
 
 
@@ -64,11 +69,11 @@ def pool(x: torch.Tensor, target_size: int, rule: str = "head2toe") -> torch.Ten
         pooled = F.avg_pool1d(x.transpose(1, 2), kernel_size=k, stride=k)  # (B, C, N // k)
         return pooled.flatten(1)
     if x.ndim == 4:
-        _, channels, height, _ = x.shape
-        k = _conv_kernel(channels, height, target_size)
-        if k == 0:
+        _, channels, height, width = x.shape
+        kh, kw = _conv_kernel(channels, height, width, target_size)
+        if kh == 0:
             return x.mean(dim=(2, 3))
-        return F.avg_pool2d(x, kernel_size=k, stride=k).flatten(1)
+        return F.avg_pool2d(x, kernel_size=(kh, kw), stride=(kh, kw)).flatten(1)
     raise H2TError(f"cannot pool an activation of shape {tuple(x.shape)}")
 
 

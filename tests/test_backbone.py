@@ -1,0 +1,88 @@
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from pipeline.backbone import build_model, build_preprocess, weights_fingerprint
+from pipeline.errors import H2TError
+
+
+def model_cfg(**kw):
+    base = {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
+            "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None}
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+def test_packaged_efficientnet_lite0_weights_classify_a_known_image():
+    skimage_data = pytest.importorskip("skimage.data")
+    cfg = OmegaConf.load("conf/model/efficientnet_lite0.yaml")
+    cfg.input_size = 224
+    model = build_model(cfg)
+    x = build_preprocess(cfg)(skimage_data.chelsea()[None], torch.device("cpu"))
+    with torch.inference_mode():
+        probs = model(x).softmax(-1)[0]
+    assert int(probs.argmax()) == 285  # ImageNet "Egyptian cat"
+    assert float(probs[285]) > 0.5
+
+
+def test_random_init_is_reproducible_and_seeded():
+    a, b, c = build_model(model_cfg()), build_model(model_cfg()), build_model(model_cfg(seed=1))
+    pa, pb, pc = (next(m.parameters()) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert not a.training and not pa.requires_grad
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_local_checkpoint_loads_exactly(tmp_path, suffix):
+    source = build_model(model_cfg(seed=3))
+    path = tmp_path / f"w{suffix}"
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    else:
+        torch.save(source.state_dict(), path)
+    loaded = build_model(model_cfg(checkpoint=str(path)))
+    for (k, v), w in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert weights_fingerprint(model_cfg(checkpoint=str(path))).startswith("file:sha256:")
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(H2TError, match="no such file"):
+        build_model(model_cfg(checkpoint=str(tmp_path / "missing.pth")))
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(H2TError, match="bad.pth"):
+        build_model(model_cfg(checkpoint=str(bad)))
+    other = tmp_path / "other.pth"
+    torch.save(build_model(model_cfg(name="resnet18")).state_dict(), other)
+    with pytest.raises(H2TError, match="does not fit resnet10t"):
+        build_model(model_cfg(checkpoint=str(other)))
+
+
+def test_missing_hub_weights_fail_fast_with_a_hint():
+    with pytest.raises(H2TError, match="model.checkpoint"):
+        build_model(model_cfg(name="resnet18", pretrained=True))
+
+
+def test_unknown_model_suggests_close_names():
+    with pytest.raises(H2TError, match="resnet50"):
+        build_model(model_cfg(name="resnet5O"))
+
+
+def test_preprocess_squash_resizes_and_normalises():
+    cfg = model_cfg(input_size=40, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bilinear")
+    pre = build_preprocess(cfg)
+    batch = np.full((2, 20, 30, 3), 255, np.uint8)
+    x = pre(batch, torch.device("cpu"))
+    assert x.shape == (2, 3, 40, 40)
+    torch.testing.assert_close(x, torch.ones_like(x))
+    mixed = pre([batch[0], np.zeros((7, 9, 3), np.uint8)], torch.device("cpu"))
+    assert mixed.shape == (2, 3, 40, 40) and float(mixed[1].max()) == -1.0
+
+
+@pytest.mark.parametrize("key,value", [("input_size", 3), ("interpolation", "lanczos"), ("std", [1, 0, 1])])
+def test_bad_preprocessing_values_are_named(key, value):
+    with pytest.raises(H2TError, match=f"model.{key}"):
+        build_preprocess(model_cfg(**{key: value}))

@@ -1,0 +1,114 @@
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+from PIL import Image
+from scipy import ndimage
+
+from pipeline.data import build_dataset
+from pipeline.errors import H2TError
+
+SMALL = {"train": 40, "val": 10, "test": 30}
+
+
+def shapes(task, **kw):
+    return build_dataset(OmegaConf.create({"source": "shapes", "task": task, "sizes": SMALL, "num_classes": 8, **kw}))
+
+
+@pytest.mark.parametrize("task", ["location", "orientation", "count"])
+def test_shapes_are_deterministic_by_seed(task):
+    a, b, c = shapes(task), shapes(task), shapes(task, seed=1)
+    for split in SMALL:
+        np.testing.assert_array_equal(a.splits[split].load(0, 5), b.splits[split].load(0, 5))
+        assert len(a.splits[split]) == SMALL[split]
+    assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+    assert not np.array_equal(a.splits["train"].load(0, 5), c.splits["train"].load(0, 5))
+
+
+def test_location_label_is_the_x_bin_of_the_object():
+    data = shapes("location", image_size=64)
+    images, labels = data.splits["train"].load(0, 40), data.splits["train"].labels
+    xs = [np.nonzero(img.any(axis=2))[1].mean() for img in images]
+    order = np.argsort(xs)
+    assert np.all(np.diff(labels[order]) >= -1), "labels must increase with the object's x position"
+    assert np.corrcoef(xs, labels)[0, 1] > 0.95
+
+
+def test_count_label_is_number_of_objects_minus_one():
+    data = shapes("count", image_size=96)
+    images, labels = data.splits["test"].load(0, 30), data.splits["test"].labels
+    counts = [ndimage.label(img.any(axis=2), structure=np.ones((3, 3)))[1] for img in images]
+    assert np.mean(np.array(counts) == labels + 1) >= 0.95
+
+
+def test_orientation_classes_differ_in_angle():
+    data = shapes("orientation", num_classes=4)
+    assert set(data.splits["train"].labels) <= {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("source,total", [("digits", 1797), ("mnist5k", 5000)])
+def test_packaged_digits_have_disjoint_splits(source, total):
+    data = build_dataset(OmegaConf.create({"source": source, "sizes": {"train": 100, "val": 20, "test": 50}}))
+    ids = [set(data.splits[s].ids) for s in ("train", "val", "test")]
+    assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
+    img = data.splits["train"].load(0, 4)
+    assert img.dtype == np.uint8 and img.shape[-1] == 3 and img.max() > 100
+    assert set(np.unique(data.splits["train"].labels)) <= set(range(10))
+    with pytest.raises(H2TError, match="data.sizes"):
+        build_dataset(OmegaConf.create({"source": source, "sizes": {"train": total, "val": 0, "test": 1}}))
+
+
+def _write_folder(root, classes=("cat", "dog"), per_class=5, splits=("train", "test")):
+    rng = np.random.default_rng(0)
+    for split in splits:
+        for c in classes:
+            (root / split / c).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+
+
+def test_folder_carves_validation_from_train(tmp_path):
+    _write_folder(tmp_path)
+    data = build_dataset(OmegaConf.create({"source": "folder", "root": str(tmp_path), "val_fraction": 0.2}))
+    assert data.num_classes == 2 and data.class_names == ["cat", "dog"]
+    assert len(data.splits["train"]) == 8 and len(data.splits["val"]) == 2 and len(data.splits["test"]) == 10
+    assert not set(data.splits["train"].ids) & set(data.splits["val"].ids)
+    assert data.splits["test"].load(0, 2)[0].shape == (20, 30, 3)
+
+
+def test_folder_uses_val_directory_when_present(tmp_path):
+    _write_folder(tmp_path, splits=("train", "val", "test"))
+    data = build_dataset(OmegaConf.create({"source": "folder", "root": str(tmp_path)}))
+    assert len(data.splits["val"]) == 10 and all(i.startswith("val/") for i in data.splits["val"].ids)
+
+
+def test_folder_fingerprint_changes_with_files(tmp_path):
+    _write_folder(tmp_path)
+    cfg = OmegaConf.create({"source": "folder", "root": str(tmp_path)})
+    before = build_dataset(cfg).fingerprint()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / "cat" / "0.png")
+    assert build_dataset(cfg).fingerprint() != before
+
+
+def test_folder_errors_name_the_culprit(tmp_path):
+    with pytest.raises(H2TError, match="data.root"):
+        build_dataset(OmegaConf.create({"source": "folder", "root": None}))
+    with pytest.raises(H2TError, match=str(tmp_path / "train")):
+        build_dataset(OmegaConf.create({"source": "folder", "root": str(tmp_path)}))
+    _write_folder(tmp_path)
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(H2TError, match="empty"):
+        build_dataset(OmegaConf.create({"source": "folder", "root": str(tmp_path)}))
+    (tmp_path / "train" / "empty").rmdir()
+    (tmp_path / "test" / "cat" / "1.png").write_bytes(b"not a png")
+    data = build_dataset(OmegaConf.create({"source": "folder", "root": str(tmp_path)}))
+    with pytest.raises(H2TError, match="1.png"):
+        data.splits["test"].load(0, 10)
+    (tmp_path / "test" / "bird").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "test" / "bird" / "0.png")
+    with pytest.raises(H2TError, match="bird"):
+        build_dataset(OmegaConf.create({"source": "folder", "root": str(tmp_path)}))
+
+
+def test_unknown_source_is_named():
+    with pytest.raises(H2TError, match="data.source='nope'"):
+        build_dataset(OmegaConf.create({"source": "nope"}))
