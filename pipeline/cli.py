@@ -52,6 +52,23 @@ def _rewrite_groups(args: list[str]) -> list[str]:
     return out
 
 
+_FLAGS_WITH_VALUE = {"--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn", "--cfg", "-c",
+                     "--package", "-p"}
+
+
+def _flags_first(args: list[str]) -> list[str]:
+    """Hydra's parser wants its flags before the overrides; users may write them anywhere."""
+    flags, overrides, i = [], [], 0
+    while i < len(args):
+        if args[i] in _FLAGS_WITH_VALUE and i + 1 < len(args):
+            flags += args[i:i + 2]
+            i += 2
+            continue
+        (flags if args[i].startswith("-") else overrides).append(args[i])
+        i += 1
+    return flags + overrides
+
+
 def _output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -151,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     import hydra
 
-    sys.argv = [f"h2t-{verb}"] + _rewrite_groups(rest) + [f"hydra.job.name={verb}"]
+    sys.argv = [f"h2t-{verb}"] + _flags_first(_rewrite_groups(rest) + [f"hydra.job.name={verb}"])
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))
     app()
 

