@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import H2TError
+from .report import pct, format_table
 
 CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
 VERBS = {
@@ -109,29 +110,29 @@ def _probe_methods(cfg, methods: list[str]) -> list[dict]:
     return results
 
 
+def _plot(results: list[dict]) -> None:
+    from .report import plot_selection
+    from .store import open_store
+
+    for r in results:
+        if r["method"] == "head2toe":
+            layers = [layer["name"] for layer in open_store(r["store_path"]).layers]
+            plot_selection(r, layers, _output_dir() / "selection.png")
+
+
 def _probe_task(cfg) -> None:
     results = _probe_methods(cfg, [cfg.method])
     path = _write_results(results)
+    _plot(results)
     r = results[0]
-    print(f"{r['method']}: val {_pct(r['val_accuracy'])}  test {_pct(r['test_accuracy'])}  "
+    print(f"{r['method']}: val {pct(r['val_accuracy'])}  test {pct(r['test_accuracy'])}  "
           f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
-
-
-def _pct(x) -> str:
-    return "  n/a" if x is None else f"{100 * x:5.1f}"
-
-
-def format_table(results: list[dict]) -> str:
-    lines = [f"{'method':10s} {'features':>17s} {'val %':>6s} {'test %':>6s}"]
-    for r in results:
-        feats = f"{r['n_features_selected']}/{r['n_features_total']}"
-        lines.append(f"{r['method']:10s} {feats:>17s} {_pct(r['val_accuracy']):>6s} {_pct(r['test_accuracy']):>6s}")
-    return "\n".join(lines)
 
 
 def _run_task(cfg) -> None:
     results = _probe_methods(cfg, list(cfg.methods))
     path = _write_results(results)
+    _plot(results)
     first = results[0]
     print(f"\n{first['model']} on {first['task']} (T={first['target_size']}, store {first['store_id']})")
     print(format_table(results))

@@ -13,5 +13,7 @@ if [ ! -f "$venv/.complete" ]; then
   touch "$venv/.complete"
 fi
 # The venv may be shared by several clones: point the editable install at this one.
-"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" >/dev/null
+log="$(mktemp)"
+"$venv/bin/pip" install -q --no-deps --no-build-isolation -e "$repo" >"$log" 2>&1 || { cat "$log" >&2; exit 1; }
+rm -f "$log"
 export PATH="$venv/bin:$PATH"

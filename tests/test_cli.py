@@ -30,6 +30,7 @@ def test_run_extracts_once_then_probes_from_the_store(tmp_path):
     proc = h2t(tmp_path, "run", *TINY, f"hydra.run.dir={out}")
     assert "head2toe" in proc.stdout and "linear" in proc.stdout
     first = results(out / "results.json")
+    assert (out / "selection.png").stat().st_size > 1000
     assert [r["method"] for r in first] == ["head2toe", "linear"]
     required = {"task", "model", "store_id", "store_path", "method", "target_size", "lam", "fraction",
                 "n_features_total", "n_features_selected", "selected_per_layer", "val_accuracy", "test_accuracy",

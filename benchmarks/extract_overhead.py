@@ -1,0 +1,72 @@
+"""Extraction cost against a bare backbone forward on the same batches (target: ratio <= 1.05).
+
+    python benchmarks/extract_overhead.py [--images 256] [--model-config efficientnet_lite0] [--target-size 1024]
+
+Both are measured in this run on the same machine: (a) the plain forward of the model over the batches,
+(b) `extract` into a fresh store (taps + pooling + store writes, writes overlapping the next forward).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from pipeline.backbone import build_model
+from pipeline.cli import CONF_DIR
+from pipeline.extract import extract, plan_store
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--model-config", default="efficientnet_lite0")
+    parser.add_argument("--target-size", type=int, default=1024)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="h2t-bench-")
+    n = args.images
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="extract", overrides=[
+            f"model={args.model_config}", f"pooling.target_size={args.target_size}", f"store.root={root}",
+            "extract.progress=false", f"data.sizes.train={n // 2}", "data.sizes.val=0", f"data.sizes.test={n - n // 2}"])
+    plan = plan_store(cfg)
+    model = build_model(cfg.model)
+    batch = int(cfg.extract.batch_size)
+    batches = [(s, st) for s, split in plan.dataset.splits.items() for st in range(0, len(split), batch)]
+
+    def bare() -> float:
+        start = time.perf_counter()
+        for name, st in batches:
+            split = plan.dataset.splits[name]
+            x = plan.preprocess(split.load(st, min(st + batch, len(split))), torch.device("cpu"))
+            with torch.inference_mode():
+                model(x)
+        return time.perf_counter() - start
+
+    def stored() -> float:
+        shutil.rmtree(root, ignore_errors=True)
+        result = extract(cfg, plan)
+        assert result.backbone_images == n
+        return result.seconds
+
+    bare(); stored()  # warm-up: allocator, thread pools, page cache
+    t_bare = min(bare() for _ in range(args.repeats))
+    t_store = min(stored() for _ in range(args.repeats))
+    shutil.rmtree(root, ignore_errors=True)
+    D = sum(layer["dim"] for layer in plan.layers)
+    print(f"model {cfg.model.name} @ {plan.preprocess.input_size}px, {len(plan.layers)} taps, D={D}, T={args.target_size}, "
+          f"{n} images, {torch.get_num_threads()} threads")
+    print(f"bare forward      {t_bare:7.2f} s  ({n / t_bare:6.1f} img/s)")
+    print(f"extract to store  {t_store:7.2f} s  ({n / t_store:6.1f} img/s)")
+    print(f"ratio extract / bare forward = {t_store / t_bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()
