@@ -52,7 +52,10 @@ def test_packaged_digits_have_disjoint_splits(source, total):
     assert not (ids[0] & ids[1]) and not (ids[0] & ids[2]) and not (ids[1] & ids[2])
     img = data.splits["train"].load(0, 4)
     assert img.dtype == np.uint8 and img.shape[-1] == 3 and img.max() > 100
-    assert set(np.unique(data.splits["train"].labels)) <= set(range(10))
+    assert set(np.unique(data.splits["train"].labels)) == set(range(10))  # every class present, none invented
+    everything = build_dataset(OmegaConf.create({"source": source, "sizes": {"train": total - 1, "test": 1}}))
+    counts = np.bincount(np.concatenate([s.labels for s in everything.splits.values()]), minlength=10)
+    assert counts.sum() == total and counts.min() >= 170 and counts.max() <= 500
     with pytest.raises(H2TError, match="data.sizes"):
         build_dataset(OmegaConf.create({"source": source, "sizes": {"train": total, "val": 0, "test": 1}}))
 

