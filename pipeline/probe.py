@@ -26,7 +26,7 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
         t = time.perf_counter()
         fraction = float(cfg.select.fraction)
         lam = float(cfg.score.lam)
-        plan = top_fraction(relevance, store.layers, fraction)
+        plan = top_fraction(relevance["weight_sq"], store.layers, fraction, tiebreak=relevance["grad_norm"])
         timings["select"] = time.perf_counter() - t
     else:
         plan = whole_layers(store.layers, [cfg.linear.layer])

@@ -6,13 +6,19 @@ import numpy as np
 from .errors import H2TError
 
 
-def top_fraction(relevance: np.ndarray, layers: list[dict], fraction: float) -> dict[str, np.ndarray]:
-    """k = int(D * fraction) most relevant features (ties by column order) -> {layer: sorted columns}."""
+def top_fraction(relevance: np.ndarray, layers: list[dict], fraction: float,
+                 tiebreak: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """k = int(D * fraction) most relevant features -> {layer: sorted columns}.
+
+    Rows with equal relevance (above all the exact zeros of the group lasso) are ranked by `tiebreak`
+    (the gradient norm: how close each zero row is to entering), then by column order.
+    """
     if not 0.0 < float(fraction) <= 1.0:
         raise H2TError(f"select.fraction must be in (0, 1], got {fraction}")
     D = len(relevance)
     k = max(1, int(D * float(fraction)))
-    order = np.argsort(-relevance, kind="stable")[:k]
+    secondary = np.zeros(D) if tiebreak is None else -np.asarray(tiebreak)
+    order = np.lexsort((np.arange(D), secondary, -np.asarray(relevance)))[:k]
     plan = {}
     for layer in layers:
         lo, hi = layer["offset"], layer["offset"] + layer["dim"]

@@ -9,7 +9,8 @@ Schema (version SCHEMA_VERSION), declared here and validated on open:
         <split>/labels           (n,)      int64
         <split>/sample_ids       (n,)      str
         <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
-        derived/relevance/<key>  (D,)      float32 relevance, attrs = the scoring parameters
+        derived/relevance/<key>/ weight_sq (D,) = sum_k W_ik^2, grad_norm (D,) = ||grad_i|| at the
+                                 solution; attrs = the scoring parameters and the solver's certificate
 
 A reader trusts only `status == "complete"`; an interrupted writer resumes from the ledger.
 """
@@ -118,17 +119,22 @@ class FeatureStore:
                           completed_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     # --- derived artefacts -----------------------------------------------------------------------------
-    def save_relevance(self, key: str, scores: np.ndarray, params: dict) -> None:
-        derived = self.group.require_group("derived/relevance")
-        arr = derived.create_array(key, shape=scores.shape, dtype="float32", chunks=scores.shape, overwrite=True)
-        arr[:] = scores.astype(np.float32)
-        arr.attrs["params"] = params
+    def save_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        """Write derived/relevance/<key>/{name} arrays; attrs (parameters, certificate) go last = committed."""
+        group = self.group.require_group(f"derived/relevance/{key}")
+        for name, values in arrays.items():
+            arr = group.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, overwrite=True)
+            arr[:] = values.astype(np.float32)
+        group.attrs.update(attrs)
 
-    def load_relevance(self, key: str) -> np.ndarray | None:
+    def load_relevance(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
         try:
-            return self.group[f"derived/relevance/{key}"][:]
+            group = self.group[f"derived/relevance/{key}"]
         except KeyError:
             return None
+        if "params" not in group.attrs:  # an interrupted write: recompute
+            return None
+        return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
 
 
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,

@@ -22,8 +22,8 @@ class GroupL2Rows:
             scale = np.where(norms > 0, np.maximum(0.0, 1.0 - step * self.lam / norms), 0.0)
         return W * scale
 
-    def kkt_violation(self, W: np.ndarray, grad: np.ndarray) -> float:
-        """Largest distance of -grad_i to the subdifferential of lam ||W_i|| over all rows."""
+    def violations(self, W: np.ndarray, grad: np.ndarray) -> np.ndarray:
+        """Per row, the distance of -grad_i to the subdifferential of lam ||W_i|| (0 at the optimum)."""
         norms = np.linalg.norm(W, axis=1)
         grad_norms = np.linalg.norm(grad, axis=1)
         zero = norms == 0
@@ -31,4 +31,8 @@ class GroupL2Rows:
         viol[zero] = np.maximum(0.0, grad_norms[zero] - self.lam)
         nz = ~zero
         viol[nz] = np.linalg.norm(grad[nz] + self.lam * W[nz] / norms[nz, None], axis=1)
+        return viol
+
+    def kkt_violation(self, W: np.ndarray, grad: np.ndarray) -> float:
+        viol = self.violations(W, grad)
         return float(viol.max()) if viol.size else 0.0

@@ -30,25 +30,27 @@ def relevance_key(params: dict) -> str:
 
 
 def score_store(store, cfg, fit_split: str = "train", progress: bool = False):
-    """Relevance (D,) for the store's features, computed once per parameter set and saved in the store.
+    """Relevance of the store's features, computed once per parameter set and saved in the store.
 
-    Returns (relevance, info) where info reports the solver's certificate and whether it was cached.
+    Returns ({"weight_sq": (D,), "grad_norm": (D,)}, info): weight_sq is Head2Toe's s_i = sum_k W_ik^2;
+    grad_norm ranks the rows the penalty set exactly to zero. info holds the solver's certificate and
+    whether the scores came from the store.
     """
     params = score_params(cfg, fit_split)
     key = relevance_key(params)
     cached = store.load_relevance(key)
     if cached is not None:
-        return cached, {"cached": True, "key": key, **store.group[f"derived/relevance/{key}"].attrs.get("solution", {})}
+        arrays, attrs = cached
+        return arrays, {"cached": True, "key": key, **attrs.get("solution", {})}
     start = time.perf_counter()
     matrix = FeatureMatrix(store, fit_split, int(float(cfg.memory_budget_mb) * 2**20))
     datafit = MultinomialLogistic(store.labels(fit_split), store.meta["num_classes"])
     solver = SOLVERS[cfg.solver](max_iter=params["max_iter"], tol=params["tol"], progress=progress)
     solution = solver.solve(matrix, datafit, GroupL2Rows(params["lam"]))
-    relevance = np.einsum("ij,ij->i", solution.W, solution.W)  # s_i = sum_k W_ik^2
+    arrays = {"weight_sq": np.einsum("ij,ij->i", solution.W, solution.W), "grad_norm": solution.grad_norms}
     info = {"objective": solution.objective, "kkt_violation": solution.kkt_violation,
             "iterations": solution.iterations, "passes": solution.passes, "converged": solution.converged,
             "in_memory": matrix.in_memory, "seconds": time.perf_counter() - start,
-            "nonzero_rows": int((relevance > 0).sum())}
-    store.save_relevance(key, relevance, params)
-    store.group[f"derived/relevance/{key}"].attrs["solution"] = info
-    return relevance, {"cached": False, "key": key, **info}
+            "nonzero_rows": int((arrays["weight_sq"] > 0).sum())}
+    store.save_relevance(key, arrays, {"params": params, "solution": info})
+    return arrays, {"cached": False, "key": key, **info}
