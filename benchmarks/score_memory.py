@@ -45,7 +45,7 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def build(path: str, rows: int, features: int, layers: int = 8, shard_rows: int = 256):
+def build(path: str, rows: int, features: int, layers: int = 8, shard_rows: int = 64):
     width = features // layers
     table = [{"name": f"layer{i}", "role": "bench", "raw_shape": [width], "dim": width, "offset": i * width}
              for i in range(layers)]
