@@ -5,6 +5,7 @@ from PIL import Image
 from scipy import ndimage
 
 from pipeline.data import build_dataset
+from pipeline.data.base import in_memory_split
 from pipeline.errors import H2TError
 
 SMALL = {"train": 40, "val": 10, "test": 30}
@@ -22,6 +23,14 @@ def test_shapes_are_deterministic_by_seed(task):
         assert len(a.splits[split]) == SMALL[split]
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
     assert not np.array_equal(a.splits["train"].load(0, 5), c.splits["train"].load(0, 5))
+
+
+def test_fingerprint_covers_pixels_not_only_labels():
+    a = shapes("location")
+    b = shapes("location")
+    original = b.splits["test"].load(0, 30).copy()
+    b.splits["test"] = in_memory_split("test", 255 - original, b.splits["test"].labels, b.splits["test"].ids)
+    assert a.fingerprint() != b.fingerprint()
 
 
 def test_location_label_is_the_x_bin_of_the_object():

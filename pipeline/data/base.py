@@ -22,6 +22,7 @@ class Split:
     labels: np.ndarray  # int64 (n,)
     ids: np.ndarray  # str (n,): stable sample identifiers (index in the source, or file path)
     load: ImageLoader
+    content_digest: str = ""  # hash of the pixels when they are in memory (files are fingerprinted by stat)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -43,14 +44,15 @@ class Dataset:
             h.update(name.encode())
             h.update(np.ascontiguousarray(split.labels, dtype=np.int64).tobytes())
             h.update("\n".join(map(str, split.ids)).encode())
+            h.update(split.content_digest.encode())
         return h.hexdigest()
 
 
 def in_memory_split(name: str, images: np.ndarray, labels: np.ndarray, ids: Sequence[str]) -> Split:
     """A split over an in-memory uint8 (n, H, W, 3) array."""
-    images = to_rgb_uint8(images)
+    images = np.ascontiguousarray(to_rgb_uint8(images))
     return Split(name, np.asarray(labels, dtype=np.int64), np.asarray(ids, dtype=str),
-                 lambda start, stop: images[start:stop])
+                 lambda start, stop: images[start:stop], hashlib.sha256(images.data).hexdigest())
 
 
 def to_rgb_uint8(images: np.ndarray) -> np.ndarray:

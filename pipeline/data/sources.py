@@ -111,7 +111,7 @@ def _render_count(rng, size: int, num_classes: int):
 
 
 SHAPE_TASKS = {"location": _render_location, "orientation": _render_orientation, "count": _render_count}
-SHAPES_VERSION = 1  # bump when rendering changes: it is part of the dataset identity
+SHAPES_VERSION = 2  # rendering revision, recorded with the source (the pixels are hashed too)
 
 
 @register("shapes")
