@@ -70,6 +70,32 @@ def _flags_first(args: list[str]) -> list[str]:
     return flags + overrides
 
 
+def _check_overrides(verb: str, args: list[str]) -> None:
+    """Compose the config once so a bad key or value is reported in one line (single runs only)."""
+    if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
+        return  # sweeps and Hydra flags: Hydra reports its own errors
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [a for a in args if not a.startswith("hydra.")]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name=verb, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        message = str(exc).strip().splitlines()[0]
+        parser = OverridesParser.create()
+        for override in overrides:  # name the argument the parser rejects
+            try:
+                parser.parse_overrides([override])
+            except HydraException:
+                message = f"cannot parse override {override!r}: {message}"
+                break
+        _fail(message)
+
+
 def _output_dir() -> Path:
     from hydra.core.hydra_config import HydraConfig
 
@@ -169,7 +195,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     import hydra
 
-    sys.argv = [f"h2t-{verb}"] + _flags_first(_rewrite_groups(rest) + [f"hydra.job.name={verb}"])
+    args = _rewrite_groups(rest)
+    _check_overrides(verb, args)
+    sys.argv = [f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}"])
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))
     app()
 

@@ -111,6 +111,11 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     if shard_rows < 1:
         raise H2TError(f"extract.batch_size must be >= 1, got {shard_rows}")
     dataset = plan.dataset
+    # The backbone is built before anything is written: missing weights leave no store behind.
+    device = _device(cfg.extract.device)
+    model = build_model(cfg.model).to(device)
+    if cfg.extract.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     if store is None or store.meta["status"] == STATUS_CREATING:
         store = create_store(plan.path, plan.spec, plan.layers,
                              {s: len(split) for s, split in dataset.splits.items()}, dataset.num_classes,
@@ -121,10 +126,6 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
             store.group[f"{name}/sample_ids"][:] = split.ids
     shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
 
-    device = _device(cfg.extract.device)
-    model = build_model(cfg.model).to(device)
-    if cfg.extract.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     runner = TappedForward(model, plan.taps, plan.spec["pooling"]["target_size"], plan.spec["pooling"]["rule"])
     done = {name: store.shards_done(name) for name in dataset.splits}
     todo = [(name, start) for name, split in dataset.splits.items()

@@ -89,9 +89,18 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, args, culprit):
         assert '"complete"' not in zarr_json.read_text() or "score.lam" in culprit or "method" in culprit
 
 
-def test_unknown_config_key_fails(tmp_path):
-    proc = h2t(tmp_path, "probe", *TINY, "score.lamm=1", check=False)
-    assert proc.returncode != 0 and "lamm" in proc.stderr
+@pytest.mark.parametrize("override", ["score.lamm=1", "pooling.target_size=[1"])
+def test_bad_override_is_one_line(tmp_path, override):
+    proc = h2t(tmp_path, "probe", *TINY, override, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("h2t: error:"), proc.stderr
+    assert override.split("=")[0] in proc.stderr
+
+
+def test_missing_weights_leave_no_store(tmp_path):
+    proc = h2t(tmp_path, "extract", *EXTRACT, "model=resnet18", check=False)
+    assert proc.returncode == 2 and "model.checkpoint" in proc.stderr
+    assert not list((tmp_path / "stores").rglob("zarr.json"))
 
 
 def test_user_config_dir_adds_datasets(tmp_path):
