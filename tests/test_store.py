@@ -11,7 +11,8 @@ from tests.conftest import make_store
 def tiny_cfg(tmp_path, **over):
     cfg = OmegaConf.create({
         "model": {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
-                  "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None},
+                  "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None,
+                  "resize": None, "crop_pct": None},
         "data": {"source": "shapes", "task": "location", "num_classes": 4, "image_size": 32, "seed": 0,
                  "sizes": {"train": 40, "val": 8, "test": 20}},
         "pooling": {"rule": "head2toe", "target_size": 128},
@@ -59,7 +60,7 @@ def test_extracted_features_equal_a_direct_forward(tmp_path):
 
 @pytest.mark.parametrize("knob,value", [
     ("pooling.target_size", 256), ("store.dtype", "float32"), ("model.input_size", 48),
-    ("model.seed", 1), ("data.seed", 1), ("taps.include", ["act1", "logits"]), ("model.mean", [0.4, 0.4, 0.4]),
+    ("model.seed", 1), ("data.seed", 1), ("model.resize", "squash"), ("model.interpolation", "nearest"), ("taps.include", ["act1", "logits"]), ("model.mean", [0.4, 0.4, 0.4]),
 ])
 def test_every_knob_that_changes_numbers_changes_the_id(tmp_path, knob, value):
     base = plan_store(tiny_cfg(tmp_path))

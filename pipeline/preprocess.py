@@ -1,0 +1,97 @@
+"""Preprocessing: uint8 RGB images -> the normalised tensor the backbone expects, on the device.
+
+Defaults come from the model's timm pretrained config (input size, interpolation, crop, mean/std); each is
+overridable. Two resize modes: `center_crop` (timm's eval transform: shorter side to floor(S / crop_pct),
+then a centred S x S crop) and `squash` (the Head2Toe reference: resize to S x S, aspect ratio not kept,
+nothing cropped). The whole transform is part of the store id.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import H2TError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+RESIZE_MODES = ("center_crop", "squash")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    input_size: int
+    interpolation: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: str = "center_crop"
+    crop_pct: float = 0.875
+
+    def as_dict(self) -> dict:
+        out = {"input_size": self.input_size, "interpolation": self.interpolation, "mean": list(self.mean),
+               "std": list(self.std), "resize": self.resize}
+        if self.resize == "center_crop":
+            out["crop_pct"] = self.crop_pct
+        return out
+
+    def __call__(self, images, device: torch.device) -> torch.Tensor:
+        """uint8 (B, H, W, 3) array, or a list of (H, W, 3) arrays of any sizes -> (B, 3, S, S) float."""
+        if isinstance(images, list):
+            batch = torch.cat([self._resize(torch.from_numpy(im).to(device).permute(2, 0, 1)[None]) for im in images])
+        else:
+            batch = self._resize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2))
+        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
+        return (batch - mean) / std
+
+    def _interpolate(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        if tuple(x.shape[-2:]) == size:
+            return x
+        if self.interpolation == "nearest":
+            return F.interpolate(x, size=size, mode="nearest")
+        return F.interpolate(x, size=size, mode=self.interpolation, antialias=True, align_corners=False)
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255.0)
+        S = self.input_size
+        if self.resize == "squash":
+            return self._interpolate(x, (S, S)).clamp_(0.0, 1.0)
+        height, width = x.shape[-2:]
+        short = math.floor(S / self.crop_pct)
+        scale = short / min(height, width)
+        new = (max(S, round(height * scale)), max(S, round(width * scale)))
+        x = self._interpolate(x, new)
+        top, left = (new[0] - S) // 2, (new[1] - S) // 2
+        return x[..., top:top + S, left:left + S].clamp_(0.0, 1.0)
+
+
+def build_preprocess(cfg) -> Preprocess:
+    """The model's pretrained config, with input_size / interpolation / resize / crop_pct / mean / std overridden."""
+    import timm
+
+    from .backbone import check_model_name
+
+    check_model_name(cfg.name)
+    pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
+    defaults = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
+    input_size = cfg.get("input_size") or defaults.get("input_size", (3, 224, 224))[-1]
+    interpolation = cfg.get("interpolation") or defaults.get("interpolation", "bilinear")
+    mean = tuple(float(v) for v in (cfg.get("mean") or defaults.get("mean", IMAGENET_MEAN)))
+    std = tuple(float(v) for v in (cfg.get("std") or defaults.get("std", IMAGENET_STD)))
+    default_resize = "squash" if defaults.get("crop_mode") == "squash" else "center_crop"
+    resize = cfg.get("resize") or default_resize
+    crop_pct = cfg.get("crop_pct") or defaults.get("crop_pct", 0.875)
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
+        raise H2TError(f"model.input_size must be an integer >= 8, got {input_size!r}")
+    if interpolation not in INTERPOLATIONS:
+        raise H2TError(f"model.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
+    if resize not in RESIZE_MODES:
+        raise H2TError(f"model.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if not 0.0 < float(crop_pct) <= 1.0:
+        raise H2TError(f"model.crop_pct must be in (0, 1], got {crop_pct}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise H2TError(f"model.mean and model.std need 3 values (std > 0), got {mean} / {std}")
+    return Preprocess(int(input_size), interpolation, mean, std, resize, float(crop_pct))
