@@ -119,7 +119,7 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
         store = create_store(plan.path, plan.spec, plan.layers,
                              {s: len(split) for s, split in dataset.splits.items()}, dataset.num_classes,
                              dataset.class_names, shard_rows, cfg.store.dtype, int(cfg.store.col_chunk),
-                             cfg.store.compression)
+                             cfg.store.compression, dataset.skipped)
         for name, split in dataset.splits.items():
             store.group[f"{name}/labels"][:] = split.labels
             store.group[f"{name}/sample_ids"][:] = split.ids

@@ -53,6 +53,7 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
         "train_accuracy": accuracy(head, features["train"], labels["train"]),
         "val_accuracy": accuracy(head, features["val"], labels["val"]) if "val" in features else None,
         "test_accuracy": accuracy(head, features["test"], labels["test"]),
+        "skipped_samples": [item["id"] for item in store.meta.get("skipped", [])],
         "scoring": {k: v for k, v in info.items()},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }

@@ -4,7 +4,8 @@ Schema (version SCHEMA_VERSION), declared here and validated on open:
 
     <root>/<model>/<dataset>/<store_id>.zarr/
         attrs["h2t"]: schema_version, store_id, spec (provenance), layers (name, role, raw_shape, dim,
-                      offset), splits {name: n}, num_classes, class_names, shard_rows, status, created_*
+                      offset), splits {name: n}, num_classes, class_names, shard_rows, status, created_*,
+                      skipped (samples left out as unreadable: id, split, reason)
         <split>/features/<tap>   (n, dim)  float16|float32, one shard per `shard_rows` rows
         <split>/labels           (n,)      int64
         <split>/sample_ids       (n,)      str
@@ -146,7 +147,7 @@ class FeatureStore:
 
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
                  class_names: list[str], shard_rows: int, dtype: str, col_chunk: int,
-                 compression: str) -> FeatureStore:
+                 compression: str, skipped: list[dict] | None = None) -> FeatureStore:
     """Lay out an empty store (status `writing`): every array exists, the ledger is all zeros."""
     if dtype not in DTYPES:
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -156,7 +157,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     meta = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
-        "shard_rows": int(shard_rows), "status": STATUS_CREATING,
+        "shard_rows": int(shard_rows), "status": STATUS_CREATING, "skipped": list(skipped or []),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "created_by": f"{_user()}@{socket.gethostname()}",
     }

@@ -103,6 +103,28 @@ def test_missing_weights_leave_no_store(tmp_path):
     assert not list((tmp_path / "stores").rglob("zarr.json"))
 
 
+def test_skipped_images_are_recorded_in_results(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.png")
+    (tmp_path / "imgs" / "train" / "b" / "3.png").write_bytes(b"\x89PNG broken")
+    out = tmp_path / "out"
+    base = [a for a in TINY if not a.startswith("data")]
+    h2t(tmp_path, "run", *base, "data=folder", f"data.root={tmp_path / 'imgs'}", "data.on_error=skip",
+        f"hydra.run.dir={out}")
+    entries = results(out / "results.json")
+    assert all(e["skipped_samples"] == ["train/b/3.png"] for e in entries)
+    proc = h2t(tmp_path / "imgs", "run", *base, "data=folder", f"data.root={tmp_path / 'imgs'}", check=False)
+    assert proc.returncode == 2 and "3.png" in proc.stderr
+
+
 def test_user_config_dir_adds_datasets(tmp_path):
     conf = tmp_path / "myconf" / "data"
     conf.mkdir(parents=True)

@@ -35,6 +35,7 @@ class Dataset:
     splits: dict[str, Split]
     source: dict  # what was read and how: enters the store id
     class_names: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)  # {"id", "split", "reason"} of unreadable samples
 
     def fingerprint(self) -> str:
         """Content hash of the split definitions: sample ids and labels per split plus the source spec."""
@@ -46,6 +47,88 @@ class Dataset:
             h.update("\n".join(map(str, split.ids)).encode())
             h.update(split.content_digest.encode())
         return h.hexdigest()
+
+
+@dataclass
+class Pool:
+    """One split as a source provides it: ids, labels and a way to read sample i (or many, from an array)."""
+    ids: list[str]
+    labels: np.ndarray
+    read: Callable[[int], np.ndarray]  # index -> uint8 (H, W, 3)
+    array: np.ndarray | None = None  # set when all images are one in-memory (n, H, W, 3) array
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def assemble(name: str, pools: dict[str, Pool], num_classes: int, class_names: list[str], source: dict,
+             sizes: dict | None = None, seed: int = 0, val_fraction: float = 0.2, on_error: str = "error") -> Dataset:
+    """Splits from a source's pools: carve val from train when missing, subsample to `sizes`, skip broken files.
+
+    Carving and subsampling use one seeded permutation per pool, so the same config always selects the same
+    samples; `sizes.<split>: null` keeps the whole split.
+    """
+    if on_error not in ("error", "skip"):
+        raise H2TError(f"data.on_error must be error or skip, got {on_error!r}")
+    sizes = dict(sizes or {})
+    for split, n in sizes.items():
+        if split not in SPLITS:
+            raise H2TError(f"unknown split data.sizes.{split}; splits are {', '.join(SPLITS)}")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 0):
+            raise H2TError(f"data.sizes.{split} must be a non-negative integer or null, got {n!r}")
+    for required in ("train", "test"):
+        if required not in pools or len(pools[required]) == 0:
+            raise H2TError(f"dataset {name!r} has no {required} samples")
+    chosen: dict[str, tuple[Pool, np.ndarray]] = {}
+    train_order = np.random.default_rng([seed, 0]).permutation(len(pools["train"]))
+    if "val" in pools:
+        chosen["val"] = (pools["val"], np.random.default_rng([seed, 1]).permutation(len(pools["val"])))
+    else:
+        if not 0.0 < float(val_fraction) < 1.0:
+            raise H2TError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+        n_val = sizes.get("val")
+        n_val = int(round(len(train_order) * float(val_fraction))) if n_val is None else n_val
+        if n_val >= len(train_order):
+            raise H2TError(f"data.sizes.val={n_val} leaves no training samples out of {len(train_order)}")
+        chosen["val"] = (pools["train"], train_order[:n_val])
+        train_order = train_order[n_val:]
+    chosen["train"] = (pools["train"], train_order)
+    chosen["test"] = (pools["test"], np.random.default_rng([seed, 2]).permutation(len(pools["test"])))
+    splits, skipped = {}, []
+    for split in SPLITS:
+        pool, order = chosen[split]
+        want = sizes.get(split)
+        if want is not None:
+            if want > len(order):
+                raise H2TError(f"data.sizes.{split}={want} but {name} has {len(order)} {split} samples")
+            order = order[:want]
+        if len(order) == 0:
+            if split == "val":
+                continue
+            raise H2TError(f"data.sizes.{split} must be >= 1")
+        if on_error == "skip" and pool.array is None:
+            good = []
+            for i in order:
+                try:
+                    pool.read(int(i))
+                    good.append(i)
+                except H2TError as exc:
+                    skipped.append({"id": pool.ids[i], "split": split, "reason": str(exc)})
+            order = np.asarray(good, dtype=np.int64)
+            if len(order) == 0:
+                raise H2TError(f"dataset {name!r}: every {split} sample is unreadable")
+        splits[split] = _pool_split(split, pool, np.asarray(order, dtype=np.int64))
+    source = {**source, "seed": seed, "val_fraction": val_fraction, "sizes": sizes, "on_error": on_error}
+    return Dataset(name, num_classes, splits, source, class_names, skipped)
+
+
+def _pool_split(name: str, pool: Pool, order: np.ndarray) -> Split:
+    labels = np.asarray(pool.labels, dtype=np.int64)[order]
+    ids = np.asarray([pool.ids[i] for i in order], dtype=str)
+    if pool.array is not None:
+        images = np.ascontiguousarray(pool.array[order])
+        return Split(name, labels, ids, lambda start, stop: images[start:stop], hashlib.sha256(images.data).hexdigest())
+    return Split(name, labels, ids, lambda start, stop: [pool.read(int(i)) for i in order[start:stop]])
 
 
 def in_memory_split(name: str, images: np.ndarray, labels: np.ndarray, ids: Sequence[str]) -> Split:
@@ -99,7 +182,7 @@ def register(name: str):
 
 def build_dataset(cfg) -> Dataset:
     """Build the dataset named by `cfg.source` with the remaining keys as arguments."""
-    from . import sources  # noqa: F401  (registers the built-in sources)
+    from . import builtin, files, torchvision_sources  # noqa: F401  (register the sources)
 
     params = dict(cfg)
     source = params.pop("source", None)

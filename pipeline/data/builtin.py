@@ -1,19 +1,14 @@
-"""Built-in data sources. Nothing is downloaded: data ships in a package, is generated, or is on disk."""
+"""Built-in data that needs no files: digits and MNIST shipped in packages, procedural shapes tasks."""
 from __future__ import annotations
 
 import gzip
 import importlib.resources
-import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ..errors import H2TError
-from .base import Dataset, Split, in_memory_split, register, split_indices, to_rgb_uint8
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-
+from .base import Dataset, in_memory_split, register, split_indices
 
 def _from_arrays(name, images, labels, num_classes, sizes, seed, source) -> Dataset:
     idx = split_indices(len(labels), sizes, seed, name)
@@ -143,87 +138,3 @@ def shapes(task: str, sizes: dict, seed: int = 0, image_size: int = 64, num_clas
               "num_classes": num_classes, "version": SHAPES_VERSION}
     return Dataset(name or f"shapes_{task}", num_classes, splits, source,
                    [str(c) for c in range(num_classes)])
-
-
-# --- images on disk ---------------------------------------------------------------------------------------
-
-def _list_class_dirs(split_dir: Path) -> dict[str, list[Path]]:
-    try:
-        class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
-    except OSError as exc:
-        raise H2TError(f"cannot read directory {split_dir}: {exc.strerror}") from None
-    files = {}
-    for d in class_dirs:
-        images = sorted(p for p in d.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not images:
-            raise H2TError(f"class directory {d} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-        files[d.name] = images
-    if not files:
-        raise H2TError(f"{split_dir} has no class subdirectories (expected {split_dir}/<class>/<image>)")
-    return files
-
-
-def load_image(path: Path) -> np.ndarray:
-    """Read any PIL-readable image as uint8 RGB; a broken file is an error naming it."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                img = Image.fromarray((np.asarray(img, dtype=np.float64) / 256).clip(0, 255).astype(np.uint8))
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise H2TError(f"cannot read image {path}: {exc}") from None
-
-
-def _file_split(name: str, root: Path, paths: list[Path], labels: list[int]) -> Split:
-    ids = np.asarray([str(p.relative_to(root)) for p in paths], dtype=str)
-    return Split(name, np.asarray(labels, np.int64), ids,
-                 lambda start, stop: [load_image(p) for p in paths[start:stop]])
-
-
-@register("folder")
-def folder(root: str | None = None, val_fraction: float = 0.2, seed: int = 0, name: str | None = None,
-           sizes: dict | None = None) -> Dataset:
-    """Images on disk: ROOT/train/<class>/*, ROOT/test/<class>/*, optional ROOT/val/<class>/*."""
-    if not root:
-        raise H2TError("data=folder needs data.root=DIR (DIR/train/<class>/*, DIR/test/<class>/*)")
-    base = Path(os.path.expanduser(str(root)))
-    for required in ("train", "test"):
-        if not (base / required).is_dir():
-            raise H2TError(f"data.root={base}: missing directory {base / required} "
-                           f"(expected {base}/train/<class>/*, {base}/test/<class>/*)")
-    train = _list_class_dirs(base / "train")
-    classes = sorted(train)
-    index = {c: i for i, c in enumerate(classes)}
-
-    def flatten(files: dict[str, list[Path]], split: str):
-        unknown = sorted(set(files) - set(index))
-        if unknown:
-            raise H2TError(f"{base / split}: class {unknown[0]!r} does not exist in {base / 'train'}")
-        pairs = [(p, index[c]) for c in sorted(files) for p in files[c]]
-        return [p for p, _ in pairs], [y for _, y in pairs]
-
-    train_paths, train_labels = flatten(train, "train")
-    splits = {}
-    if (base / "val").is_dir():
-        splits["val"] = _file_split("val", base, *flatten(_list_class_dirs(base / "val"), "val"))
-    else:  # carve a deterministic validation set from train
-        if not 0.0 < val_fraction < 1.0:
-            raise H2TError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        order = np.random.default_rng(seed).permutation(len(train_paths))
-        n_val = int(round(len(order) * val_fraction))
-        val_idx, train_idx = np.sort(order[:n_val]), np.sort(order[n_val:])
-        splits["val"] = _file_split("val", base, [train_paths[i] for i in val_idx],
-                                    [train_labels[i] for i in val_idx])
-        train_paths = [train_paths[i] for i in train_idx]
-        train_labels = [train_labels[i] for i in train_idx]
-    splits["train"] = _file_split("train", base, train_paths, train_labels)
-    splits["test"] = _file_split("test", base, *flatten(_list_class_dirs(base / "test"), "test"))
-    stat = []
-    for split in splits.values():
-        for rel in split.ids:
-            st = (base / rel).stat()
-            stat.append((rel, st.st_size, st.st_mtime_ns))
-    source = {"source": "folder", "root": str(base.resolve()), "val_fraction": val_fraction, "seed": seed,
-              "files": stat}
-    return Dataset(name or base.name, len(classes), splits, source, classes)
