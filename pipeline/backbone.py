@@ -98,16 +98,15 @@ def build_model(cfg) -> torch.nn.Module:
 
     check_model_name(cfg.name)
     torch.manual_seed(int(cfg.get("seed", 0)))  # random init is reproducible too
-    # Transformers with a fixed patch grid are built for the configured input size.
-    kwargs = {"img_size": int(cfg.input_size)} if cfg.get("input_size") and takes_img_size(cfg.name) else {}
+    kwargs = create_kwargs(cfg, cfg.get("input_size"))
     if cfg.get("weights"):
-        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        model = create(cfg.name, kwargs)
         _load_by_position(model, _load_state_dict(_packaged_file(cfg.weights)), f"model.weights={cfg.weights}")
     elif cfg.get("checkpoint"):
         path = Path(os.path.expanduser(str(cfg.checkpoint)))
         if not path.is_file():
             raise H2TError(f"model.checkpoint={path}: no such file")
-        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        model = create(cfg.name, kwargs)
         state = _load_state_dict(path)
         try:
             model.load_state_dict(state)
@@ -117,17 +116,34 @@ def build_model(cfg) -> torch.nn.Module:
     elif cfg.get("pretrained"):
         model = _create_pretrained(cfg.name, kwargs, bool(cfg.get("download", False)))
     else:
-        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        model = create(cfg.name, kwargs)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
 
 
+def create_kwargs(cfg, input_size: int | None) -> dict:
+    """Arguments for timm.create_model: `model.kwargs`, plus img_size for fixed-grid transformers."""
+    kwargs = dict(cfg.get("kwargs") or {})
+    if input_size and takes_img_size(cfg.name):
+        kwargs.setdefault("img_size", int(input_size))
+    return kwargs
+
+
 def takes_img_size(name: str) -> bool:
     import timm
 
     return bool(timm.models.get_pretrained_cfg(name) and timm.models.get_pretrained_cfg(name).fixed_input_size)
+
+
+def create(name: str, kwargs: dict) -> torch.nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise H2TError(f"timm cannot build {name} with model.kwargs={kwargs}: {str(exc).splitlines()[0]}") from None
 
 
 def _create_pretrained(name: str, kwargs: dict, allow_download: bool) -> torch.nn.Module:

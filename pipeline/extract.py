@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import build_model, check_model_name, takes_img_size, weights_fingerprint
+from .backbone import create, build_model, check_model_name, create_kwargs, weights_fingerprint
 from .preprocess import build_preprocess
 from .data import Dataset, build_dataset
 from .errors import H2TError
@@ -42,11 +42,10 @@ def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
     dataset = dataset or build_dataset(cfg.data)
     preprocess = build_preprocess(cfg.model)
     with torch.device("meta"):  # structure only: tap names and shapes, no weights, no compute
-        skeleton = timm.create_model(cfg.model.name, pretrained=False,
-                                     **_model_kwargs(cfg.model, preprocess.input_size))
+        skeleton = create(cfg.model.name, create_kwargs(cfg.model, preprocess.input_size))
     skeleton.eval()
     taps = select_taps(skeleton, list(cfg.taps.include), list(cfg.taps.exclude))
-    runner = TappedForward(skeleton, taps, target_size, cfg.pooling.rule)
+    runner = TappedForward(skeleton, taps, target_size, cfg.pooling.rule, cfg.pooling.cls_token)
     try:
         layers = runner.layer_table(preprocess.input_size)
     except RuntimeError as exc:
@@ -57,19 +56,16 @@ def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
     spec = {
         "schema_version": SCHEMA_VERSION,
         "model": {"name": cfg.model.name, "weights": weights_fingerprint(cfg.model),
+                  "kwargs": create_kwargs(cfg.model, preprocess.input_size),
                   "timm": timm.__version__, "torch": torch.__version__},
         "preprocess": preprocess.as_dict(),
         "taps": [t.name for t in taps],
-        "pooling": {"rule": cfg.pooling.rule, "target_size": target_size},
+        "pooling": {"rule": cfg.pooling.rule, "target_size": target_size, "cls_token": cfg.pooling.cls_token},
         "dtype": cfg.store.dtype,
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                     "splits": {name: len(split) for name, split in dataset.splits.items()}},
     }
     return Plan(spec, store_path(cfg.store.root, spec), layers, dataset, taps, preprocess)
-
-
-def _model_kwargs(model_cfg, input_size: int) -> dict:
-    return {"img_size": input_size} if takes_img_size(model_cfg.name) else {}
 
 
 def _device(name: str) -> torch.device:
@@ -125,7 +121,8 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
             store.group[f"{name}/sample_ids"][:] = split.ids
     shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
 
-    runner = TappedForward(model, plan.taps, plan.spec["pooling"]["target_size"], plan.spec["pooling"]["rule"])
+    pooling = plan.spec["pooling"]
+    runner = TappedForward(model, plan.taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
     done = {name: store.shards_done(name) for name in dataset.splits}
     todo = [(name, start) for name, split in dataset.splits.items()
             for shard, start in enumerate(range(0, len(split), shard_rows)) if not done[name][shard]]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from .errors import H2TError
 
 POOLING_RULES = ("head2toe",)
+CLS_MODES = ("pooled", "only", "separate")  # prefix (CLS) tokens: pooled with the patch tokens, alone, kept raw
 
 
 def _conv_kernel(channels: int, height: int, width: int, target_size: int) -> tuple[int, int]:
@@ -81,3 +82,19 @@ def validate_target_size(target_size) -> int:
     if isinstance(target_size, bool) or not isinstance(target_size, int) or target_size < 1:
         raise H2TError(f"pooling.target_size must be a positive integer, got {target_size!r}")
     return target_size
+
+
+def pool_activation(x: torch.Tensor, target_size: int, rule: str = "head2toe", layout: str = "nchw",
+                    prefix_tokens: int = 0, cls_mode: str = "pooled") -> torch.Tensor:
+    """Pool one tap's batch, given its layout: channels-last maps are made channels-first; token maps with
+    prefix tokens follow `cls_mode` (`pooled`: CLS averaged with the patches, `only`: the CLS vector,
+    `separate`: the raw CLS vector followed by the pooled patch tokens)."""
+    if cls_mode not in CLS_MODES:
+        raise H2TError(f"pooling.cls_token must be one of {', '.join(CLS_MODES)}, got {cls_mode!r}")
+    if x.ndim == 4 and layout == "nhwc":
+        x = x.permute(0, 3, 1, 2)
+    if x.ndim == 3 and prefix_tokens and cls_mode != "pooled":
+        if cls_mode == "only":
+            return x[:, 0]
+        return torch.cat([x[:, 0], pool(x[:, prefix_tokens:], target_size, rule)], dim=1)
+    return pool(x, target_size, rule)

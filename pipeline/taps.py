@@ -7,13 +7,13 @@ gets its feature_info modules. Users choose a subset by names or glob patterns.
 from __future__ import annotations
 
 import difflib
-import fnmatch
+import re
 from dataclasses import dataclass
 
 import torch
 
 from .errors import H2TError
-from .pooling import pool, pooled_dim
+from .pooling import pool_activation
 
 HEAD_TAPS = ("pre_logits", "logits")
 
@@ -22,6 +22,8 @@ HEAD_TAPS = ("pre_logits", "logits")
 class Tap:
     name: str  # module path, or one of HEAD_TAPS
     role: str  # what the activation is: stem, expansion, depthwise, block, attention, mlp_hidden, ...
+    layout: str = "nchw"  # 4-D outputs: nchw, or nhwc (channels last: Swin, ConvNeXt's MLP)
+    prefix_tokens: int = 0  # token maps that start with CLS / register / distillation tokens
 
 
 def _resnet_taps(model) -> list[Tap]:
@@ -58,12 +60,58 @@ def _efficientnet_taps(model) -> list[Tap]:
 
 
 def _vit_taps(model) -> list[Tap]:
-    taps = [Tap("patch_embed", "patch_embedding"), Tap("pos_drop", "position_embedded")]
+    p = int(getattr(model, "num_prefix_tokens", 0))
+    taps = [Tap("patch_embed", "patch_embedding"), Tap("pos_drop", "position_embedded", prefix_tokens=p)]
     for i, _ in enumerate(model.blocks):
         path = f"blocks.{i}"
-        taps += [Tap(f"{path}.norm1", "pre_attention_norm"), Tap(f"{path}.attn", "attention"),
-                 Tap(f"{path}.mlp.act", "mlp_hidden"), Tap(f"{path}.mlp", "mlp_output")]
-    taps.append(Tap("norm", "final_sequence"))
+        taps += [Tap(f"{path}.norm1", "pre_attention_norm", prefix_tokens=p),
+                 Tap(f"{path}.attn", "attention", prefix_tokens=p),
+                 Tap(f"{path}.mlp.act", "mlp_hidden", prefix_tokens=p), Tap(f"{path}.mlp", "mlp_output", prefix_tokens=p)]
+    taps.append(Tap("norm", "final_sequence", prefix_tokens=p))
+    return taps
+
+
+def _resnetv2_taps(model) -> list[Tap]:
+    """Pre-activation ResNet, as the reference: the input of every conv after norm + ReLU."""
+    taps = [Tap("stem", "stem")]
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage.blocks):
+            path = f"stages.{s}.blocks.{b}"
+            for sub in ("norm1", "norm2", "norm3"):
+                if isinstance(getattr(block, sub, None), torch.nn.Module):
+                    taps.append(Tap(f"{path}.{sub}", f"conv{sub[-1]}_input"))
+    taps.append(Tap("norm", "final_map"))
+    return taps
+
+
+def _convnext_taps(model) -> list[Tap]:
+    taps = [Tap("stem", "stem")]
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage.blocks):
+            path = f"stages.{s}.blocks.{b}"
+            hidden_layout = "nchw" if getattr(block, "use_conv_mlp", False) else "nhwc"
+            taps += [Tap(f"{path}.conv_dw", "depthwise"), Tap(f"{path}.mlp.act", "mlp_hidden", hidden_layout),
+                     Tap(path, "block")]
+    return taps
+
+
+def _regnet_taps(model) -> list[Tap]:
+    taps = [Tap("stem", "stem")]
+    for stage_name in ("s1", "s2", "s3", "s4"):
+        for block_name, block in getattr(model, stage_name).named_children():
+            path = f"{stage_name}.{block_name}"
+            taps += [Tap(f"{path}.conv1", "conv1"), Tap(f"{path}.conv2", "conv2"), Tap(path, "block")]
+    return taps
+
+
+def _swin_taps(model) -> list[Tap]:
+    taps = [Tap("patch_embed", "patch_embedding", "nhwc")]
+    for s, layer in enumerate(model.layers):
+        for b, _ in enumerate(layer.blocks):
+            path = f"layers.{s}.blocks.{b}"
+            taps += [Tap(f"{path}.norm1", "pre_attention_norm", "nhwc"), Tap(f"{path}.mlp.act", "mlp_hidden", "nhwc"),
+                     Tap(path, "block", "nhwc")]
+    taps.append(Tap("norm", "final_map", "nhwc"))
     return taps
 
 
@@ -78,39 +126,47 @@ def _feature_info_taps(model) -> list[Tap]:
 
 def default_taps(model: torch.nn.Module) -> list[Tap]:
     """The family's explicit, ordered tap list, ending with pre-logits and logits."""
+    from timm.models.convnext import ConvNeXt
     from timm.models.efficientnet import EfficientNet
     from timm.models.mobilenetv3 import MobileNetV3
+    from timm.models.regnet import RegNet
     from timm.models.resnet import ResNet
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.swin_transformer import SwinTransformer
     from timm.models.vision_transformer import VisionTransformer
 
-    if isinstance(model, ResNet):
-        body = _resnet_taps(model)
-    elif isinstance(model, (EfficientNet, MobileNetV3)):
-        body = _efficientnet_taps(model)
-    elif isinstance(model, VisionTransformer):
-        body = _vit_taps(model)
-    else:
+    families = ((ResNet, _resnet_taps), (ResNetV2, _resnetv2_taps), ((EfficientNet, MobileNetV3), _efficientnet_taps),
+                (ConvNeXt, _convnext_taps), (RegNet, _regnet_taps), (VisionTransformer, _vit_taps),
+                (SwinTransformer, _swin_taps))
+    body = next((rule(model) for cls, rule in families if isinstance(model, cls)), None)
+    if body is None:
         body = _feature_info_taps(model)
     return body + [Tap("pre_logits", "pre_logits"), Tap("logits", "logits")]
 
 
-def select_taps(model: torch.nn.Module, include=("*",), exclude=()) -> list[Tap]:
+def matches(name: str, pattern: str) -> bool:
+    """Glob over dotted paths: `*` and `?` stay within one component, `**` spans components."""
+    regex = re.escape(pattern).replace(r"\*\*", "\0").replace(r"\*", "[^.]*").replace(r"\?", "[^.]")
+    return re.fullmatch(regex.replace("\0", ".*"), name) is not None
+
+
+def select_taps(model: torch.nn.Module, include=("**",), exclude=()) -> list[Tap]:
     """Default taps filtered by glob patterns; a pattern that names a module outside the list adds it."""
     defaults = default_taps(model)
     modules = dict(model.named_modules())
     chosen: list[Tap] = []
     for pattern in include:
         pattern = str(pattern)
-        hits = [t for t in defaults if fnmatch.fnmatchcase(t.name, pattern)]
-        if not hits and pattern in modules and pattern:
-            hits = [Tap(pattern, "user")]
+        hits = [t for t in defaults if matches(t.name, pattern)]
+        if not hits:  # module paths or patterns outside the family's list: user taps
+            hits = [Tap(name, "user") for name in modules if name and matches(name, pattern)]
         if not hits:
             close = difflib.get_close_matches(pattern, [t.name for t in defaults] + list(modules), n=3)
             hint = f"; closest: {', '.join(close)}" if close else ""
             raise H2TError(f"tap {pattern!r} matches no tap or module of {type(model).__name__}{hint}")
         chosen += [t for t in hits if t not in chosen]
     for pattern in exclude:
-        chosen = [t for t in chosen if not fnmatch.fnmatchcase(t.name, str(pattern))]
+        chosen = [t for t in chosen if not matches(t.name, str(pattern))]
     if not chosen:
         raise H2TError("taps.include / taps.exclude leave no tap selected")
     order = {t.name: i for i, t in enumerate(defaults)}
@@ -122,21 +178,25 @@ def select_taps(model: torch.nn.Module, include=("*",), exclude=()) -> list[Tap]
 class TappedForward:
     """Runs the backbone once and returns every tap's activation pooled on the device, in tap order."""
 
-    def __init__(self, model: torch.nn.Module, taps: list[Tap], target_size: int, pooling_rule: str = "head2toe"):
+    def __init__(self, model: torch.nn.Module, taps: list[Tap], target_size: int, pooling_rule: str = "head2toe",
+                 cls_mode: str = "pooled"):
         self.model, self.taps, self.target_size, self.rule = model, taps, target_size, pooling_rule
+        self.cls_mode = cls_mode
         self.module_taps = [t for t in taps if t.name not in HEAD_TAPS]
         self.want_head = {t.name for t in taps if t.name in HEAD_TAPS}
         self._out: dict[str, torch.Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         modules = dict(model.named_modules())
-        self._handles = [modules[t.name].register_forward_hook(self._hook(t.name)) for t in self.module_taps]
+        self._handles = [modules[t.name].register_forward_hook(self._hook(t)) for t in self.module_taps]
 
-    def _hook(self, name: str):
+    def _hook(self, tap: Tap):
         def record(_module, _inputs, output):
             if isinstance(output, (tuple, list)):
                 output = output[0]
-            self._shapes[name] = tuple(output.shape[1:])
-            self._out[name] = pool(output, self.target_size, self.rule)
+            shape = tuple(output.shape[1:])
+            self._shapes[tap.name] = (shape[2], shape[0], shape[1]) if len(shape) == 3 and tap.layout == "nhwc" else shape
+            self._out[tap.name] = pool_activation(output, self.target_size, self.rule, tap.layout, tap.prefix_tokens,
+                                                  self.cls_mode)
         return record
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -162,9 +222,9 @@ class TappedForward:
             self(torch.zeros(1, 3, input_size, input_size, device=device))
         table, offset = [], 0
         for t in self.taps:
-            shape = self._shapes[t.name]
-            dim = pooled_dim(shape, self.target_size) if t.name not in HEAD_TAPS else int(torch.Size(shape).numel())
-            table.append({"name": t.name, "role": t.role, "raw_shape": list(shape), "dim": dim, "offset": offset})
+            dim = int(self._out[t.name].shape[1])
+            table.append({"name": t.name, "role": t.role, "raw_shape": list(self._shapes[t.name]), "dim": dim,
+                          "offset": offset})
             offset += dim
         return table
 

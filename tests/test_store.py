@@ -15,8 +15,8 @@ def tiny_cfg(tmp_path, **over):
                   "resize": None, "crop_pct": None},
         "data": {"source": "shapes", "task": "location", "num_classes": 4, "image_size": 32, "seed": 0,
                  "sizes": {"train": 40, "val": 8, "test": 20}},
-        "pooling": {"rule": "head2toe", "target_size": 128},
-        "taps": {"include": ["*"], "exclude": []},
+        "pooling": {"rule": "head2toe", "target_size": 128, "cls_token": "pooled"},
+        "taps": {"include": ["**"], "exclude": []},
         "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32},
         "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False},
     })

@@ -36,9 +36,9 @@ def test_vit_taps_follow_the_reference_list():
 
 def test_selection_by_pattern_keeps_network_order():
     model = skeleton("resnet18")
-    names = [t.name for t in select_taps(model, ["logits", "layer1.*", "act1"])]
+    names = [t.name for t in select_taps(model, ["logits", "layer1.**", "act1"])]
     assert names == ["act1", "layer1.0.act1", "layer1.0", "layer1.1.act1", "layer1.1", "logits"]
-    assert [t.name for t in select_taps(model, ["*"], ["layer*"])] == ["act1", "pre_logits", "logits"]
+    assert [t.name for t in select_taps(model, ["**"], ["layer**"])] == ["act1", "pre_logits", "logits"]
     extra = select_taps(model, ["layer2.0.bn2"])
     assert extra[0].name == "layer2.0.bn2" and extra[0].role == "user"
 
