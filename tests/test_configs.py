@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from pipeline.cli import CONF_DIR
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "timm")
-DATASETS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+DATASETS = sorted(str(p.relative_to(CONF_DIR / "data").with_suffix("")) for p in (CONF_DIR / "data").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("verb", ["extract", "probe", "run"])
@@ -29,6 +29,13 @@ def test_every_dataset_config_composes(data):
 
     assert cfg.data.source in DATA_SOURCES
     assert list(cfg.methods) == ["head2toe", "linear"]
+
+
+def test_all_nineteen_vtab_tasks_have_configs():
+    from pipeline.data.vtab import VTAB_TASKS
+
+    assert len(VTAB_TASKS) == 19
+    assert sorted(d.split("/")[1] for d in DATASETS if d.startswith("vtab/")) == sorted(VTAB_TASKS)
 
 
 def test_default_is_the_embedded_demo():

@@ -182,7 +182,7 @@ def register(name: str):
 
 def build_dataset(cfg) -> Dataset:
     """Build the dataset named by `cfg.source` with the remaining keys as arguments."""
-    from . import builtin, files, torchvision_sources  # noqa: F401  (register the sources)
+    from . import builtin, files, torchvision_sources, vtab  # noqa: F401  (register the sources)
 
     params = dict(cfg)
     source = params.pop("source", None)
