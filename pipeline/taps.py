@@ -71,27 +71,29 @@ def _vit_taps(model) -> list[Tap]:
     return taps
 
 
+def _stage_blocks(model):
+    """(path, block) for every block of models laid out as stages[i].blocks[j]."""
+    for s, stage in enumerate(model.stages):
+        for b, block in enumerate(stage.blocks):
+            yield f"stages.{s}.blocks.{b}", block
+
+
 def _resnetv2_taps(model) -> list[Tap]:
     """Pre-activation ResNet, as the reference: the input of every conv after norm + ReLU."""
     taps = [Tap("stem", "stem")]
-    for s, stage in enumerate(model.stages):
-        for b, block in enumerate(stage.blocks):
-            path = f"stages.{s}.blocks.{b}"
-            for sub in ("norm1", "norm2", "norm3"):
-                if isinstance(getattr(block, sub, None), torch.nn.Module):
-                    taps.append(Tap(f"{path}.{sub}", f"conv{sub[-1]}_input"))
+    for path, block in _stage_blocks(model):
+        taps += [Tap(f"{path}.{sub}", f"conv{sub[-1]}_input") for sub in ("norm1", "norm2", "norm3")
+                 if isinstance(getattr(block, sub, None), torch.nn.Module)]
     taps.append(Tap("norm", "final_map"))
     return taps
 
 
 def _convnext_taps(model) -> list[Tap]:
     taps = [Tap("stem", "stem")]
-    for s, stage in enumerate(model.stages):
-        for b, block in enumerate(stage.blocks):
-            path = f"stages.{s}.blocks.{b}"
-            hidden_layout = "nchw" if getattr(block, "use_conv_mlp", False) else "nhwc"
-            taps += [Tap(f"{path}.conv_dw", "depthwise"), Tap(f"{path}.mlp.act", "mlp_hidden", hidden_layout),
-                     Tap(path, "block")]
+    for path, block in _stage_blocks(model):
+        hidden_layout = "nchw" if getattr(block, "use_conv_mlp", False) else "nhwc"
+        taps += [Tap(f"{path}.conv_dw", "depthwise"), Tap(f"{path}.mlp.act", "mlp_hidden", hidden_layout),
+                 Tap(path, "block")]
     return taps
 
 

@@ -180,10 +180,16 @@ def register(name: str):
     return deco
 
 
+def known_sources() -> dict[str, Callable[..., Dataset]]:
+    """Every registered source (importing the modules registers them)."""
+    from . import builtin, files, torchvision_sources, vtab  # noqa: F401
+
+    return DATA_SOURCES
+
+
 def build_dataset(cfg) -> Dataset:
     """Build the dataset named by `cfg.source` with the remaining keys as arguments."""
-    from . import builtin, files, torchvision_sources, vtab  # noqa: F401  (register the sources)
-
+    known_sources()
     params = dict(cfg)
     source = params.pop("source", None)
     if source not in DATA_SOURCES:

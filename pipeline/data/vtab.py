@@ -67,7 +67,9 @@ def _dsprites_pools(path: Path, task: str, seed: int) -> dict[str, Pool]:
 def _source_pools(task: str, spec: VtabTask, format: str, root: str | None, path: str | None,
                   seed: int, on_error: str) -> tuple[dict, dict]:
     """Pools from the user's local copy, and the source description for the dataset id."""
-    from . import DATA_SOURCES
+    from .base import known_sources
+
+    DATA_SOURCES = known_sources()
 
     if format == "torchvision":
         if spec.torchvision is None:
