@@ -14,6 +14,7 @@ VERBS = {
     "extract": "run the backbone over a dataset once and fill the store",
     "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
     "run": "extract if needed, probe head2toe and linear, print the comparison",
+    "store": "ls | info | verify | rm | gc: the stores under a root (h2t store -h)",
 }
 USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m]\n" + "\n".join(
     f"  {verb:8s} {text}" for verb, text in VERBS.items())
@@ -184,6 +185,86 @@ def _guarded(task):
     return wrapped
 
 
+def _store_command(args: list[str]) -> None:
+    import argparse
+
+    from . import catalog
+    from .store import open_store
+
+    parser = argparse.ArgumentParser(prog="h2t store", description="The stores under a root.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    ls = sub.add_parser("ls", help="list stores")
+    ls.add_argument("root", nargs="?", default=catalog.default_root())
+    ls.add_argument("--json", action="store_true")
+    for name, text in (("info", "provenance and layer table"), ("verify", "read every shard, check checksums"),
+                       ("rm", "delete a store")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("ref", help="store path, id or unique id prefix")
+        p.add_argument("--root", default=catalog.default_root())
+        if name == "info":
+            p.add_argument("--json", action="store_true")
+    gc = sub.add_parser("gc", help="delete incomplete stores nobody wrote to for a while")
+    gc.add_argument("root", nargs="?", default=catalog.default_root())
+    gc.add_argument("--older-than-hours", type=float, default=24.0)
+    gc.add_argument("--dry-run", action="store_true")
+    opts = parser.parse_args(args)
+    try:
+        if opts.action == "ls":
+            rows = catalog.list_summaries(opts.root)
+            if opts.json:
+                print(json.dumps(rows, indent=2))
+                return
+            print(f"{'id':16s}  {'status':9s} {'model':24s} {'dataset':20s} {'taps':>4s} {'features':>9s} "
+                  f"{'size':>10s}  {'created':16s}  by")
+            for r in rows:
+                if "model" not in r:
+                    print(f"{r['id']:16s}  {r['status']}")
+                    continue
+                print(f"{r['id']:16s}  {r['status']:9s} {r['model'][:24]:24s} {r['dataset'][:20]:20s} {r['taps']:4d} "
+                      f"{r['features']:9d} {catalog.human_bytes(r['size_bytes']):>10s}  {catalog.age(r['created_at']):16s}"
+                      f"  {r['created_by']}")
+            return
+        if opts.action == "gc":
+            stale = catalog.abandoned(opts.root, opts.older_than_hours * 3600)
+            for path in stale:
+                print(f"{'would remove' if opts.dry_run else 'removed'} {path}")
+                if not opts.dry_run:
+                    catalog.remove(path)
+            if not stale:
+                print("no abandoned stores")
+            return
+        path = catalog.resolve(opts.ref, opts.root)
+        if opts.action == "rm":
+            catalog.remove(path)
+            print(f"removed {path}")
+            return
+        store = open_store(str(path))
+        if opts.action == "info":
+            info = {**catalog.summary(store), "spec": store.meta["spec"], "layers": store.layers,
+                    "skipped": store.meta.get("skipped", [])}
+            if opts.json:
+                print(json.dumps(info, indent=2))
+                return
+            for key in ("id", "path", "status", "model", "dataset", "splits", "features", "created_at", "created_by"):
+                print(f"{key:11s} {info[key]}")
+            print(f"{'size':11s} {catalog.human_bytes(info['size_bytes'])}")
+            print("provenance " + json.dumps(store.meta["spec"], sort_keys=True))
+            print(f"\n{'#':>3s} {'tap':40s} {'role':18s} {'raw shape':>16s} {'dim':>7s} {'offset':>8s}")
+            for i, layer in enumerate(store.layers):
+                shape = "x".join(map(str, layer["raw_shape"]))
+                print(f"{i:3d} {layer['name'][:40]:40s} {layer['role'][:18]:18s} {shape:>16s} {layer['dim']:7d} "
+                      f"{layer['offset']:8d}")
+            return
+        problems = catalog.verify(store)
+        for line in problems:
+            print(line)
+        if problems:
+            _fail(f"store {store.id} at {path}: {len(problems)} problem(s), first: {problems[0]}")
+        print(f"store {store.id} at {path}: every shard present and its checksums match ({store.meta['status']})")
+    except H2TError as exc:
+        _fail(str(exc))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -192,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         _fail(f"unknown command {verb!r}\n{USAGE}")
+    if verb == "store":
+        _store_command(rest)
+        return
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     import hydra
 

@@ -6,7 +6,7 @@ Schema (version SCHEMA_VERSION), declared here and validated on open:
         attrs["h2t"]: schema_version, store_id, spec (provenance), layers (name, role, raw_shape, dim,
                       offset), splits {name: n}, num_classes, class_names, shard_rows, status, created_*,
                       skipped (samples left out as unreadable: id, split, reason)
-        <split>/features/<tap>   (n, dim)  float16|float32, one shard per `shard_rows` rows
+        <split>/features/<tap>   (n, dim)  float16|float32, one shard per `shard_rows` rows, CRC32C per chunk
         <split>/labels           (n,)      int64
         <split>/sample_ids       (n,)      str
         <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
 from .errors import H2TError
@@ -98,6 +98,10 @@ class FeatureStore:
     def shards_done(self, split: str) -> np.ndarray:
         return self.group[f"{split}/shards_done"][:]
 
+    def shard_exists(self, split: str, layer: str, shard: int) -> bool:
+        """Whether the shard object is on storage (a missing one would read as zeros)."""
+        return bool(zarr_sync(self.group.store.exists(f"{self.features(split, layer).path}/c/{shard}/0")))
+
     def _update_meta(self, **changes) -> None:
         meta = dict(self.meta)
         meta.update(changes)
@@ -153,7 +157,8 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compression not in ("zstd", "none"):
         raise H2TError(f"store.compression must be zstd or none, got {compression!r}")
-    compressors = [ZstdCodec(level=1)] if compression == "zstd" else None
+    # Every inner chunk carries a CRC32C (and zarr's shard index has its own): a flipped byte fails the read.
+    compressors = [ZstdCodec(level=1), Crc32cCodec()] if compression == "zstd" else [Crc32cCodec()]
     meta = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),

@@ -1,0 +1,92 @@
+"""h2t store ls / info / verify / rm / gc on real stores."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from pipeline import catalog
+from pipeline.errors import H2TError
+from pipeline.extract import extract
+from pipeline.store import create_store, open_store
+from tests.test_store import tiny_cfg
+
+
+def store_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "store", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture
+def extracted(tmp_path):
+    return extract(tiny_cfg(tmp_path)).store
+
+
+def shard_file(store, split="train", layer=None, shard=1):
+    layer = layer or store.layers[2]["name"]
+    return os.path.join(store.path, split, "features", layer, "c", str(shard), "0")
+
+
+def test_verify_passes_on_a_sound_store(extracted):
+    assert catalog.verify(extracted) == []
+
+
+def test_verify_names_a_flipped_byte(extracted, tmp_path):
+    path = shard_file(extracted)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0x40
+    open(path, "wb").write(data)
+    problems = catalog.verify(open_store(extracted.path))
+    layer = extracted.layers[2]["name"]
+    assert len(problems) == 1 and f"train/features/{layer} shard 1" in problems[0]
+    proc = store_cli("verify", extracted.path, cwd=tmp_path)
+    assert proc.returncode == 2 and f"{layer} shard 1" in proc.stderr
+
+
+def test_verify_names_a_missing_shard(extracted):
+    os.remove(shard_file(extracted, split="test", shard=0))
+    problems = catalog.verify(open_store(extracted.path))
+    assert any("test/features" in p and "shard 0" in p and "missing" in p for p in problems)
+
+
+def test_ls_info_rm(extracted, tmp_path):
+    root = str(tmp_path / "stores")
+    rows = catalog.list_summaries(root)
+    assert len(rows) == 1
+    row = rows[0]
+    assert row["id"] == extracted.id and row["status"] == "complete" and row["features"] == extracted.n_features
+    assert row["size_bytes"] > 0 and row["taps"] == len(extracted.layers) and row["created_by"]
+    proc = store_cli("ls", root, "--json", cwd=tmp_path)
+    assert json.loads(proc.stdout)[0]["id"] == extracted.id
+    proc = store_cli("info", extracted.id[:6], "--root", root, cwd=tmp_path)
+    assert proc.returncode == 0 and extracted.layers[0]["name"] in proc.stdout and "provenance" in proc.stdout
+    proc = store_cli("rm", extracted.id, "--root", root, cwd=tmp_path)
+    assert proc.returncode == 0 and not os.path.exists(extracted.path)
+    proc = store_cli("info", "ffff", "--root", root, cwd=tmp_path)
+    assert proc.returncode == 2 and "no store 'ffff'" in proc.stderr
+
+
+def test_gc_removes_only_old_incomplete_stores(extracted, tmp_path):
+    root = tmp_path / "stores"
+    layers = [{"name": "l", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0}]
+    partial = create_store(str(root / "m" / "d" / "abandoned.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}},
+                           layers, {"train": 32}, 2, ["a", "b"], 16, "float32", 4, "none")
+    partial.write_rows("train", 0, [np.ones((16, 4), np.float32)])
+    assert catalog.abandoned(str(root), 3600) == []  # fresh: someone may still be writing
+    old = time.time() - 7200
+    for dirpath, _, files in os.walk(partial.path):
+        for f in files:
+            os.utime(os.path.join(dirpath, f), (old, old))
+    proc = store_cli("gc", str(root), "--older-than-hours", "1", "--dry-run", cwd=tmp_path)
+    assert "would remove" in proc.stdout and os.path.exists(partial.path)
+    proc = store_cli("gc", str(root), "--older-than-hours", "1", cwd=tmp_path)
+    assert "removed" in proc.stdout and not os.path.exists(partial.path)
+    assert os.path.exists(extracted.path)
+
+
+def test_resolve_errors():
+    with pytest.raises(H2TError, match="not a directory"):
+        catalog.find_stores("/nonexistent/root")
