@@ -111,9 +111,13 @@ def _write_results(results: list[dict]) -> Path:
 
 
 def _extract_task(cfg) -> None:
-    from .extract import extract
+    from .extract import extract, format_plan, plan_store
 
-    result = extract(cfg)
+    plan = plan_store(cfg)
+    print(format_plan(plan, per_tap=bool(cfg.extract.plan_only)))
+    if cfg.extract.plan_only:
+        return
+    result = extract(cfg, plan)
     store = result.store
     print(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps, "
           f"splits {store.splits()}, {result.backbone_images} images through the backbone "

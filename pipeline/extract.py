@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -88,6 +89,43 @@ def _check_finite(layer: str, block: np.ndarray, dtype: str) -> None:
                        f"use store.dtype=float32")
 
 
+def planned_bytes(plan: Plan) -> dict[str, dict[str, int]]:
+    """Uncompressed bytes of every (split, tap) array: an upper bound of what extraction writes."""
+    itemsize = np.dtype(plan.spec["dtype"]).itemsize
+    return {split: {layer["name"]: n * layer["dim"] * itemsize for layer in plan.layers}
+            for split, n in plan.spec["dataset"]["splits"].items()}
+
+
+def format_plan(plan: Plan, per_tap: bool = False) -> str:
+    from .catalog import human_bytes
+
+    sizes = planned_bytes(plan)
+    total = sum(sum(t.values()) for t in sizes.values())
+    lines = [f"plan: {plan.path}: {len(plan.layers)} taps, {sum(l['dim'] for l in plan.layers)} features, "
+             f"{human_bytes(total)} uncompressed in all"]
+    for split, taps in sizes.items():
+        lines.append(f"  {split:5s} {plan.spec['dataset']['splits'][split]:7d} rows  {human_bytes(sum(taps.values())):>10s}")
+        if per_tap:
+            lines += [f"      {name:40s} {human_bytes(b):>10s}" for name, b in taps.items()]
+    return "\n".join(lines)
+
+
+def preflight(plan: Plan, root: str) -> None:
+    """Refuse to start when the destination cannot hold the store (uncompressed bound, 5 % margin)."""
+    import shutil
+
+    need = sum(sum(t.values()) for t in planned_bytes(plan).values())
+    probe = Path(root).expanduser()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need * 1.05 > free:
+        from .catalog import human_bytes
+
+        raise H2TError(f"not enough space for the store at {root}: needs up to {human_bytes(need)} "
+                       f"(uncompressed), {human_bytes(free)} free on {probe}")
+
+
 @dataclass
 class ExtractResult:
     store: FeatureStore
@@ -112,6 +150,7 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     if cfg.extract.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if store is None or store.meta["status"] == STATUS_CREATING:
+        preflight(plan, cfg.store.root)
         store = create_store(plan.path, plan.spec, plan.layers,
                              {s: len(split) for s, split in dataset.splits.items()}, dataset.num_classes,
                              dataset.class_names, shard_rows, cfg.store.dtype, int(cfg.store.col_chunk),

@@ -18,7 +18,7 @@ def tiny_cfg(tmp_path, **over):
         "pooling": {"rule": "head2toe", "target_size": 128, "cls_token": "pooled"},
         "taps": {"include": ["**"], "exclude": []},
         "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32},
-        "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False},
+        "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False, "plan_only": False},
     })
     for key, value in over.items():
         OmegaConf.update(cfg, key, value)
@@ -119,3 +119,20 @@ def test_interrupted_extraction_resumes_from_the_ledger(tmp_path):
     for layer in reference.layers:
         np.testing.assert_array_equal(resumed.store.features("train", layer["name"])[:],
                                       reference.features("train", layer["name"])[:])
+
+
+def test_preflight_refuses_a_destination_without_space(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from pipeline.extract import planned_bytes
+
+    cfg = tiny_cfg(tmp_path)
+    plan = plan_store(cfg)
+    need = sum(sum(t.values()) for t in planned_bytes(plan).values())
+    assert need == sum(n for n in plan.spec["dataset"]["splits"].values()) * sum(l["dim"] for l in plan.layers) * 2
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(need, need, need // 2))
+    with pytest.raises(H2TError, match="not enough space"):
+        extract(cfg)
+    assert open_store(plan.path) is None  # nothing was laid out
