@@ -1,0 +1,132 @@
+"""Store I/O: (1) write throughput against raw numpy files of the same bytes, (2) bytes read to fetch k
+selected columns against the bytes of those columns.
+
+    python benchmarks/store_io.py [--rows 1024] [--shard-rows 64]
+
+The layer widths are the embedded default's (EfficientNet-Lite0, T = 1024: 51 taps, 42,488 features);
+values are non-negative like pooled activations. Reads are counted at the zarr store interface (every
+byte a `get` returns), so the page cache does not hide them.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore, WrapperStore
+
+from pipeline.head import read_columns
+from pipeline.store import FeatureStore, create_store
+
+DEFAULT_DIMS = [8192 // 8] * 40 + [1280] * 10 + [1000]  # replaced below by the real table when available
+
+
+def default_layer_dims() -> list[int]:
+    try:
+        from hydra import compose, initialize_config_dir
+
+        from pipeline.cli import CONF_DIR
+        from pipeline.extract import plan_store
+
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="extract", overrides=["data.sizes.train=1", "data.sizes.val=0", "data.sizes.test=1"])
+        return [layer["dim"] for layer in plan_store(cfg).layers]
+    except Exception:  # noqa: BLE001 - the benchmark still runs with a synthetic table
+        return DEFAULT_DIMS
+
+
+class CountingStore(WrapperStore):
+    """Counts the bytes every read returns."""
+    bytes_read = 0
+
+    async def get(self, key, prototype, byte_range=None):
+        buf = await self._store.get(key, prototype, byte_range)
+        if buf is not None:
+            CountingStore.bytes_read += len(buf)
+        return buf
+
+    async def get_partial_values(self, prototype, key_ranges):
+        out = await self._store.get_partial_values(prototype, key_ranges)
+        CountingStore.bytes_read += sum(len(b) for b in out if b is not None)
+        return out
+
+
+def layers_for(dims):
+    table, offset = [], 0
+    for i, d in enumerate(dims):
+        table.append({"name": f"tap{i:02d}", "role": "bench", "raw_shape": [d], "dim": d, "offset": offset})
+        offset += d
+    return table
+
+
+def write_benchmark(tmp: Path, dims, rows: int, shard_rows: int, compression: str, blocks) -> tuple[float, int]:
+    path = tmp / f"store-{compression}.zarr"
+    store = create_store(str(path), {"model": {"name": "b"}, "dataset": {"name": "b"}}, layers_for(dims),
+                         {"train": rows}, 10, [str(i) for i in range(10)], shard_rows, "float16", 256, compression)
+    start = time.perf_counter()
+    for s0 in range(0, rows, shard_rows):
+        store.write_rows("train", s0, blocks[s0 // shard_rows])
+    return time.perf_counter() - start, sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def raw_benchmark(tmp: Path, blocks) -> float:
+    out = tmp / "raw"
+    out.mkdir()
+    start = time.perf_counter()
+    for i, shard in enumerate(blocks):
+        for t, block in enumerate(shard):
+            np.save(out / f"tap{t:02d}-{i:05d}.npy", block)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1024)
+    parser.add_argument("--shard-rows", type=int, default=64)
+    args = parser.parse_args()
+    dims = default_layer_dims()
+    rng = np.random.default_rng(0)
+    blocks = [[np.maximum(rng.standard_normal((min(args.shard_rows, args.rows - s0), d)), 0).astype(np.float16)
+               for d in dims] for s0 in range(0, args.rows, args.shard_rows)]
+    payload = sum(b.nbytes for shard in blocks for b in shard)
+    tmp = Path(tempfile.mkdtemp(prefix="h2t-bench-"))
+    try:
+        t_raw = raw_benchmark(tmp, blocks)
+        print(f"{len(dims)} taps, {sum(dims)} features, {args.rows} rows: {payload / 2**20:.0f} MiB of float16")
+        print(f"raw numpy files      {t_raw:6.2f} s  {payload / t_raw / 2**20:7.1f} MiB/s")
+        for compression in ("none", "zstd"):
+            t, disk = write_benchmark(tmp, dims, args.rows, args.shard_rows, compression, blocks)
+            print(f"store ({compression:4s})         {t:6.2f} s  {payload / t / 2**20:7.1f} MiB/s  "
+                  f"on disk {disk / payload:.2f} x payload  ratio store / raw time = {t / t_raw:.2f}")
+
+        path = tmp / "store-zstd.zarr"
+        group = zarr.open_group(store=CountingStore(LocalStore(str(path), read_only=True)), mode="r")
+        store = FeatureStore(str(path), group)
+        D = sum(dims)
+        for fraction in (0.001, 0.01, 0.1):
+            k = max(1, int(D * fraction))
+            chosen = np.sort(rng.choice(D, k, replace=False))
+            plan = {}
+            for layer in store.layers:
+                lo, hi = layer["offset"], layer["offset"] + layer["dim"]
+                cols = chosen[(chosen >= lo) & (chosen < hi)] - lo
+                if len(cols):
+                    plan[layer["name"]] = cols
+            CountingStore.bytes_read = 0
+            start = time.perf_counter()
+            X = read_columns(store, "train", plan)
+            elapsed = time.perf_counter() - start
+            wanted = X.shape[0] * X.shape[1] * 2
+            print(f"read k={k:6d} random columns ({fraction:.1%}): {CountingStore.bytes_read / 2**20:8.1f} MiB read "
+                  f"for {wanted / 2**20:6.2f} MiB of columns: ratio {CountingStore.bytes_read / wanted:7.1f}  "
+                  f"({elapsed:.2f} s)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
