@@ -1,4 +1,4 @@
-"""The store catalog: list, describe, verify, remove and clean up stores under a root (local directories)."""
+"""The store catalog: list, describe, verify, remove and clean up stores under a local or s3:// root."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -9,33 +9,66 @@ from pathlib import Path
 
 import numpy as np
 
+from zarr.core.sync import sync as zarr_sync
+
+from . import location
 from .errors import H2TError
 from .store import STATUS_COMPLETE, FeatureStore, open_store
 
 
-def find_stores(root: str) -> list[Path]:
-    """Every `<root>/<model>/<dataset>/<id>.zarr` under a local root."""
-    base = Path(root).expanduser()
+def options() -> dict:
+    """Remote credentials for catalog commands: the AWS_* environment variables."""
+    return location.storage_options(None)
+
+
+def _children(store, prefix: str) -> list[str]:
+    async def collect():
+        return [name.rstrip("/") async for name in store.list_dir(prefix)]
+    try:
+        return zarr_sync(collect())
+    except Exception as exc:  # noqa: BLE001 - remote listing failures
+        raise H2TError(location.describe_failure(str(prefix), exc)) from None
+
+
+def find_stores(root: str) -> list[str]:
+    """Every `<root>/<model>/<dataset>/<id>.zarr` under a local or s3:// root."""
+    if location.read_only_scheme(root):
+        raise H2TError(f"cannot list {root} (http has no listing): give the store's path instead")
+    if location.is_remote(root):
+        store = location.zarr_store(root, options(), read_only=True)
+        found = []
+        for model in _children(store, ""):
+            for dataset in _children(store, model):
+                for name in _children(store, f"{model}/{dataset}"):
+                    if name.endswith(".zarr") and zarr_sync(store.exists(f"{model}/{dataset}/{name}/zarr.json")):
+                        found.append(location.join(root, model, dataset, name))
+        return sorted(found)
+    base = location.local_path(root)
     if not base.is_dir():
         raise H2TError(f"store root {base} is not a directory")
-    return sorted(p for p in base.glob("*/*/*.zarr") if (p / "zarr.json").is_file())
+    return sorted(str(p) for p in base.glob("*/*/*.zarr") if (p / "zarr.json").is_file())
 
 
-def resolve(ref: str, root: str) -> Path:
-    """A store by path, or by id (or a unique id prefix) under root."""
-    path = Path(ref).expanduser()
-    if (path / "zarr.json").is_file():
-        return path
-    hits = [p for p in find_stores(root) if p.stem.startswith(ref)]
+def _stem(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".zarr")
+
+
+def resolve(ref: str, root: str) -> str:
+    """A store by path or URL, or by id (or a unique id prefix) under root."""
+    if location.is_remote(ref) or (location.local_path(ref) / "zarr.json").is_file():
+        return ref
+    hits = [p for p in find_stores(root) if _stem(p).startswith(ref)]
     if not hits:
         raise H2TError(f"no store {ref!r} under {root} (give a path or an id from `h2t store ls`)")
     if len(hits) > 1:
-        raise H2TError(f"store id prefix {ref!r} is ambiguous: {', '.join(p.stem for p in hits)}")
+        raise H2TError(f"store id prefix {ref!r} is ambiguous: {', '.join(_stem(p) for p in hits)}")
     return hits[0]
 
 
-def _size_on_disk(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+def _size_on_storage(store: FeatureStore) -> int:
+    if not location.is_remote(store.path):
+        return sum(f.stat().st_size for f in location.local_path(store.path).rglob("*") if f.is_file())
+    return int(zarr_sync(store.group.store.getsize_prefix("")))
 
 
 def _last_modified(path: Path) -> float:
@@ -48,7 +81,7 @@ def summary(store: FeatureStore) -> dict:
         "id": store.id, "path": str(store.path), "model": spec["model"]["name"], "dataset": spec["dataset"]["name"],
         "splits": store.splits(), "taps": len(store.layers), "features": store.n_features,
         "target_size": spec.get("pooling", {}).get("target_size"), "dtype": spec.get("dtype"),
-        "size_bytes": _size_on_disk(Path(store.path)), "status": meta["status"],
+        "size_bytes": _size_on_storage(store), "status": meta["status"],
         "created_at": meta.get("created_at"), "created_by": meta.get("created_by"),
     }
 
@@ -57,9 +90,9 @@ def list_summaries(root: str) -> list[dict]:
     out = []
     for path in find_stores(root):
         try:
-            out.append(summary(open_store(str(path))))
+            out.append(summary(open_store(path, options=options())))
         except H2TError as exc:
-            out.append({"id": path.stem, "path": str(path), "status": f"unreadable: {exc}"})
+            out.append({"id": _stem(path), "path": path, "status": f"unreadable: {exc}"})
     return out
 
 
@@ -98,7 +131,15 @@ def verify(store: FeatureStore) -> list[str]:
     return problems
 
 
-def remove(path: Path) -> None:
+def remove(path: str) -> None:
+    if location.is_remote(path):
+        location.ensure_writable_root(path)
+        store = location.zarr_store(path, options())
+        if not zarr_sync(store.exists("zarr.json")):
+            raise H2TError(f"{path} is not a store")
+        zarr_sync(store.delete_dir(""))
+        return
+    path = location.local_path(path)
     if not (path / "zarr.json").is_file():
         raise H2TError(f"{path} is not a store")
     shutil.rmtree(path)
@@ -109,16 +150,18 @@ def remove(path: Path) -> None:
             break
 
 
-def abandoned(root: str, older_than_s: float) -> list[Path]:
-    """Incomplete stores nobody has written to for `older_than_s` seconds."""
+def abandoned(root: str, older_than_s: float) -> list[str]:
+    """Incomplete local stores nobody has written to for `older_than_s` seconds."""
+    if location.is_remote(root):
+        raise H2TError("h2t store gc works on local roots (object stores: use their lifecycle rules)")
     now = time.time()
     out = []
     for path in find_stores(root):
         try:
-            status = open_store(str(path)).meta["status"]
+            status = open_store(path).meta["status"]
         except H2TError:
             status = "unreadable"
-        if status != STATUS_COMPLETE and now - _last_modified(path) > older_than_s:
+        if status != STATUS_COMPLETE and now - _last_modified(location.local_path(path)) > older_than_s:
             out.append(path)
     return out
 

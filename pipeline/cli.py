@@ -124,7 +124,7 @@ def _extract_task(cfg) -> None:
           f"({result.seconds:.1f} s)")
 
 
-def _probe_methods(cfg, methods: list[str]) -> list[dict]:
+def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
     from .extract import extract, plan_store
 
     plan = plan_store(cfg)
@@ -138,32 +138,30 @@ def _probe_methods(cfg, methods: list[str]) -> list[dict]:
         result["backbone_images"] = extracted.backbone_images if i == 0 else 0
         result["timings_s"]["extract"] = round(extracted.seconds, 3) if i == 0 else 0.0
         results.append(result)
-    return results
+    return results, [layer["name"] for layer in extracted.store.layers]
 
 
-def _plot(results: list[dict]) -> None:
+def _plot(results: list[dict], layers: list[str]) -> None:
     from .report import plot_selection
-    from .store import open_store
 
     for r in results:
         if r["method"] == "head2toe":
-            layers = [layer["name"] for layer in open_store(r["store_path"]).layers]
             plot_selection(r, layers, _output_dir() / "selection.png")
 
 
 def _probe_task(cfg) -> None:
-    results = _probe_methods(cfg, [cfg.method])
+    results, layers = _probe_methods(cfg, [cfg.method])
     path = _write_results(results)
-    _plot(results)
+    _plot(results, layers)
     r = results[0]
     print(f"{r['method']}: val {pct(r['val_accuracy'])}  test {pct(r['test_accuracy'])}  "
           f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
 
 
 def _run_task(cfg) -> None:
-    results = _probe_methods(cfg, list(cfg.methods))
+    results, layers = _probe_methods(cfg, list(cfg.methods))
     path = _write_results(results)
-    _plot(results)
+    _plot(results, layers)
     first = results[0]
     print(f"\n{first['model']} on {first['task']} (T={first['target_size']}, store {first['store_id']})")
     print(format_table(results))
@@ -242,7 +240,7 @@ def _store_command(args: list[str]) -> None:
             catalog.remove(path)
             print(f"removed {path}")
             return
-        store = open_store(str(path))
+        store = open_store(path, options=catalog.options())
         if opts.action == "info":
             info = {**catalog.summary(store), "spec": store.meta["spec"], "layers": store.layers,
                     "skipped": store.meta.get("skipped", [])}

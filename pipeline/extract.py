@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from .backbone import create, build_model, check_model_name, create_kwargs, weights_fingerprint
 from .preprocess import build_preprocess
 from .data import Dataset, build_dataset
+from . import location
 from .errors import H2TError
 from .pooling import validate_target_size
 from .store import DTYPES, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
@@ -137,7 +138,8 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     """Make sure the complete store exists; run the backbone only over shards not yet written."""
     start_time = time.perf_counter()
     plan = plan or plan_store(cfg)
-    store = open_store(plan.path, plan.spec)
+    options = location.storage_options(cfg.store)
+    store = open_store(plan.path, plan.spec, options)
     if store is not None and store.complete:
         return ExtractResult(store, 0, time.perf_counter() - start_time)
     shard_rows = int(cfg.extract.batch_size)
@@ -150,11 +152,12 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     if cfg.extract.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if store is None or store.meta["status"] == STATUS_CREATING:
-        preflight(plan, cfg.store.root)
+        if not location.is_remote(plan.path):
+            preflight(plan, cfg.store.root)
         store = create_store(plan.path, plan.spec, plan.layers,
                              {s: len(split) for s, split in dataset.splits.items()}, dataset.num_classes,
                              dataset.class_names, shard_rows, cfg.store.dtype, int(cfg.store.col_chunk),
-                             cfg.store.compression, dataset.skipped)
+                             cfg.store.compression, dataset.skipped, options)
         for name, split in dataset.splits.items():
             store.group[f"{name}/labels"][:] = split.labels
             store.group[f"{name}/sample_ids"][:] = split.ids

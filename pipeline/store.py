@@ -25,13 +25,13 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
+from . import location
 from .errors import H2TError
 
 SCHEMA_VERSION = 1
@@ -53,8 +53,8 @@ def _slug(text: str) -> str:
 
 
 def store_path(root: str, spec: dict) -> str:
-    return os.path.join(str(root), _slug(spec["model"]["name"]), _slug(spec["dataset"]["name"]),
-                        f"{store_id(spec)}.zarr")
+    return location.join(str(root), _slug(spec["model"]["name"]), _slug(spec["dataset"]["name"]),
+                         f"{store_id(spec)}.zarr")
 
 
 @dataclass
@@ -62,6 +62,7 @@ class FeatureStore:
     """An open store. `layers` is the layer table; column offsets index the concatenated feature axis."""
     path: str
     group: zarr.Group
+    read_only: bool = False
 
     @property
     def meta(self) -> dict:
@@ -132,7 +133,11 @@ class FeatureStore:
 
     # --- derived artefacts -----------------------------------------------------------------------------
     def save_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-        """Write derived/relevance/<key>/{name} arrays; attrs (parameters, certificate) go last = committed."""
+        """Write derived/relevance/<key>/{name} arrays; attrs (parameters, certificate) go last = committed.
+
+        A read-only store (an http root) keeps nothing: the scores are recomputed next time."""
+        if self.read_only:
+            return
         group = self.group.require_group(f"derived/relevance/{key}")
         for name, values in arrays.items():
             arr = group.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, overwrite=True)
@@ -151,7 +156,7 @@ class FeatureStore:
 
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
                  class_names: list[str], shard_rows: int, dtype: str, col_chunk: int,
-                 compression: str, skipped: list[dict] | None = None) -> FeatureStore:
+                 compression: str, skipped: list[dict] | None = None, options: dict | None = None) -> FeatureStore:
     """Lay out an empty store (status `writing`): every array exists, the ledger is all zeros."""
     if dtype not in DTYPES:
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -166,10 +171,14 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "created_by": f"{_user()}@{socket.gethostname()}",
     }
+    location.ensure_writable_root(path)
     try:  # status `creating` until every array exists: a crash here leaves a store that is simply recreated
-        group = zarr.open_group(path, mode="w", zarr_format=3, attributes={"h2t": meta})
-    except OSError as exc:
-        raise H2TError(f"cannot create store at {path}: {exc.strerror or exc}") from None
+        group = zarr.open_group(store=location.zarr_store(path, options), mode="w", zarr_format=3,
+                                attributes={"h2t": meta})
+    except Exception as exc:  # noqa: BLE001 - local and remote backends fail in many ways
+        if location.is_remote(path):
+            raise H2TError(location.describe_failure(path, exc)) from None
+        raise H2TError(f"cannot create store at {path}: {getattr(exc, 'strerror', None) or exc}") from None
     for split, n in split_sizes.items():
         n_shards = -(-n // shard_rows)
         for layer in layers:
@@ -194,26 +203,31 @@ def _user() -> str:
         return "unknown"
 
 
-def open_store(path: str, spec: dict | None = None) -> FeatureStore | None:
+def open_store(path: str, spec: dict | None = None, options: dict | None = None) -> FeatureStore | None:
     """Open an existing store (None if there is none); refuse one whose schema or provenance differs."""
-    if not _exists(path):
-        return None
+    read_only = location.read_only_scheme(path) or (not location.is_remote(path) and _local_read_only(path))
     try:
-        group = zarr.open_group(path, mode="r+" if _writable(path) else "r", zarr_format=3)
+        store = location.zarr_store(path, options, read_only=read_only)
+        if not zarr_sync(store.exists("zarr.json")):
+            return None
+        group = zarr.open_group(store=store, mode="r" if read_only else "r+", zarr_format=3)
         meta = group.attrs["h2t"]
-    except (KeyError, ValueError, OSError, FileNotFoundError) as exc:
+    except KeyError:
+        raise H2TError(f"{path} is a zarr group but not an h2t store") from None
+    except H2TError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - local and remote backends fail in many ways
+        if location.is_remote(path):
+            raise H2TError(location.describe_failure(path, exc)) from None
         raise H2TError(f"{path} is not an h2t store ({type(exc).__name__}: {exc})") from None
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise H2TError(f"store {path} has schema version {meta.get('schema_version')}, "
                        f"this h2t reads version {SCHEMA_VERSION}")
     if spec is not None and canonical_json(meta["spec"]) != canonical_json(spec):
         raise H2TError(f"store {path} was extracted with other settings (provenance differs): not reused")
-    return FeatureStore(path, group)
+    return FeatureStore(path, group, read_only)
 
 
-def _exists(path: str) -> bool:
-    return Path(path, "zarr.json").is_file()
-
-
-def _writable(path: str) -> bool:
-    return os.access(path, os.W_OK)
+def _local_read_only(path: str) -> bool:
+    local = location.local_path(path)
+    return local.exists() and not os.access(local, os.W_OK)

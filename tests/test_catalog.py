@@ -55,7 +55,7 @@ def test_verify_names_a_missing_shard(extracted):
 def test_ls_info_rm(extracted, tmp_path):
     root = str(tmp_path / "stores")
     rows = catalog.list_summaries(root)
-    assert len(rows) == 1
+    assert len(rows) == 1, rows
     row = rows[0]
     assert row["id"] == extracted.id and row["status"] == "complete" and row["features"] == extracted.n_features
     assert row["size_bytes"] > 0 and row["taps"] == len(extracted.layers) and row["created_by"]

@@ -1,0 +1,76 @@
+"""Where stores live: a local directory, `file://`, an S3-compatible bucket (`s3://`), or read-only `http(s)://`.
+
+Everything else talks to zarr stores built here, so local and remote roots share one code path.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from zarr.storage import FsspecStore, LocalStore
+
+from .errors import H2TError
+
+REMOTE_SCHEMES = ("s3://", "http://", "https://")
+
+
+def is_remote(path: str) -> bool:
+    return str(path).startswith(REMOTE_SCHEMES)
+
+
+def read_only_scheme(path: str) -> bool:
+    return str(path).startswith(("http://", "https://"))
+
+
+def local_path(path: str) -> Path:
+    text = str(path)
+    return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+
+
+def join(root: str, *parts: str) -> str:
+    if is_remote(root):
+        return "/".join([str(root).rstrip("/"), *parts])
+    return str(local_path(root).joinpath(*parts))
+
+
+def storage_options(store_cfg=None) -> dict:
+    """fsspec options for s3:// roots: store.s3.* settings, else the usual AWS_* environment variables."""
+    s3 = dict((store_cfg or {}).get("s3") or {}) if store_cfg is not None else {}
+    endpoint = s3.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
+    options = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 5, "read_timeout": 60}}
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY")):
+        value = s3.get(ours) or os.environ.get(theirs)
+        if value:
+            options[ours] = value
+    return options
+
+
+def zarr_store(path: str, options: dict | None = None, read_only: bool = False):
+    """The zarr store object for a store path."""
+    if str(path).startswith("s3://"):
+        return FsspecStore.from_url(str(path), storage_options=options or {}, read_only=read_only)
+    if read_only_scheme(path):
+        return FsspecStore.from_url(str(path), read_only=True)
+    return LocalStore(str(local_path(path)), read_only=read_only)
+
+
+def describe_failure(path: str, exc: BaseException) -> str:
+    """One line for a remote failure: credentials, endpoint or missing bucket."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    lowered = text.lower()
+    if any(word in lowered for word in ("signature", "accessdenied", "access denied", "forbidden", "invalidaccesskey")):
+        hint = "check store.s3.key / store.s3.secret or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    elif any(word in lowered for word in ("connect", "endpoint", "timed out", "timeout", "unreachable")):
+        hint = "check store.s3.endpoint_url or AWS_ENDPOINT_URL"
+    elif "bucket" in lowered:
+        hint = "create the bucket first"
+    else:
+        hint = "check the store root"
+    return f"cannot use store root {path}: {type(exc).__name__}: {text} ({hint})"
+
+
+def ensure_writable_root(root: str) -> None:
+    if read_only_scheme(root):
+        raise H2TError(f"store.root={root} is read-only (http/https): extract to a local or s3:// root first")
