@@ -14,6 +14,7 @@ from .backbone import create, build_model, check_model_name, create_kwargs, weig
 from .preprocess import build_preprocess
 from .data import Dataset, build_dataset
 from . import location
+from .claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
 from .store import DTYPES, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
@@ -82,12 +83,19 @@ def _device(name: str) -> torch.device:
     return device
 
 
-def _check_finite(layer: str, block: np.ndarray, dtype: str) -> None:
+ON_OVERFLOW = ("error", "widen")
+
+
+def _check_finite(layer: str, block: np.ndarray, dtype: str, on_overflow: str = "error") -> bool:
+    """NaN / inf always stop the run; True when the block does not fit float16 and should be widened."""
     if not np.isfinite(block).all():
         raise H2TError(f"tap {layer}: activations contain NaN or inf; not stored")
     if dtype == "float16" and block.size and np.abs(block).max() > FLOAT16_MAX:
+        if on_overflow == "widen":
+            return True
         raise H2TError(f"tap {layer}: activations reach {np.abs(block).max():.3g}, beyond float16; "
-                       f"use store.dtype=float32")
+                       f"use store.dtype=float32 or store.on_overflow=widen")
+    return False
 
 
 def planned_bytes(plan: Plan) -> dict[str, dict[str, int]]:
@@ -135,7 +143,11 @@ class ExtractResult:
 
 
 def extract(cfg, plan: Plan | None = None) -> ExtractResult:
-    """Make sure the complete store exists; run the backbone only over shards not yet written."""
+    """Make sure the complete store exists; run the backbone only over shards nobody has written.
+
+    Several processes may run this on one store at once: the store is laid out by whoever claims
+    `create`, and each shard is computed by whoever claims it (pipeline/claims.py).
+    """
     start_time = time.perf_counter()
     plan = plan or plan_store(cfg)
     options = location.storage_options(cfg.store)
@@ -151,58 +163,115 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     model = build_model(cfg.model).to(device)
     if cfg.extract.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if store is None or store.meta["status"] == STATUS_CREATING:
-        if not location.is_remote(plan.path):
-            preflight(plan, cfg.store.root)
-        store = create_store(plan.path, plan.spec, plan.layers,
-                             {s: len(split) for s, split in dataset.splits.items()}, dataset.num_classes,
-                             dataset.class_names, shard_rows, cfg.store.dtype, int(cfg.store.col_chunk),
-                             cfg.store.compression, dataset.skipped, options)
-        for name, split in dataset.splits.items():
-            store.group[f"{name}/labels"][:] = split.labels
-            store.group[f"{name}/sample_ids"][:] = split.ids
+    location.ensure_writable_root(plan.path)
+    claims = Claims(location.zarr_store(plan.path, options), float(cfg.extract.lease_s))
+    poll_s = float(cfg.extract.poll_s)
+    while store is None or store.meta["status"] == STATUS_CREATING:
+        if claims.try_claim("create"):
+            try:
+                store = open_store(plan.path, plan.spec, options)
+                if store is None or store.meta["status"] == STATUS_CREATING:
+                    if not location.is_remote(plan.path):
+                        preflight(plan, cfg.store.root)
+                    store = create_store(
+                        plan.path, plan.spec, plan.layers, {s: len(split) for s, split in dataset.splits.items()},
+                        dataset.num_classes, dataset.class_names, shard_rows, cfg.store.dtype,
+                        int(cfg.store.col_chunk), cfg.store.compression, dataset.skipped, options,
+                        labels={s: split.labels for s, split in dataset.splits.items()},
+                        sample_ids={s: split.ids for s, split in dataset.splits.items()})
+            finally:
+                claims.release("create")
+        else:  # another process is laying the store out
+            time.sleep(poll_s)
+            store = open_store(plan.path, plan.spec, options)
     shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
 
     pooling = plan.spec["pooling"]
     runner = TappedForward(model, plan.taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
-    done = {name: store.shards_done(name) for name in dataset.splits}
-    todo = [(name, start) for name, split in dataset.splits.items()
-            for shard, start in enumerate(range(0, len(split), shard_rows)) if not done[name][shard]]
-    total = sum(min(shard_rows, len(dataset.splits[n]) - s) for n, s in todo)
-    dtype = cfg.store.dtype
-    images_done = 0
-    # Loading the next batch and writing the previous one overlap with the forward pass.
+    if cfg.store.on_overflow not in ON_OVERFLOW:
+        raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
+    remaining = sum(min(shard_rows, len(split) - start) for name, split in dataset.splits.items()
+                    for shard, start in enumerate(range(0, len(split), shard_rows))
+                    if not store.shards_done(name)[shard])
+    try:
+        images_done = _fill_shards(cfg, plan, store, runner, claims, device, remaining, shard_rows, poll_s)
+    finally:
+        claims.release_all()  # an error leaves the unwritten shards free for the next run at once
+        runner.close()
+    if not store.complete:
+        store = open_store(plan.path, plan.spec, options)
+        if not store.complete:
+            store.mark_complete()
+    return ExtractResult(store, images_done, time.perf_counter() - start_time)
+
+
+def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int, shard_rows: int,
+                 poll_s: float) -> int:
+    """Claim, compute and write shards until the store has them all; returns images computed here."""
+    dataset, images_done = plan.dataset, 0
     with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
-            tqdm(total=total, unit="img", desc=f"extract {plan.spec['model']['name']}",
+            tqdm(total=remaining, unit="img", desc=f"extract {plan.spec['model']['name']}",
                  disable=not cfg.extract.progress) as bar:
-        pending_write = None
 
         def load(item):
             name, start = item
             split = dataset.splits[name]
             return split.load(start, min(start + shard_rows, len(split)))
 
-        next_images = loader.submit(load, todo[0]) if todo else None
-        for i, (name, start) in enumerate(todo):
+        def write(name, start, blocks):
+            store.write_rows(name, start, blocks)
+            claims.release(f"{name}/{start // shard_rows}")
+
+        def claim_next():
+            """The next unwritten shard nobody holds, now claimed by this process; None if there is none now."""
+            for name, split in dataset.splits.items():
+                done = store.shards_done(name)
+                for shard, start in enumerate(range(0, len(split), shard_rows)):
+                    if done[shard] or not claims.try_claim(f"{name}/{shard}"):
+                        continue
+                    # the ledger entry is written before a claim is released: look again now that we hold it
+                    if store.group[f"{name}/shards_done"][shard]:
+                        claims.release(f"{name}/{shard}")
+                        continue
+                    return name, start
+            return None
+
+        def all_done() -> bool:
+            return all(store.shards_done(name).all() for name in dataset.splits)
+
+        pending_write = None
+        item = claim_next()
+        next_images = loader.submit(load, item) if item else None
+        while True:
+            if item is None:  # nothing to claim: finished, or the rest is held by other writers
+                if pending_write is not None:
+                    pending_write.result()
+                    pending_write = None
+                if all_done():
+                    break
+                time.sleep(poll_s)  # wait for them to finish, or for their claims to lapse
+                item = claim_next()
+                next_images = loader.submit(load, item) if item else None
+                continue
+            name, start = item
             images = next_images.result()
-            if i + 1 < len(todo):
-                next_images = loader.submit(load, todo[i + 1])
+            item = claim_next()
+            if item is not None:
+                next_images = loader.submit(load, item)
             x = plan.preprocess(images, device)
             if cfg.extract.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 pooled = runner(x)
             blocks = [p.float().cpu().numpy() for p in pooled]
-            for layer, block in zip(plan.layers, blocks):
-                _check_finite(layer["name"], block, dtype)
-            blocks = [b.astype(dtype, copy=False) for b in blocks]
             if pending_write is not None:
-                pending_write.result()
-            pending_write = writer.submit(store.write_rows, name, start, blocks)
+                pending_write.result()  # widening rewrites arrays: no write may be in flight
+                pending_write = None
+            for layer, block in zip(plan.layers, blocks):
+                if _check_finite(layer["name"], block, store.layer_dtype(layer["name"]), cfg.store.on_overflow):
+                    store.widen_layer(layer["name"])
+            blocks = [b.astype(store.layer_dtype(layer["name"]), copy=False) for layer, b in zip(plan.layers, blocks)]
+            pending_write = writer.submit(write, name, start, blocks)
             images_done += len(blocks[0])
             bar.update(len(blocks[0]))
-        if pending_write is not None:
-            pending_write.result()
-    runner.close()
-    store.mark_complete()
-    return ExtractResult(store, images_done, time.perf_counter() - start_time)
+    return images_done

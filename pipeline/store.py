@@ -108,7 +108,27 @@ class FeatureStore:
         meta.update(changes)
         self.group.attrs["h2t"] = meta
 
+    def layer_dtype(self, layer: str) -> str:
+        return next((l.get("dtype") for l in self.layers if l["name"] == layer), None) or self.meta["spec"]["dtype"]
+
     # --- writing ---------------------------------------------------------------------------------------
+    def widen_layer(self, layer: str) -> None:
+        """Re-create one tap's arrays as float32 (its activations overflow float16), keeping written rows.
+
+        Recorded in the layer table (`dtype`) and in attrs["widened"]; the spec (and so the id) keeps the
+        store dtype asked for, since the same request always widens the same taps."""
+        if self.layer_dtype(layer) == "float32":
+            return
+        for split in self.splits():
+            old = self.features(split, layer)
+            data = old[:].astype(np.float32)
+            new = self.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
+                                          shards=old.shards, compressors=old.compressors, fill_value=0,
+                                          overwrite=True)
+            new[:] = data
+        layers = [dict(l, dtype="float32") if l["name"] == layer else l for l in self.layers]
+        self._update_meta(layers=layers, widened=sorted(set(self.meta.get("widened", [])) | {layer}))
+
     def write_rows(self, split: str, start: int, blocks: list[np.ndarray]) -> None:
         """Write one shard of rows for every layer, then mark the shard done in the ledger."""
         if self.complete:
@@ -156,7 +176,8 @@ class FeatureStore:
 
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
                  class_names: list[str], shard_rows: int, dtype: str, col_chunk: int,
-                 compression: str, skipped: list[dict] | None = None, options: dict | None = None) -> FeatureStore:
+                 compression: str, skipped: list[dict] | None = None, options: dict | None = None,
+                 labels: dict | None = None, sample_ids: dict | None = None) -> FeatureStore:
     """Lay out an empty store (status `writing`): every array exists, the ledger is all zeros."""
     if dtype not in DTYPES:
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -173,8 +194,9 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     }
     location.ensure_writable_root(path)
     try:  # status `creating` until every array exists: a crash here leaves a store that is simply recreated
-        group = zarr.open_group(store=location.zarr_store(path, options), mode="w", zarr_format=3,
-                                attributes={"h2t": meta})
+        # mode "a": a half-made store is laid out again in place, keeping the claims of concurrent writers
+        group = zarr.open_group(store=location.zarr_store(path, options), mode="a", zarr_format=3)
+        group.attrs["h2t"] = meta
     except Exception as exc:  # noqa: BLE001 - local and remote backends fail in many ways
         if location.is_remote(path):
             raise H2TError(location.describe_failure(path, exc)) from None
@@ -186,11 +208,16 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             inner = min(col_chunk, dim)
             group.create_array(f"{split}/features/{layer['name']}", shape=(n, dim), dtype=dtype,
                                chunks=(shard_rows, inner), shards=(shard_rows, -(-dim // inner) * inner),
-                               compressors=compressors, fill_value=0)
-        group.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(n,), compressors=None)
-        group.create_array(f"{split}/sample_ids", shape=(n,), dtype=str, chunks=(n,))
+                               compressors=compressors, fill_value=0, overwrite=True)
+        label_array = group.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(n,),
+                                         compressors=None, overwrite=True)
+        id_array = group.create_array(f"{split}/sample_ids", shape=(n,), dtype=str, chunks=(n,), overwrite=True)
+        if labels is not None:
+            label_array[:] = labels[split]
+        if sample_ids is not None:
+            id_array[:] = sample_ids[split]
         group.create_array(f"{split}/shards_done", shape=(n_shards,), dtype="uint8", chunks=(1,),
-                           fill_value=0, compressors=None)
+                           fill_value=0, compressors=None, overwrite=True)
     store = FeatureStore(path, group)
     store._update_meta(status=STATUS_WRITING)
     return store

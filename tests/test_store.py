@@ -17,8 +17,10 @@ def tiny_cfg(tmp_path, **over):
                  "sizes": {"train": 40, "val": 8, "test": 20}},
         "pooling": {"rule": "head2toe", "target_size": 128, "cls_token": "pooled"},
         "taps": {"include": ["**"], "exclude": []},
-        "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32},
-        "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False, "plan_only": False},
+        "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32,
+                  "on_overflow": "error"},
+        "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False, "plan_only": False,
+                    "lease_s": 300, "poll_s": 0.1},
     })
     for key, value in over.items():
         OmegaConf.update(cfg, key, value)
@@ -136,3 +138,20 @@ def test_preflight_refuses_a_destination_without_space(tmp_path, monkeypatch):
     with pytest.raises(H2TError, match="not enough space"):
         extract(cfg)
     assert open_store(plan.path) is None  # nothing was laid out
+
+
+def test_float16_overflow_is_named_or_widened(tmp_path):
+    # a huge std makes the stem activations exceed float16's range (65504) without being inf in float32
+    cfg = tiny_cfg(tmp_path, **{"model.mean": [0.0, 0.0, 0.0], "model.std": [1.5e-6, 1.5e-6, 1.5e-6]})
+    with pytest.raises(H2TError, match="beyond float16.*store.on_overflow=widen"):
+        extract(cfg)
+    widened = extract(tiny_cfg(tmp_path, **{"model.mean": [0.0, 0.0, 0.0], "model.std": [1.5e-6, 1.5e-6, 1.5e-6],
+                                          "store.on_overflow": "widen"}))
+    store = widened.store
+    assert store.complete and store.meta["widened"]
+    for name in store.meta["widened"]:
+        arr = store.features("train", name)
+        assert arr.dtype == np.float32 and np.abs(arr[:]).max() > 65504
+    untouched = [l["name"] for l in store.layers if l["name"] not in store.meta["widened"]]
+    assert untouched and all(store.features("test", n).dtype == np.float16 for n in untouched)
+    assert widened.backbone_images == 68

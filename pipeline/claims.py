@@ -1,0 +1,79 @@
+"""Leases on units of extraction work, so several `h2t extract` processes can fill one store together.
+
+A claim is an object `claims/<unit>` inside the store holding its owner and expiry. It is created with
+`set_if_not_exists` (atomic on local disks: a hard link) and read back to see who won. A claim expires
+`ttl_s` after it was taken, or at once when its owner was a process on this host that no longer exists;
+then anyone may take it over, which is how a dead writer's shard is finished.
+Two writers can both take over the same expired claim: at most that one shard is computed twice, and as
+extraction is deterministic both write the same bytes. (On object stores without conditional writes the
+create is check-then-put, with the same bound.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+import uuid
+
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync as zarr_sync
+
+
+class Claims:
+    def __init__(self, zstore, ttl_s: float):
+        self.store, self.ttl_s = zstore, float(ttl_s)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.held: set[str] = set()
+
+    def _read(self, key: str) -> dict | None:
+        buf = zarr_sync(self.store.get(key, prototype=default_buffer_prototype()))
+        if buf is None:
+            return None
+        try:
+            return json.loads(buf.to_bytes())
+        except ValueError:
+            return {"owner": "?", "expires": 0.0}  # a torn claim counts as expired
+
+    def try_claim(self, unit: str) -> bool:
+        """Take the unit if nobody (this process included) holds a live claim on it."""
+        if unit in self.held:
+            return False
+        key = f"claims/{unit}"
+        body = json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
+        for _attempt in range(2):
+            zarr_sync(self.store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(body)))
+            current = self._read(key)
+            if current is not None and current.get("owner") == self.owner:
+                self.held.add(unit)
+                return True
+            if current is not None and current.get("expires", 0.0) > time.time() and self._owner_alive(current):
+                return False
+            zarr_sync(self.store.delete(key))  # expired (its owner died or stalled): take it over
+        return False
+
+    @staticmethod
+    def _owner_alive(claim: dict) -> bool:
+        """A claim from this host whose process is gone is dead at once; other hosts wait for expiry."""
+        host, _, rest = str(claim.get("owner", "")).partition(":")
+        pid = rest.partition(":")[0]
+        if host != socket.gethostname() or not pid.isdigit():
+            return True
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release_all(self) -> None:
+        for unit in list(self.held):
+            self.release(unit)
+
+    def release(self, unit: str) -> None:
+        self.held.discard(unit)
+        key = f"claims/{unit}"
+        current = self._read(key)
+        if current is not None and current.get("owner") == self.owner:
+            zarr_sync(self.store.delete(key))
