@@ -62,12 +62,19 @@ def test_extracted_features_equal_a_direct_forward(tmp_path):
 
 @pytest.mark.parametrize("knob,value", [
     ("pooling.target_size", 256), ("store.dtype", "float32"), ("model.input_size", 48),
-    ("model.seed", 1), ("data.seed", 1), ("model.resize", "squash"), ("model.interpolation", "nearest"), ("taps.include", ["act1", "logits"]), ("model.mean", [0.4, 0.4, 0.4]),
+    ("model.seed", 1), ("data.seed", 1), ("model.resize", "squash"), ("model.interpolation", "nearest"),
+    ("pooling.cls_token", "only"), ("model.crop_pct", 0.5), ("model.kwargs", {"drop_rate": 0.5}), ("taps.include", ["act1", "logits"]), ("model.mean", [0.4, 0.4, 0.4]),
 ])
 def test_every_knob_that_changes_numbers_changes_the_id(tmp_path, knob, value):
     base = plan_store(tiny_cfg(tmp_path))
     changed = plan_store(tiny_cfg(tmp_path, **{knob: value}))
     assert changed.path != base.path
+
+
+def test_file_url_root_is_the_local_directory(tmp_path):
+    plain = plan_store(tiny_cfg(tmp_path))
+    as_url = plan_store(tiny_cfg(tmp_path, **{"store.root": f"file://{tmp_path / 'stores'}"}))
+    assert as_url.path == plain.path
 
 
 def test_layout_knobs_do_not_change_the_id(tmp_path):
