@@ -222,12 +222,22 @@ def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int,
             store.write_rows(name, start, blocks)
             claims.release(f"{name}/{start // shard_rows}")
 
+        candidates: list[tuple[str, int]] = []
+
         def claim_next():
-            """The next unwritten shard nobody holds, now claimed by this process; None if there is none now."""
-            for name, split in dataset.splits.items():
-                done = store.shards_done(name)
-                for shard, start in enumerate(range(0, len(split), shard_rows)):
-                    if done[shard] or not claims.try_claim(f"{name}/{shard}"):
+            """The next unwritten shard nobody holds, now claimed by this process; None if there is none now.
+
+            Candidates come from one read of the ledger, refreshed only when they run out."""
+            for refresh in (False, True):
+                if refresh:
+                    candidates[:] = [(name, start) for name, split in dataset.splits.items()
+                                     for shard, (start, done) in enumerate(zip(range(0, len(split), shard_rows),
+                                                                               store.shards_done(name)))
+                                     if not done]
+                while candidates:
+                    name, start = candidates.pop(0)
+                    shard = start // shard_rows
+                    if not claims.try_claim(f"{name}/{shard}"):
                         continue
                     # the ledger entry is written before a claim is released: look again now that we hold it
                     if store.group[f"{name}/shards_done"][shard]:
