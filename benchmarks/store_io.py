@@ -22,7 +22,7 @@ from zarr.storage import LocalStore, WrapperStore
 from pipeline.head import read_columns
 from pipeline.store import FeatureStore, create_store
 
-DEFAULT_DIMS = [8192 // 8] * 40 + [1280] * 10 + [1000]  # replaced below by the real table when available
+FALLBACK_DIMS = [1024] * 40 + [1280] * 10 + [1000]  # used only if the default model's table cannot be built
 
 
 def default_layer_dims() -> list[int]:
@@ -36,7 +36,7 @@ def default_layer_dims() -> list[int]:
             cfg = compose(config_name="extract", overrides=["data.sizes.train=1", "data.sizes.val=0", "data.sizes.test=1"])
         return [layer["dim"] for layer in plan_store(cfg).layers]
     except Exception:  # noqa: BLE001 - the benchmark still runs with a synthetic table
-        return DEFAULT_DIMS
+        return FALLBACK_DIMS
 
 
 class CountingStore(WrapperStore):

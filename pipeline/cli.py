@@ -126,13 +126,12 @@ def _extract_task(cfg) -> None:
 
 def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
     from .extract import extract, plan_store
+    from .probe import probe_store
 
     plan = plan_store(cfg)
     extracted = extract(cfg, plan)
     results = []
     for i, method in enumerate(methods):
-        from .probe import probe_store
-
         result = probe_store(extracted.store, cfg, method, progress=cfg.extract.progress)
         # Images that went through the backbone in this job are counted once, on the first method.
         result["backbone_images"] = extracted.backbone_images if i == 0 else 0
