@@ -126,9 +126,10 @@ def _extract_task(cfg) -> None:
 
 def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
     from .extract import extract, plan_store
-    from .probe import probe_store
+    from .probe import probe_store, wait_for_store
 
     plan = plan_store(cfg)
+    wait_for_store(cfg, plan)
     extracted = extract(cfg, plan)
     results = []
     for i, method in enumerate(methods):

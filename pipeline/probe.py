@@ -9,6 +9,33 @@ from .score import score_store
 from .select import top_fraction, whole_layers
 
 METHODS = ("head2toe", "linear")
+ON_INCOMPLETE = ("extract", "wait", "error")
+
+
+def wait_for_store(cfg, plan, clock=time.monotonic, sleep=time.sleep) -> None:
+    """What a probe does when the store exists but is still being written (`probe.on_incomplete`):
+    `extract` joins the writers (the default), `wait` polls until it is complete (at most `probe.wait_s`),
+    `error` stops with a message. Readers only ever read complete stores."""
+    from . import location
+    from .store import open_store
+
+    policy = cfg.probe.on_incomplete
+    if policy not in ON_INCOMPLETE:
+        raise H2TError(f"probe.on_incomplete must be one of {', '.join(ON_INCOMPLETE)}, got {policy!r}")
+    if policy == "extract":
+        return
+    options = location.storage_options(cfg.store)
+    deadline = clock() + float(cfg.probe.wait_s)
+    while True:
+        store = open_store(plan.path, plan.spec, options)
+        if store is None or store.complete:
+            return  # nothing yet (this job extracts it) or ready
+        done = sum(int(store.shards_done(s).sum()) for s in store.splits())
+        total = sum(len(store.shards_done(s)) for s in store.splits())
+        if policy == "error" or clock() > deadline:
+            raise H2TError(f"store {store.id} at {plan.path} is being written ({done} of {total} shards): "
+                           f"rerun later, or use probe.on_incomplete=wait|extract")
+        sleep(float(cfg.extract.poll_s))
 
 
 def probe_store(store, cfg, method: str, progress: bool = False) -> dict:

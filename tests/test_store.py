@@ -162,3 +162,27 @@ def test_float16_overflow_is_named_or_widened(tmp_path):
     untouched = [l["name"] for l in store.layers if l["name"] not in store.meta["widened"]]
     assert untouched and all(store.features("test", n).dtype == np.float16 for n in untouched)
     assert widened.backbone_images == 68
+
+
+def test_probe_policy_on_a_store_being_written(tmp_path):
+    from omegaconf import OmegaConf
+
+    from pipeline.probe import wait_for_store
+
+    cfg = tiny_cfg(tmp_path)
+    plan = plan_store(cfg)
+    store = create_store(plan.path, plan.spec, plan.layers, {s: len(v) for s, v in plan.dataset.splits.items()},
+                         plan.dataset.num_classes, plan.dataset.class_names, 16, "float16", 32, "zstd")
+    cfg = OmegaConf.merge(cfg, {"probe": {"on_incomplete": "error", "wait_s": 1}})
+    with pytest.raises(H2TError, match=r"being written \(0 of 6 shards\)"):
+        wait_for_store(cfg, plan)
+    cfg.probe.on_incomplete = "wait"
+    ticks = iter(range(100))
+    with pytest.raises(H2TError, match="being written"):  # waited past wait_s
+        wait_for_store(cfg, plan, clock=lambda: next(ticks), sleep=lambda _s: None)
+    extract(tiny_cfg(tmp_path), plan)  # someone finishes it
+    wait_for_store(cfg, plan)  # returns at once: complete
+    cfg.probe.on_incomplete = "maybe"
+    with pytest.raises(H2TError, match="probe.on_incomplete"):
+        wait_for_store(cfg, plan)
+    assert store.path == plan.path
