@@ -157,6 +157,8 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     shard_rows = int(cfg.extract.batch_size)
     if shard_rows < 1:
         raise H2TError(f"extract.batch_size must be >= 1, got {shard_rows}")
+    if cfg.store.on_overflow not in ON_OVERFLOW:
+        raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
     dataset = plan.dataset
     # The backbone is built before anything is written: missing weights leave no store behind.
     device = _device(cfg.extract.device)
@@ -188,11 +190,11 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
 
     pooling = plan.spec["pooling"]
     runner = TappedForward(model, plan.taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
-    if cfg.store.on_overflow not in ON_OVERFLOW:
-        raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
-    remaining = sum(min(shard_rows, len(split) - start) for name, split in dataset.splits.items()
-                    for shard, start in enumerate(range(0, len(split), shard_rows))
-                    if not store.shards_done(name)[shard])
+    remaining = 0
+    for name, split in dataset.splits.items():  # one ledger read per split
+        done = store.shards_done(name)
+        remaining += sum(min(shard_rows, len(split) - start)
+                         for shard, start in enumerate(range(0, len(split), shard_rows)) if not done[shard])
     try:
         images_done = _fill_shards(cfg, plan, store, runner, claims, device, remaining, shard_rows, poll_s)
     finally:
@@ -277,10 +279,12 @@ def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int,
             if pending_write is not None:
                 pending_write.result()  # widening rewrites arrays: no write may be in flight
                 pending_write = None
+            dtypes = store.layer_dtypes()
             for layer, block in zip(plan.layers, blocks):
-                if _check_finite(layer["name"], block, store.layer_dtype(layer["name"]), cfg.store.on_overflow):
+                if _check_finite(layer["name"], block, dtypes[layer["name"]], cfg.store.on_overflow):
                     store.widen_layer(layer["name"])
-            blocks = [b.astype(store.layer_dtype(layer["name"]), copy=False) for layer, b in zip(plan.layers, blocks)]
+                    dtypes[layer["name"]] = "float32"
+            blocks = [b.astype(dtypes[layer["name"]], copy=False) for layer, b in zip(plan.layers, blocks)]
             pending_write = writer.submit(write, name, start, blocks)
             images_done += len(blocks[0])
             bar.update(len(blocks[0]))

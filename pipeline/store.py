@@ -108,8 +108,10 @@ class FeatureStore:
         meta.update(changes)
         self.group.attrs["h2t"] = meta
 
-    def layer_dtype(self, layer: str) -> str:
-        return next((l.get("dtype") for l in self.layers if l["name"] == layer), None) or self.meta["spec"]["dtype"]
+    def layer_dtypes(self) -> dict[str, str]:
+        """Each tap's stored dtype: the store's, or float32 where a tap was widened."""
+        meta = self.meta
+        return {layer["name"]: layer.get("dtype") or meta["spec"]["dtype"] for layer in meta["layers"]}
 
     # --- writing ---------------------------------------------------------------------------------------
     def widen_layer(self, layer: str) -> None:
@@ -117,7 +119,7 @@ class FeatureStore:
 
         Recorded in the layer table (`dtype`) and in attrs["widened"]; the spec (and so the id) keeps the
         store dtype asked for, since the same request always widens the same taps."""
-        if self.layer_dtype(layer) == "float32":
+        if self.layer_dtypes()[layer] == "float32":
             return
         for split in self.splits():
             old = self.features(split, layer)
