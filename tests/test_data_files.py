@@ -228,3 +228,22 @@ def test_torchvision_eurosat_from_a_local_root(tmp_path):
     assert images[0].shape == (64, 64, 3) and images[0].dtype == np.uint8
     ids = [i for s in data.splits.values() for i in s.ids]
     assert len(set(ids)) == 30
+
+
+def test_torchvision_dtd_uses_its_own_train_val_test_splits(tmp_path):
+    rng = np.random.default_rng(0)
+    base = tmp_path / "dtd" / "dtd"
+    (base / "labels").mkdir(parents=True)
+    listing = {"train": [], "val": [], "test": []}
+    for c in ("banded", "woven"):
+        (base / "images" / c).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(base / "images" / c / f"{c}_{i}.jpg")
+            listing[("train", "val", "test")[i % 3]].append(f"{c}/{c}_{i}.jpg")
+    for split, lines in listing.items():
+        (base / "labels" / f"{split}1.txt").write_text("\n".join(lines) + "\n")
+    data = build(source="torchvision", dataset="DTD", root=str(tmp_path))
+    assert data.class_names == ["banded", "woven"]
+    assert {s: len(v) for s, v in data.splits.items()} == {"train": 6, "val": 6, "test": 6}
+    assert sorted(data.splits["test"].labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert data.splits["val"].load(0, 1)[0].shape == (20, 24, 3)
