@@ -120,7 +120,7 @@ def verify(store: FeatureStore) -> list[str]:
                 except Exception as exc:  # noqa: BLE001 - any decode failure is corruption
                     problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                     continue
-                if not np.isfinite(block).all():
+                if not np.isfinite(store.decode(layer["name"], block)).all():
                     problems.append(f"{where}: non-finite values")
         try:
             labels = store.labels(split)

@@ -17,11 +17,8 @@ from . import location
 from .claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
-from .store import DTYPES, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
+from .store import DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
 from .taps import TappedForward, select_taps
-
-FLOAT16_MAX = float(np.finfo(np.float16).max)
-
 
 @dataclass
 class Plan:
@@ -87,20 +84,20 @@ ON_OVERFLOW = ("error", "widen")
 
 
 def _check_finite(layer: str, block: np.ndarray, dtype: str, on_overflow: str = "error") -> bool:
-    """NaN / inf always stop the run; True when the block does not fit float16 and should be widened."""
+    """NaN / inf always stop the run; True when the block does not fit `dtype` and should be widened."""
     if not np.isfinite(block).all():
         raise H2TError(f"tap {layer}: activations contain NaN or inf; not stored")
-    if dtype == "float16" and block.size and np.abs(block).max() > FLOAT16_MAX:
+    if dtype != "float32" and block.size and np.abs(block).max() > FLOAT_MAX[dtype]:
         if on_overflow == "widen":
             return True
-        raise H2TError(f"tap {layer}: activations reach {np.abs(block).max():.3g}, beyond float16; "
+        raise H2TError(f"tap {layer}: activations reach {np.abs(block).max():.3g}, beyond {dtype}; "
                        f"use store.dtype=float32 or store.on_overflow=widen")
     return False
 
 
 def planned_bytes(plan: Plan) -> dict[str, dict[str, int]]:
     """Uncompressed bytes of every (split, tap) array: an upper bound of what extraction writes."""
-    itemsize = np.dtype(plan.spec["dtype"]).itemsize
+    itemsize = 2 if plan.spec["dtype"] == "bfloat16" else np.dtype(plan.spec["dtype"]).itemsize
     return {split: {layer["name"]: n * layer["dim"] * itemsize for layer in plan.layers}
             for split, n in plan.spec["dataset"]["splits"].items()}
 
@@ -284,7 +281,7 @@ def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int,
                 if _check_finite(layer["name"], block, dtypes[layer["name"]], cfg.store.on_overflow):
                     store.widen_layer(layer["name"])
                     dtypes[layer["name"]] = "float32"
-            blocks = [b.astype(dtypes[layer["name"]], copy=False) for layer, b in zip(plan.layers, blocks)]
+            blocks = [store.encode(layer["name"], b, dtypes[layer["name"]]) for layer, b in zip(plan.layers, blocks)]
             pending_write = writer.submit(write, name, start, blocks)
             images_done += len(blocks[0])
             bar.update(len(blocks[0]))

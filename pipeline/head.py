@@ -14,7 +14,7 @@ def read_columns(store, split: str, plan: dict[str, np.ndarray]) -> np.ndarray:
     parts = []
     for layer, cols in plan.items():
         block = store.features(split, layer).get_orthogonal_selection((slice(None), cols))
-        parts.append(l2_normalise_rows(block))
+        parts.append(l2_normalise_rows(store.decode(layer, block)))
     return np.concatenate(parts, axis=1)
 
 

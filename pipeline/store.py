@@ -6,7 +6,9 @@ Schema (version SCHEMA_VERSION), declared here and validated on open:
         attrs["h2t"]: schema_version, store_id, spec (provenance), layers (name, role, raw_shape, dim,
                       offset), splits {name: n}, num_classes, class_names, shard_rows, status, created_*,
                       skipped (samples left out as unreadable: id, split, reason)
-        <split>/features/<tap>   (n, dim)  float16|float32, one shard per `shard_rows` rows, CRC32C per chunk
+        <split>/features/<tap>   (n, dim)  float16|float32, or bfloat16 kept as its bit pattern in uint16
+                                 (attrs["h2t_encoding"] = "bfloat16"); one shard per `shard_rows` rows,
+                                 CRC32C per chunk
         <split>/labels           (n,)      int64
         <split>/sample_ids       (n,)      str
         <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
@@ -35,7 +37,9 @@ from . import location
 from .errors import H2TError
 
 SCHEMA_VERSION = 1
-DTYPES = ("float16", "float32")
+DTYPES = ("float16", "bfloat16", "float32")
+FLOAT_MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38,
+             "float32": float(np.finfo(np.float32).max)}
 STATUS_CREATING, STATUS_WRITING, STATUS_COMPLETE = "creating", "writing", "complete"
 
 
@@ -46,6 +50,22 @@ def canonical_json(obj) -> str:
 def store_id(spec: dict) -> str:
     """Content hash of everything that changes the stored numbers."""
     return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
+
+
+def storage_dtype(dtype: str) -> str:
+    """The zarr dtype a store dtype is written as: zarr has no bfloat16, so its bits go into uint16."""
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounded to nearest even (as torch rounds); finite inputs only."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> float32, exactly."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
 
 
 def _slug(text: str) -> str:
@@ -113,6 +133,16 @@ class FeatureStore:
         meta = self.meta
         return {layer["name"]: layer.get("dtype") or meta["spec"]["dtype"] for layer in meta["layers"]}
 
+    def encode(self, layer: str, block: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        """A float32 block as the tap's array stores it."""
+        dtype = dtype or self.layer_dtypes()[layer]
+        return to_bfloat16_bits(block) if dtype == "bfloat16" else block.astype(dtype, copy=False)
+
+    def decode(self, layer: str, block: np.ndarray, dtype: str | None = None) -> np.ndarray:
+        """Values read from the tap's array as numbers (bfloat16 bits become float32; others as stored)."""
+        dtype = dtype or self.layer_dtypes()[layer]
+        return from_bfloat16_bits(block) if dtype == "bfloat16" else block
+
     # --- writing ---------------------------------------------------------------------------------------
     def widen_layer(self, layer: str) -> None:
         """Re-create one tap's arrays as float32 (its activations overflow float16), keeping written rows.
@@ -123,7 +153,7 @@ class FeatureStore:
             return
         for split in self.splits():
             old = self.features(split, layer)
-            data = old[:].astype(np.float32)
+            data = self.decode(layer, old[:]).astype(np.float32)
             new = self.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
                                           shards=old.shards, compressors=old.compressors, fill_value=0,
                                           overwrite=True)
@@ -208,9 +238,12 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         for layer in layers:
             dim = layer["dim"]
             inner = min(col_chunk, dim)
-            group.create_array(f"{split}/features/{layer['name']}", shape=(n, dim), dtype=dtype,
-                               chunks=(shard_rows, inner), shards=(shard_rows, -(-dim // inner) * inner),
-                               compressors=compressors, fill_value=0, overwrite=True)
+            arr = group.create_array(f"{split}/features/{layer['name']}", shape=(n, dim),
+                                     dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
+                                     shards=(shard_rows, -(-dim // inner) * inner), compressors=compressors,
+                                     fill_value=0, overwrite=True)
+            if dtype == "bfloat16":
+                arr.attrs["h2t_encoding"] = "bfloat16"
         label_array = group.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True)
         id_array = group.create_array(f"{split}/sample_ids", shape=(n,), dtype=str, chunks=(n,), overwrite=True)

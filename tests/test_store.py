@@ -186,3 +186,39 @@ def test_probe_policy_on_a_store_being_written(tmp_path):
     with pytest.raises(H2TError, match="probe.on_incomplete"):
         wait_for_store(cfg, plan)
     assert store.path == plan.path
+
+
+def test_bfloat16_bits_round_to_nearest_even_like_torch():
+    import torch
+
+    from pipeline.store import from_bfloat16_bits, to_bfloat16_bits
+
+    rng = np.random.default_rng(0)
+    values = np.concatenate([
+        rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10_000),
+        np.array([0.0, -0.0, 1.0, 1.00390625, 1.01171875, 65504.0, 3.0e38, -3.0e38, 1e-40], np.float32),
+    ]).astype(np.float32)
+    expected = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(from_bfloat16_bits(to_bfloat16_bits(values)), expected)
+
+
+def test_bfloat16_store_holds_the_rounded_float32_values(tmp_path):
+    import torch
+
+    from pipeline.catalog import verify
+    from pipeline.head import read_columns
+    from pipeline.score.matrix import FeatureMatrix
+
+    exact = extract(tiny_cfg(tmp_path, **{"store.dtype": "float32"})).store
+    store = extract(tiny_cfg(tmp_path, **{"store.dtype": "bfloat16"})).store
+    assert store.id != exact.id and store.complete and verify(store) == []
+    for layer in store.layers:
+        raw = store.features("test", layer["name"])
+        assert raw.dtype == np.uint16 and raw.attrs["h2t_encoding"] == "bfloat16"
+        expected = torch.from_numpy(exact.features("test", layer["name"])[:]).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(store.decode(layer["name"], raw[:]), expected)
+    # readers see numbers, not bit patterns: the scoring matrix and the head's columns match float32's closely
+    dense, rounded = FeatureMatrix(exact, "train", 2**30), FeatureMatrix(store, "train", 2**30)
+    np.testing.assert_allclose(rounded.columns(np.arange(rounded.D)), dense.columns(np.arange(dense.D)), atol=2e-2)
+    plan = {layer["name"]: np.arange(min(3, layer["dim"])) for layer in store.layers[:4]}
+    np.testing.assert_allclose(read_columns(store, "val", plan), read_columns(exact, "val", plan), rtol=1e-2, atol=1e-2)

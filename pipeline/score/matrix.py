@@ -64,8 +64,10 @@ class FeatureMatrix:
         if rows >= shard_rows:
             rows = rows // shard_rows * shard_rows  # whole shards: no inner chunk is decoded twice
         self.block_rows = min(self.n, rows)
+        dtypes = store.layer_dtypes()
         self._columns = [da.from_zarr(store.features(split, layer["name"]), chunks=(self.block_rows, layer["dim"]))
-                         .map_blocks(l2_normalise_rows, dtype=np.float32) for layer in self.layers]
+                         .map_blocks(lambda b, name=layer["name"]: l2_normalise_rows(store.decode(name, b, dtypes[name])),
+                                     dtype=np.float32) for layer in self.layers]
         self.dask = da.concatenate(self._columns, axis=1)
         self.passes = 0  # full reads of the store (or of the cache) made so far
         self.centered = center
