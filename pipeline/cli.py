@@ -111,17 +111,18 @@ def _write_results(results: list[dict]) -> Path:
 
 
 def _extract_task(cfg) -> None:
-    from .extract import extract, format_plan, plan_store
+    from .extract import extract, format_plan, plan_store, planned_reuse
 
     plan = plan_store(cfg)
-    print(format_plan(plan, per_tap=bool(cfg.extract.plan_only)))
+    print(format_plan(plan, per_tap=bool(cfg.extract.plan_only), reuse=planned_reuse(cfg, plan)))
     if cfg.extract.plan_only:
         return
     result = extract(cfg, plan)
     store = result.store
-    print(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps, "
-          f"splits {store.splits()}, {result.backbone_images} images through the backbone "
-          f"({result.seconds:.1f} s)")
+    reused = len(store.layers) - len(store.computed_layers)
+    print(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps"
+          f"{f' ({reused} copied from other stores)' if reused else ''}, splits {store.splits()}, "
+          f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
 
 
 def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
@@ -251,11 +252,13 @@ def _store_command(args: list[str]) -> None:
                 print(f"{key:11s} {info[key]}")
             print(f"{'size':11s} {catalog.human_bytes(info['size_bytes'])}")
             print("provenance " + json.dumps(store.meta["spec"], sort_keys=True))
-            print(f"\n{'#':>3s} {'tap':40s} {'role':18s} {'raw shape':>16s} {'dim':>7s} {'offset':>8s}")
+            print(f"\n{'#':>3s} {'tap':40s} {'role':18s} {'raw shape':>16s} {'dim':>7s} {'offset':>8s}  stored")
+            dtypes = store.layer_dtypes()
             for i, layer in enumerate(store.layers):
                 shape = "x".join(map(str, layer["raw_shape"]))
+                source = f", copied from {layer['reused_from']}" if "reused_from" in layer else ""
                 print(f"{i:3d} {layer['name'][:40]:40s} {layer['role'][:18]:18s} {shape:>16s} {layer['dim']:7d} "
-                      f"{layer['offset']:8d}")
+                      f"{layer['offset']:8d}  {dtypes[layer['name']]}{source}")
             return
         problems = catalog.verify(store)
         for line in problems:

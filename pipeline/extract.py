@@ -17,6 +17,7 @@ from . import location
 from .claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
+from .reuse import Reuse, find_reuse, reused_layer
 from .store import DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
 from .taps import TappedForward, select_taps
 
@@ -95,20 +96,32 @@ def _check_finite(layer: str, block: np.ndarray, dtype: str, on_overflow: str = 
     return False
 
 
-def planned_bytes(plan: Plan) -> dict[str, dict[str, int]]:
-    """Uncompressed bytes of every (split, tap) array: an upper bound of what extraction writes."""
+def planned_bytes(plan: Plan, skip=()) -> dict[str, dict[str, int]]:
+    """Uncompressed bytes of every (split, tap) array, taps in `skip` left out: an upper bound of what
+    extraction writes."""
     itemsize = 2 if plan.spec["dtype"] == "bfloat16" else np.dtype(plan.spec["dtype"]).itemsize
-    return {split: {layer["name"]: n * layer["dim"] * itemsize for layer in plan.layers}
+    return {split: {layer["name"]: n * layer["dim"] * itemsize for layer in plan.layers if layer["name"] not in skip}
             for split, n in plan.spec["dataset"]["splits"].items()}
 
 
-def format_plan(plan: Plan, per_tap: bool = False) -> str:
+def planned_reuse(cfg, plan: Plan) -> Reuse:
+    """The layers a new store would copy from complete siblings (none when the store already exists)."""
+    options = location.storage_options(cfg.store)
+    if open_store(plan.path, plan.spec, options) is not None:
+        return Reuse()
+    return find_reuse(plan.spec, plan.path, plan.layers, options)
+
+
+def format_plan(plan: Plan, per_tap: bool = False, reuse: Reuse | None = None) -> str:
     from .catalog import human_bytes
 
-    sizes = planned_bytes(plan)
+    reuse = reuse or Reuse()
+    sizes = planned_bytes(plan, skip=reuse.sources)
     total = sum(sum(t.values()) for t in sizes.values())
     lines = [f"plan: {plan.path}: {len(plan.layers)} taps, {sum(l['dim'] for l in plan.layers)} features, "
-             f"{human_bytes(total)} uncompressed in all"]
+             f"{human_bytes(total)} uncompressed to compute"]
+    if reuse.sources:
+        lines.append(f"  reused, not computed: {reuse.summary()}")
     for split, taps in sizes.items():
         lines.append(f"  {split:5s} {plan.spec['dataset']['splits'][split]:7d} rows  {human_bytes(sum(taps.values())):>10s}")
         if per_tap:
@@ -116,11 +129,12 @@ def format_plan(plan: Plan, per_tap: bool = False) -> str:
     return "\n".join(lines)
 
 
-def preflight(plan: Plan, root: str) -> None:
-    """Refuse to start when the destination cannot hold the store (uncompressed bound, 5 % margin)."""
+def preflight(plan: Plan, root: str, reuse: Reuse | None = None) -> None:
+    """Refuse to start when the destination cannot hold the store (uncompressed bound, 5 % margin);
+    reused layers are hard links and need no space."""
     import shutil
 
-    need = sum(sum(t.values()) for t in planned_bytes(plan).values())
+    need = sum(sum(t.values()) for t in planned_bytes(plan, skip=(reuse or Reuse()).sources).values())
     probe = Path(root).expanduser()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -157,12 +171,14 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     if cfg.store.on_overflow not in ON_OVERFLOW:
         raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
     dataset = plan.dataset
-    # The backbone is built before anything is written: missing weights leave no store behind.
-    device = _device(cfg.extract.device)
-    model = build_model(cfg.model).to(device)
-    if cfg.extract.channels_last:
-        model = model.to(memory_format=torch.channels_last)
     location.ensure_writable_root(plan.path)
+    reuse = Reuse()
+    if store is None or store.meta["status"] == STATUS_CREATING:
+        reuse = find_reuse(plan.spec, plan.path, plan.layers, options)
+    # The backbone is built before anything is written (missing weights leave no store behind), unless
+    # every layer is copied from other stores.
+    device = _device(cfg.extract.device)
+    model = None if reuse.covers(plan.layers) else _build(cfg, device)
     claims = Claims(location.zarr_store(plan.path, options), float(cfg.extract.lease_s))
     poll_s = float(cfg.extract.poll_s)
     while store is None or store.meta["status"] == STATUS_CREATING:
@@ -171,13 +187,16 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
                 store = open_store(plan.path, plan.spec, options)
                 if store is None or store.meta["status"] == STATUS_CREATING:
                     if not location.is_remote(plan.path):
-                        preflight(plan, cfg.store.root)
+                        preflight(plan, cfg.store.root, reuse)
+                    layers = [reused_layer(layer, reuse.sources[layer["name"]]) if layer["name"] in reuse.sources
+                              else layer for layer in plan.layers]
                     store = create_store(
-                        plan.path, plan.spec, plan.layers, {s: len(split) for s, split in dataset.splits.items()},
-                        dataset.num_classes, dataset.class_names, shard_rows, cfg.store.dtype,
+                        plan.path, plan.spec, layers, {s: len(split) for s, split in dataset.splits.items()},
+                        dataset.num_classes, dataset.class_names, reuse.shard_rows or shard_rows, cfg.store.dtype,
                         int(cfg.store.col_chunk), cfg.store.compression, dataset.skipped, options,
                         labels={s: split.labels for s, split in dataset.splits.items()},
-                        sample_ids={s: split.ids for s, split in dataset.splits.items()})
+                        sample_ids={s: split.ids for s, split in dataset.splits.items()},
+                        reused=reuse.sources)
             finally:
                 claims.release("create")
         else:  # another process is laying the store out
@@ -185,18 +204,24 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
             store = open_store(plan.path, plan.spec, options)
     shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
 
-    pooling = plan.spec["pooling"]
-    runner = TappedForward(model, plan.taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
     remaining = 0
     for name, split in dataset.splits.items():  # one ledger read per split
         done = store.shards_done(name)
         remaining += sum(min(shard_rows, len(split) - start)
                          for shard, start in enumerate(range(0, len(split), shard_rows)) if not done[shard])
-    try:
-        images_done = _fill_shards(cfg, plan, store, runner, claims, device, remaining, shard_rows, poll_s)
-    finally:
-        claims.release_all()  # an error leaves the unwritten shards free for the next run at once
-        runner.close()
+    images_done = 0
+    if remaining:
+        model = model or _build(cfg, device)
+        # only the layers this store computes; the forward stops after the last of them
+        computed = {layer["name"] for layer in store.computed_layers}
+        pooling = plan.spec["pooling"]
+        runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
+                               pooling["rule"], pooling["cls_token"])
+        try:
+            images_done = _fill_shards(cfg, plan, store, runner, claims, device, remaining, shard_rows, poll_s)
+        finally:
+            claims.release_all()  # an error leaves the unwritten shards free for the next run at once
+            runner.close()
     if not store.complete:
         store = open_store(plan.path, plan.spec, options)
         if not store.complete:
@@ -204,10 +229,15 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
     return ExtractResult(store, images_done, time.perf_counter() - start_time)
 
 
+def _build(cfg, device: torch.device) -> torch.nn.Module:
+    model = build_model(cfg.model).to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.extract.channels_last else model
+
+
 def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int, shard_rows: int,
                  poll_s: float) -> int:
     """Claim, compute and write shards until the store has them all; returns images computed here."""
-    dataset, images_done = plan.dataset, 0
+    dataset, images_done, layers = plan.dataset, 0, store.computed_layers
     with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
             tqdm(total=remaining, unit="img", desc=f"extract {plan.spec['model']['name']}",
                  disable=not cfg.extract.progress) as bar:
@@ -277,11 +307,11 @@ def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int,
                 pending_write.result()  # widening rewrites arrays: no write may be in flight
                 pending_write = None
             dtypes = store.layer_dtypes()
-            for layer, block in zip(plan.layers, blocks):
+            for layer, block in zip(layers, blocks):
                 if _check_finite(layer["name"], block, dtypes[layer["name"]], cfg.store.on_overflow):
                     store.widen_layer(layer["name"])
                     dtypes[layer["name"]] = "float32"
-            blocks = [store.encode(layer["name"], b, dtypes[layer["name"]]) for layer, b in zip(plan.layers, blocks)]
+            blocks = [store.encode(layer["name"], b, dtypes[layer["name"]]) for layer, b in zip(layers, blocks)]
             pending_write = writer.submit(write, name, start, blocks)
             images_done += len(blocks[0])
             bar.update(len(blocks[0]))

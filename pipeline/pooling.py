@@ -56,6 +56,17 @@ def pooled_dim(shape: tuple[int, ...], target_size: int) -> int:
     raise H2TError(f"cannot pool an activation of shape {tuple(shape)}: expected (C,), (N, C) or (C, H, W)")
 
 
+def column_recipe(shape: tuple[int, ...], target_size: int, rule: str, cls_mode: str) -> list:
+    """What a tap's columns are computed from besides the activation itself: two stores of one backbone and
+    dataset whose layers share name, raw shape and recipe hold the same numbers (pipeline/reuse.py)."""
+    if len(shape) == 1:
+        return ["vector"]
+    if len(shape) == 2:
+        # the kernel depends on how many prefix tokens there are, which the shape does not say: keep T
+        return ["tokens", rule, target_size if shape[1] < target_size else 0, cls_mode]
+    return ["conv", rule, *_conv_kernel(*shape, target_size)]
+
+
 def pool(x: torch.Tensor, target_size: int, rule: str = "head2toe") -> torch.Tensor:
     """Pool a batch of activations (B, C) / (B, N, C) / (B, C, H, W) to (B, pooled_dim)."""
     if rule not in POOLING_RULES:

@@ -25,12 +25,14 @@ import getpass
 import hashlib
 import json
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
 from . import location
@@ -95,6 +97,11 @@ class FeatureStore:
     @property
     def layers(self) -> list[dict]:
         return self.meta["layers"]
+
+    @property
+    def computed_layers(self) -> list[dict]:
+        """The layers extraction writes: all but those copied from another store (pipeline/reuse.py)."""
+        return [layer for layer in self.layers if "reused_from" not in layer]
 
     @property
     def n_features(self) -> int:
@@ -162,11 +169,11 @@ class FeatureStore:
         self._update_meta(layers=layers, widened=sorted(set(self.meta.get("widened", [])) | {layer}))
 
     def write_rows(self, split: str, start: int, blocks: list[np.ndarray]) -> None:
-        """Write one shard of rows for every layer, then mark the shard done in the ledger."""
+        """Write one shard of rows for every computed layer, then mark the shard done in the ledger."""
         if self.complete:
             raise H2TError(f"store {self.path} is complete and immutable")
         stop = start + len(blocks[0])
-        arrays = [self.features(split, layer["name"])._async_array for layer in self.layers]
+        arrays = [self.features(split, layer["name"])._async_array for layer in self.computed_layers]
 
         async def write_all():  # all taps at once on zarr's event loop: ~30 % faster than one by one
             await asyncio.gather(*(a.setitem(slice(start, stop), b) for a, b in zip(arrays, blocks)))
@@ -209,8 +216,13 @@ class FeatureStore:
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
                  class_names: list[str], shard_rows: int, dtype: str, col_chunk: int,
                  compression: str, skipped: list[dict] | None = None, options: dict | None = None,
-                 labels: dict | None = None, sample_ids: dict | None = None) -> FeatureStore:
-    """Lay out an empty store (status `writing`): every array exists, the ledger is all zeros."""
+                 labels: dict | None = None, sample_ids: dict | None = None,
+                 reused: dict[str, FeatureStore] | None = None) -> FeatureStore:
+    """Lay out an empty store (status `writing`): every array exists, the ledger is all zeros.
+
+    Layers named in `reused` are copied whole from that complete store (same shard size) instead; when
+    every layer is, the ledger starts all ones: nothing is left to compute."""
+    reused = reused or {}
     if dtype not in DTYPES:
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compression not in ("zstd", "none"):
@@ -224,6 +236,9 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "created_by": f"{_user()}@{socket.gethostname()}",
     }
+    widened = sorted(layer["name"] for layer in layers if layer["name"] in reused and layer.get("dtype") == "float32")
+    if widened:
+        meta["widened"] = widened
     location.ensure_writable_root(path)
     try:  # status `creating` until every array exists: a crash here leaves a store that is simply recreated
         # mode "a": a half-made store is laid out again in place, keeping the claims of concurrent writers
@@ -236,6 +251,10 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     for split, n in split_sizes.items():
         n_shards = -(-n // shard_rows)
         for layer in layers:
+            if layer["name"] in reused:
+                group.require_group(f"{split}/features")
+                _copy_array(reused[layer["name"]], path, group, f"{split}/features/{layer['name']}")
+                continue
             dim = layer["dim"]
             inner = min(col_chunk, dim)
             arr = group.create_array(f"{split}/features/{layer['name']}", shape=(n, dim),
@@ -251,11 +270,45 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             label_array[:] = labels[split]
         if sample_ids is not None:
             id_array[:] = sample_ids[split]
+        all_reused = all(layer["name"] in reused for layer in layers)
         group.create_array(f"{split}/shards_done", shape=(n_shards,), dtype="uint8", chunks=(1,),
-                           fill_value=0, compressors=None, overwrite=True)
+                           fill_value=int(all_reused), compressors=None, overwrite=True)
     store = FeatureStore(path, group)
     store._update_meta(status=STATUS_WRITING)
     return store
+
+
+def _copy_array(source: FeatureStore, target_path: str, target_group: zarr.Group, key: str) -> None:
+    """Copy one array (metadata and every chunk object) of a complete store into a store being laid out."""
+    if not location.is_remote(source.path) and not location.is_remote(target_path):
+        _link_tree(location.local_path(source.path) / key, location.local_path(target_path) / key)
+        return
+    src, dst = source.group.store, target_group.store
+    prototype = default_buffer_prototype()
+
+    async def copy_all():
+        keys = [k async for k in src.list_prefix(f"{key}/")]
+
+        async def one(k):
+            await dst.set(k, await src.get(k, prototype=prototype))
+        await asyncio.gather(*(one(k) for k in keys))
+
+    zarr_sync(copy_all())
+
+
+def _link_tree(src, dst) -> None:
+    """Hard-link every file of src under dst: no extra space, and safe because complete stores are never
+    written again (and local writes replace files rather than change them). Copies where links fail."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    for folder, _dirs, files in os.walk(src):
+        target = dst / os.path.relpath(folder, src)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            try:
+                os.link(os.path.join(folder, name), target / name)
+            except OSError:
+                shutil.copy2(os.path.join(folder, name), target / name)
 
 
 def _user() -> str:

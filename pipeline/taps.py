@@ -177,8 +177,15 @@ def select_taps(model: torch.nn.Module, include=("**",), exclude=()) -> list[Tap
     return sorted(chosen, key=lambda t: (order.get(t.name, len(order)), module_order.get(t.name, 0)))
 
 
+class _AllTapsSeen(Exception):
+    """Raised by a hook once every tap has its activation: the rest of the forward is not needed."""
+
+
 class TappedForward:
-    """Runs the backbone once and returns every tap's activation pooled on the device, in tap order."""
+    """Runs the backbone once and returns every tap's activation pooled on the device, in tap order.
+
+    Without head taps the forward stops as soon as every tap has fired, so taps that all sit early in
+    the network cost only the layers up to them."""
 
     def __init__(self, model: torch.nn.Module, taps: list[Tap], target_size: int, pooling_rule: str = "head2toe",
                  cls_mode: str = "pooled"):
@@ -187,22 +194,41 @@ class TappedForward:
         self.module_taps = [t for t in taps if t.name not in HEAD_TAPS]
         self.want_head = {t.name for t in taps if t.name in HEAD_TAPS}
         self._out: dict[str, torch.Tensor] = {}
+        self._running = False
         self._shapes: dict[str, tuple[int, ...]] = {}
         modules = dict(model.named_modules())
         self._handles = [modules[t.name].register_forward_hook(self._hook(t)) for t in self.module_taps]
 
     def _hook(self, tap: Tap):
         def record(_module, _inputs, output):
+            if not self._running:  # another runner's forward on the same model
+                return
             if isinstance(output, (tuple, list)):
                 output = output[0]
             shape = tuple(output.shape[1:])
             self._shapes[tap.name] = (shape[2], shape[0], shape[1]) if len(shape) == 3 and tap.layout == "nhwc" else shape
             self._out[tap.name] = pool_activation(output, self.target_size, self.rule, tap.layout, tap.prefix_tokens,
                                                   self.cls_mode)
+            if not self.want_head and len(self._out) == len(self.module_taps):
+                raise _AllTapsSeen
         return record
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
         self._out.clear()
+        self._running = True
+        try:
+            self._forward(x)
+        except _AllTapsSeen:
+            pass
+        finally:
+            self._running = False
+        missing = [t.name for t in self.taps if t.name not in self._out]
+        if missing:
+            raise H2TError(f"tap {missing[0]!r} produced no activation in forward_features of "
+                           f"{type(self.model).__name__}")
+        return [self._out[t.name] for t in self.taps]
+
+    def _forward(self, x: torch.Tensor) -> None:
         features = self.model.forward_features(x)
         if self.want_head:
             pre_logits = self.model.forward_head(features, pre_logits=True)
@@ -211,11 +237,6 @@ class TappedForward:
             if "logits" in self.want_head:
                 logits = self.model.forward_head(features)
                 self._out["logits"], self._shapes["logits"] = logits.flatten(1), tuple(logits.shape[1:])
-        missing = [t.name for t in self.taps if t.name not in self._out]
-        if missing:
-            raise H2TError(f"tap {missing[0]!r} produced no activation in forward_features of "
-                           f"{type(self.model).__name__}")
-        return [self._out[t.name] for t in self.taps]
 
     def layer_table(self, input_size: int) -> list[dict]:
         """Raw shape and pooled width of each tap, from one forward of a meta tensor (no compute)."""

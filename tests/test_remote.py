@@ -85,3 +85,25 @@ def test_probe_from_a_read_only_http_root(tmp_path):
         assert proc.returncode == 2 and "read-only" in proc.stderr
     finally:
         server.shutdown()
+
+
+def test_grow_a_store_on_s3_copies_the_shared_layers(s3, tmp_path):
+    from pipeline.store import open_store
+    from tests.s3server import KEY, SECRET
+
+    root = f"s3://{BUCKET}/grow"
+    early = h2t(tmp_path, s3.env(), "extract", *TINY, "taps.include=[act1,layer1.**]", f"store.root={root}")
+    assert early.returncode == 0, early.stderr
+    grown = h2t(tmp_path, s3.env(), "extract", *TINY, f"store.root={root}")
+    assert grown.returncode == 0, grown.stderr
+    assert "(3 copied from other stores)" in grown.stdout, grown.stdout
+    local = h2t(tmp_path, None, "extract", *TINY, f"store.root={tmp_path / 'stores'}")
+    assert local.returncode == 0, local.stderr
+    rows = json.loads(h2t(tmp_path, s3.env(), "store", "ls", root, "--json").stdout)
+    grown_path = next(r["path"] for r in rows if r["taps"] == 11)
+    assert h2t(tmp_path, s3.env(), "store", "verify", grown_path).returncode == 0
+    remote = open_store(grown_path, options={"endpoint_url": s3.endpoint, "key": KEY, "secret": SECRET})
+    fresh = open_store(json.loads(h2t(tmp_path, None, "store", "ls", str(tmp_path / "stores"), "--json").stdout)[0]["path"])
+    assert remote.id == fresh.id
+    for layer in fresh.layers:
+        assert remote.features("train", layer["name"])[:].tobytes() == fresh.features("train", layer["name"])[:].tobytes()
