@@ -4,7 +4,8 @@ Schema (version SCHEMA_VERSION), declared here and validated on open:
 
     <root>/<model>/<dataset>/<store_id>.zarr/
         attrs["h2t"]: schema_version, store_id, spec (provenance), layers (name, role, raw_shape, dim,
-                      offset), splits {name: n}, num_classes, class_names, shard_rows, status, created_*,
+                      offset; dtype when widened, reused_from when copied), splits {name: n}, num_classes,
+                      class_names, shard_rows, dtype, status, created_*,
                       skipped (samples left out as unreadable: id, split, reason)
         <split>/features/<tap>   (n, dim)  float16|float32, or bfloat16 kept as its bit pattern in uint16
                                  (attrs["h2t_encoding"] = "bfloat16"); one shard per `shard_rows` rows,
@@ -138,7 +139,8 @@ class FeatureStore:
     def layer_dtypes(self) -> dict[str, str]:
         """Each tap's stored dtype: the store's, or float32 where a tap was widened."""
         meta = self.meta
-        return {layer["name"]: layer.get("dtype") or meta["spec"]["dtype"] for layer in meta["layers"]}
+        dtype = meta.get("dtype") or meta["spec"]["dtype"]
+        return {layer["name"]: layer.get("dtype") or dtype for layer in meta["layers"]}
 
     def encode(self, layer: str, block: np.ndarray, dtype: str | None = None) -> np.ndarray:
         """A float32 block as the tap's array stores it."""
@@ -232,7 +234,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     meta = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
-        "shard_rows": int(shard_rows), "status": STATUS_CREATING, "skipped": list(skipped or []),
+        "shard_rows": int(shard_rows), "dtype": dtype, "status": STATUS_CREATING, "skipped": list(skipped or []),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "created_by": f"{_user()}@{socket.gethostname()}",
     }
