@@ -5,8 +5,9 @@ A claim is an object `claims/<unit>` inside the store holding its owner and expi
 `ttl_s` after it was taken, or at once when its owner was a process on this host that no longer exists;
 then anyone may take it over, which is how a dead writer's shard is finished.
 Two writers can both take over the same expired claim: at most that one shard is computed twice, and as
-extraction is deterministic both write the same bytes. (On object stores without conditional writes the
-create is check-then-put, with the same bound.)
+extraction is deterministic both write the same bytes. On s3:// the create is a conditional put
+(`If-None-Match: *`, refused by the server when the object exists), after an existence check, so a server
+that ignores the condition degrades to check-then-put with the same bound.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class Claims:
         key = f"claims/{unit}"
         body = json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
         for _attempt in range(2):
-            zarr_sync(self.store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(body)))
+            zarr_sync(create_if_absent(self.store, key, body))
             current = self._read(key)
             if current is not None and current.get("owner") == self.owner:
                 self.held.add(unit)
@@ -77,3 +78,25 @@ class Claims:
         current = self._read(key)
         if current is not None and current.get("owner") == self.owner:
             zarr_sync(self.store.delete(key))
+
+
+async def create_if_absent(store, key: str, body: bytes) -> None:
+    """Write `key` unless it exists; on S3 atomically, through a conditional put the server arbitrates."""
+    fs = getattr(store, "fs", None)
+    if fs is None or "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        await store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(body))
+        return
+    if not await store.exists(key):
+        await put_if_absent(fs, f"{store.path}/{key}", body)
+
+
+async def put_if_absent(fs, path: str, body: bytes) -> bool:
+    """One S3 PUT with `If-None-Match: *`: True if this call created the object, False if it existed."""
+    try:
+        await fs._pipe_file(path, body, mode="create")
+        return True
+    except OSError as exc:  # s3fs maps 412 PreconditionFailed / 409 ConditionalRequestConflict to OSError
+        text = str(exc).lower().replace("-", "")
+        if "precondition" in text or "conditional" in text:
+            return False
+        raise

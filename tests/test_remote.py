@@ -107,3 +107,49 @@ def test_grow_a_store_on_s3_copies_the_shared_layers(s3, tmp_path):
     assert remote.id == fresh.id
     for layer in fresh.layers:
         assert remote.features("train", layer["name"])[:].tobytes() == fresh.features("train", layer["name"])[:].tobytes()
+
+
+def test_claims_on_s3_are_conditional_puts(s3):
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    from pipeline import location
+    from pipeline.claims import Claims, create_if_absent, put_if_absent
+    from tests.s3server import KEY, SECRET
+
+    store = location.zarr_store(f"s3://{BUCKET}/claims", {"endpoint_url": s3.endpoint, "key": KEY, "secret": SECRET})
+    a, b = Claims(store, ttl_s=60), Claims(store, ttl_s=60)
+    assert a.try_claim("train/0") and not b.try_claim("train/0")
+    a.release("train/0")
+    assert b.try_claim("train/0")
+    # two writers that both saw the key absent: the server keeps the first PUT and refuses the second
+    assert sync(put_if_absent(store.fs, f"{store.path}/race", b"first"))
+    assert not sync(put_if_absent(store.fs, f"{store.path}/race", b"second"))
+    sync(create_if_absent(store, "race", b"third"))
+    assert sync(store.get("race", prototype=default_buffer_prototype())).to_bytes() == b"first"
+
+
+def test_two_writers_on_s3_share_the_work_and_match_a_local_run(s3, tmp_path):
+    import re
+
+    from pipeline.store import open_store
+    from tests.s3server import KEY, SECRET
+
+    args = [*TINY, "extract.batch_size=8", "extract.poll_s=0.05"]
+    cmd = [sys.executable, "-m", "pipeline.cli", "extract", *args, f"store.root=s3://{BUCKET}/two"]
+    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=s3.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    images = [int(re.search(r"(\d+) images through the backbone", out).group(1)) for out, _ in outs]
+    assert 112 <= sum(images) <= 112 + 8, images  # at most one shard computed twice
+    local = h2t(tmp_path, None, "extract", *args, f"store.root={tmp_path / 'stores'}")
+    assert local.returncode == 0, local.stderr
+    path = re.search(r"complete at (\S+):", outs[0][0]).group(1)
+    remote = open_store(path, options={"endpoint_url": s3.endpoint, "key": KEY, "secret": SECRET})
+    fresh = open_store(re.search(r"complete at (\S+):", local.stdout).group(1))
+    assert remote.complete and remote.id == fresh.id
+    for split in fresh.splits():
+        for layer in fresh.layers:
+            assert remote.features(split, layer["name"])[:].tobytes() == \
+                fresh.features(split, layer["name"])[:].tobytes(), f"{split}/{layer['name']}"
