@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline import extract as extract_module
-from pipeline.catalog import verify
+from pipeline.catalog import remove, verify
 from pipeline.extract import extract
 from pipeline.reuse import find_reuse
 from tests.test_store import tiny_cfg
@@ -39,6 +39,8 @@ def test_more_taps_compute_only_the_new_layers(tmp_path):
     name = first.layers[0]["name"]
     key = os.path.join("train", "features", name, "c", "0", "0")
     assert os.stat(os.path.join(first.path, key)).st_ino == os.stat(os.path.join(grown.store.path, key)).st_ino
+    remove(first.path)  # the grown store does not depend on its source
+    assert verify(grown.store) == [] and grown.store.features("train", name)[:].any()
 
 
 def test_fewer_taps_never_build_the_backbone(tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ def test_extracted_features_equal_a_direct_forward(tmp_path):
 
 
 @pytest.mark.parametrize("knob,value", [
-    ("pooling.target_size", 256), ("store.dtype", "float32"), ("model.input_size", 48),
+    ("pooling.target_size", 256), ("store.dtype", "float32"), ("store.dtype", "bfloat16"), ("model.input_size", 48),
     ("model.seed", 1), ("data.seed", 1), ("model.resize", "squash"), ("model.interpolation", "nearest"),
     ("pooling.cls_token", "only"), ("model.crop_pct", 0.5), ("model.kwargs", {"drop_rate": 0.5}), ("taps.include", ["act1", "logits"]), ("model.mean", [0.4, 0.4, 0.4]),
 ])
