@@ -114,10 +114,11 @@ def _extract_task(cfg) -> None:
     from .extract import extract, format_plan, plan_store, planned_reuse
 
     plan = plan_store(cfg)
-    print(format_plan(plan, per_tap=bool(cfg.extract.plan_only), reuse=planned_reuse(cfg, plan)))
+    reuse = planned_reuse(cfg, plan)
+    print(format_plan(plan, per_tap=bool(cfg.extract.plan_only), reuse=reuse))
     if cfg.extract.plan_only:
         return
-    result = extract(cfg, plan)
+    result = extract(cfg, plan, reuse)
     store = result.store
     reused = len(store.layers) - len(store.computed_layers)
     print(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps"

@@ -18,7 +18,8 @@ from .claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
 from .reuse import Reuse, find_reuse, reused_layer
-from .store import DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store, store_path
+from .store import (DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store,
+                    storage_dtype, store_path)
 from .taps import TappedForward, select_taps
 
 @dataclass
@@ -99,7 +100,7 @@ def _check_finite(layer: str, block: np.ndarray, dtype: str, on_overflow: str = 
 def planned_bytes(plan: Plan, skip=()) -> dict[str, dict[str, int]]:
     """Uncompressed bytes of every (split, tap) array, taps in `skip` left out: an upper bound of what
     extraction writes."""
-    itemsize = 2 if plan.spec["dtype"] == "bfloat16" else np.dtype(plan.spec["dtype"]).itemsize
+    itemsize = np.dtype(storage_dtype(plan.spec["dtype"])).itemsize
     return {split: {layer["name"]: n * layer["dim"] * itemsize for layer in plan.layers if layer["name"] not in skip}
             for split, n in plan.spec["dataset"]["splits"].items()}
 
@@ -153,11 +154,12 @@ class ExtractResult:
     seconds: float
 
 
-def extract(cfg, plan: Plan | None = None) -> ExtractResult:
+def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None) -> ExtractResult:
     """Make sure the complete store exists; run the backbone only over shards nobody has written.
 
     Several processes may run this on one store at once: the store is laid out by whoever claims
-    `create`, and each shard is computed by whoever claims it (pipeline/claims.py).
+    `create`, and each shard is computed by whoever claims it (pipeline/claims.py). Layers that complete
+    sibling stores hold are copied (`reuse`, found here when not given; pipeline/reuse.py).
     """
     start_time = time.perf_counter()
     plan = plan or plan_store(cfg)
@@ -172,8 +174,9 @@ def extract(cfg, plan: Plan | None = None) -> ExtractResult:
         raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
     dataset = plan.dataset
     location.ensure_writable_root(plan.path)
-    reuse = Reuse()
-    if store is None or store.meta["status"] == STATUS_CREATING:
+    if store is not None and store.meta["status"] != STATUS_CREATING:
+        reuse = Reuse()  # laid out already: its layer table says what is copied
+    elif reuse is None:
         reuse = find_reuse(plan.spec, plan.path, plan.layers, options)
     # The backbone is built before anything is written (missing weights leave no store behind), unless
     # every layer is copied from other stores.
