@@ -108,3 +108,18 @@ def test_forward_stops_after_the_last_tap(tmp_path):
         assert calls == [1]
     for tap, got in zip(early, partial):
         np.testing.assert_array_equal(got.numpy(), full[[t.name for t in select_taps(model)].index(tap.name)].numpy())
+
+
+def test_plan_says_what_is_reused_and_counts_only_the_rest(tmp_path):
+    from pipeline.extract import format_plan, planned_bytes, planned_reuse
+
+    first = extract(tiny_cfg(tmp_path, **{"taps.include": EARLY_TAPS})).store
+    cfg = tiny_cfg(tmp_path)
+    plan = extract_module.plan_store(cfg)
+    reuse = planned_reuse(cfg, plan)
+    text = format_plan(plan, per_tap=True, reuse=reuse)
+    assert f"reused, not computed: {len(first.layers)} taps from {first.id}" in text
+    to_compute = planned_bytes(plan, skip=reuse.sources)["train"]
+    assert set(to_compute) == {l["name"] for l in plan.layers} - {l["name"] for l in first.layers}
+    extract(cfg, plan, reuse)
+    assert planned_reuse(cfg, plan).sources == {}  # the store exists now: nothing left to plan
