@@ -222,3 +222,15 @@ def test_bfloat16_store_holds_the_rounded_float32_values(tmp_path):
     np.testing.assert_allclose(rounded.columns(np.arange(rounded.D)), dense.columns(np.arange(dense.D)), atol=2e-2)
     plan = {layer["name"]: np.arange(min(3, layer["dim"])) for layer in store.layers[:4]}
     np.testing.assert_allclose(read_columns(store, "val", plan), read_columns(exact, "val", plan), rtol=1e-2, atol=1e-2)
+
+
+def test_code_schema_version_is_in_the_id_and_other_versions_are_refused(tmp_path, monkeypatch):
+    import pipeline.extract as extract_module
+
+    store = extract(tiny_cfg(tmp_path)).store
+    monkeypatch.setattr(extract_module, "SCHEMA_VERSION", 2)  # what the next schema's code would plan
+    assert plan_store(tiny_cfg(tmp_path)).spec["schema_version"] == 2
+    assert plan_store(tiny_cfg(tmp_path)).path != store.path
+    store._update_meta(schema_version=0)  # a store written by another version of the code
+    with pytest.raises(H2TError, match="schema version 0, this h2t reads version 1"):
+        open_store(store.path)
