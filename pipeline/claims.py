@@ -83,7 +83,7 @@ class Claims:
 async def create_if_absent(store, key: str, body: bytes) -> None:
     """Write `key` unless it exists; on S3 atomically, through a conditional put the server arbitrates."""
     fs = getattr(store, "fs", None)
-    if fs is None or "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+    if fs is None or "s3" not in fs.protocol:  # protocol is a name or a tuple of names
         await store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(body))
         return
     if not await store.exists(key):

@@ -250,6 +250,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         if location.is_remote(path):
             raise H2TError(location.describe_failure(path, exc)) from None
         raise H2TError(f"cannot create store at {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    all_reused = all(layer["name"] in reused for layer in layers)
     for split, n in split_sizes.items():
         n_shards = -(-n // shard_rows)
         for layer in layers:
@@ -272,7 +273,6 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             label_array[:] = labels[split]
         if sample_ids is not None:
             id_array[:] = sample_ids[split]
-        all_reused = all(layer["name"] in reused for layer in layers)
         group.create_array(f"{split}/shards_done", shape=(n_shards,), dtype="uint8", chunks=(1,),
                            fill_value=int(all_reused), compressors=None, overwrite=True)
     store = FeatureStore(path, group)

@@ -78,6 +78,8 @@ def test_any_timm_model_by_name(tmp_path):
     (["taps.include=[layer9.*]"], "layer9"),
     (["score.lam=-1", "method=head2toe"], "score.lam"),
     (["method=ridge"], "method"),
+    (["store.dtype=float8"], "store.dtype"),
+    (["store.on_overflow=clip"], "store.on_overflow"),
     (["model=timm", "model.name=resnet18", "model.pretrained=true"], "model.checkpoint"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, args, culprit):
