@@ -17,7 +17,7 @@ import numpy as np
 import psutil
 
 from pipeline.score import FeatureMatrix, MultinomialLogistic
-from pipeline.store import create_store
+from pipeline.storage.store import create_store
 
 
 class PeakRSS:

@@ -20,7 +20,7 @@ import zarr
 from zarr.storage import LocalStore, WrapperStore
 
 from pipeline.head import read_columns
-from pipeline.store import FeatureStore, create_store
+from pipeline.storage.store import FeatureStore, create_store
 
 FALLBACK_DIMS = [1024] * 40 + [1280] * 10 + [1000]  # used only if the default model's table cannot be built
 

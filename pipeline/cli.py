@@ -192,8 +192,8 @@ def _guarded(task):
 def _store_command(args: list[str]) -> None:
     import argparse
 
-    from . import catalog
-    from .store import open_store
+    from .storage import catalog
+    from .storage.store import open_store
 
     parser = argparse.ArgumentParser(prog="h2t store", description="The stores under a root.")
     sub = parser.add_subparsers(dest="action", required=True)

@@ -13,13 +13,13 @@ from tqdm.auto import tqdm
 from .backbone import create, build_model, check_model_name, create_kwargs, weights_fingerprint
 from .preprocess import build_preprocess
 from .data import Dataset, build_dataset
-from . import location
-from .claims import Claims
+from .storage import location
+from .storage.claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
-from .reuse import Reuse, find_reuse, reused_layer
-from .store import (DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, FeatureStore, create_store, open_store,
-                    storage_dtype, store_path)
+from .storage.reuse import Reuse, find_reuse, reused_layer
+from .storage.schema import DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, storage_dtype
+from .storage.store import FeatureStore, create_store, open_store, store_path
 from .taps import TappedForward, select_taps
 
 @dataclass
@@ -114,7 +114,7 @@ def planned_reuse(cfg, plan: Plan) -> Reuse:
 
 
 def format_plan(plan: Plan, per_tap: bool = False, reuse: Reuse | None = None) -> str:
-    from .catalog import human_bytes
+    from .storage.catalog import human_bytes
 
     reuse = reuse or Reuse()
     sizes = planned_bytes(plan, skip=reuse.sources)
@@ -141,7 +141,7 @@ def preflight(plan: Plan, root: str, reuse: Reuse | None = None) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need * 1.05 > free:
-        from .catalog import human_bytes
+        from .storage.catalog import human_bytes
 
         raise H2TError(f"not enough space for the store at {root}: needs up to {human_bytes(need)} "
                        f"(uncompressed), {human_bytes(free)} free on {probe}")

@@ -16,8 +16,8 @@ def wait_for_store(cfg, plan, clock=time.monotonic, sleep=time.sleep) -> None:
     """What a probe does when the store exists but is still being written (`probe.on_incomplete`):
     `extract` joins the writers (the default), `wait` polls until it is complete (at most `probe.wait_s`),
     `error` stops with a message. Readers only ever read complete stores."""
-    from . import location
-    from .store import open_store
+    from .storage import location
+    from .storage.store import open_store
 
     policy = cfg.probe.on_incomplete
     if policy not in ON_INCOMPLETE:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.store import create_store
+from pipeline.storage.store import create_store
 
 
 def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int,

@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import catalog
+from pipeline.storage import catalog
 from pipeline.errors import H2TError
 from pipeline.extract import extract
-from pipeline.store import create_store, open_store
+from pipeline.storage.store import create_store, open_store
 from tests.test_store import tiny_cfg
 
 

@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from pipeline.extract import extract, plan_store
-from pipeline.store import open_store
+from pipeline.storage.store import open_store
 from tests.test_resume import ARGS, OVERRIDES
 from tests.test_store import tiny_cfg
 
@@ -36,7 +36,7 @@ def test_claims_are_exclusive_and_lapse(tmp_path):
 
     from zarr.storage import LocalStore
 
-    from pipeline.claims import Claims
+    from pipeline.storage.claims import Claims
 
     store = LocalStore(str(tmp_path / "s"))
     a, b = Claims(store, ttl_s=0.3), Claims(store, ttl_s=0.3)

@@ -88,7 +88,7 @@ def test_probe_from_a_read_only_http_root(tmp_path):
 
 
 def test_grow_a_store_on_s3_copies_the_shared_layers(s3, tmp_path):
-    from pipeline.store import open_store
+    from pipeline.storage.store import open_store
     from tests.s3server import KEY, SECRET
 
     root = f"s3://{BUCKET}/grow"
@@ -113,8 +113,8 @@ def test_claims_on_s3_are_conditional_puts(s3):
     from zarr.core.buffer import default_buffer_prototype
     from zarr.core.sync import sync
 
-    from pipeline import location
-    from pipeline.claims import Claims, create_if_absent, put_if_absent
+    from pipeline.storage import location
+    from pipeline.storage.claims import Claims, create_if_absent, put_if_absent
     from tests.s3server import KEY, SECRET
 
     store = location.zarr_store(f"s3://{BUCKET}/claims", {"endpoint_url": s3.endpoint, "key": KEY, "secret": SECRET})
@@ -132,7 +132,7 @@ def test_claims_on_s3_are_conditional_puts(s3):
 def test_two_writers_on_s3_share_the_work_and_match_a_local_run(s3, tmp_path):
     import re
 
-    from pipeline.store import open_store
+    from pipeline.storage.store import open_store
     from tests.s3server import KEY, SECRET
 
     args = [*TINY, "extract.batch_size=8", "extract.poll_s=0.05"]

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from pipeline import extract as extract_module
-from pipeline.catalog import remove, verify
+from pipeline.storage.catalog import remove, verify
 from pipeline.extract import extract
-from pipeline.reuse import find_reuse
+from pipeline.storage.reuse import find_reuse
 from tests.test_store import tiny_cfg
 
 EARLY_TAPS = ["act1", "layer1.**"]

@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 
 from pipeline.errors import H2TError
 from pipeline.extract import extract, plan_store
-from pipeline.store import STATUS_WRITING, create_store, open_store
+from pipeline.storage.store import STATUS_WRITING, create_store, open_store
 from tests.conftest import make_store
 
 
@@ -191,7 +191,7 @@ def test_probe_policy_on_a_store_being_written(tmp_path):
 def test_bfloat16_bits_round_to_nearest_even_like_torch():
     import torch
 
-    from pipeline.store import from_bfloat16_bits, to_bfloat16_bits
+    from pipeline.storage.store import from_bfloat16_bits, to_bfloat16_bits
 
     rng = np.random.default_rng(0)
     values = np.concatenate([
@@ -205,7 +205,7 @@ def test_bfloat16_bits_round_to_nearest_even_like_torch():
 def test_bfloat16_store_holds_the_rounded_float32_values(tmp_path):
     import torch
 
-    from pipeline.catalog import verify
+    from pipeline.storage.catalog import verify
     from pipeline.head import read_columns
     from pipeline.score.matrix import FeatureMatrix
 

@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 from ..errors import H2TError
-from ..store import canonical_json
+from ..storage.schema import canonical_json
 from .datafit import MultinomialLogistic
 from .matrix import FeatureMatrix
 from .penalty import GroupL2Rows

@@ -12,7 +12,8 @@ import numpy as np
 from zarr.core.sync import sync as zarr_sync
 
 from . import location
-from .errors import H2TError
+from ..errors import H2TError
+from .schema import check_arrays, check_attrs
 from .store import STATUS_COMPLETE, FeatureStore, open_store
 
 
@@ -98,7 +99,9 @@ def list_summaries(root: str) -> list[dict]:
 
 def verify(store: FeatureStore) -> list[str]:
     """Problems found by reading every shard of every array (checksums) and checking the ledger; [] = sound."""
-    problems = []
+    problems = check_attrs(store.meta) + check_arrays(store.group, store.meta)
+    if problems:
+        return problems  # the arrays are not what the attributes say: reading them would mislead
     shard_rows = store.meta["shard_rows"]
     for split, n in store.splits().items():
         done = store.shards_done(split)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from zarr.core.sync import sync as zarr_sync
 
 from . import location
-from .errors import H2TError
-from .pooling import column_recipe
-from .store import FeatureStore, canonical_json, open_store
+from ..errors import H2TError
+from ..pooling import column_recipe
+from .schema import canonical_json
+from .store import FeatureStore, open_store
 
 VARIABLE_KEYS = ("taps", "pooling")  # what stores of one family may differ in
 

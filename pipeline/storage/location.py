@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from zarr.storage import FsspecStore, LocalStore
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from .errors import H2TError
+from ..errors import H2TError
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
@@ -47,12 +47,17 @@ def storage_options(store_cfg=None) -> dict:
     return options
 
 
+class FsspecOnly(WrapperStore):
+    """An fsspec store read through zarr's own codec pipeline. The Rust pipeline reads http roots with its
+    own client, which needs HTTP range requests; fsspec's also serves servers that ignore them."""
+
+
 def zarr_store(path: str, options: dict | None = None, read_only: bool = False):
     """The zarr store object for a store path."""
     if str(path).startswith("s3://"):
         return FsspecStore.from_url(str(path), storage_options=options or {}, read_only=read_only)
     if read_only_scheme(path):
-        return FsspecStore.from_url(str(path), read_only=True)
+        return FsspecOnly(FsspecStore.from_url(str(path), read_only=True))
     return LocalStore(str(local_path(path)), read_only=read_only)
 
 

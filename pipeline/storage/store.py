@@ -1,30 +1,12 @@
 """The feature store: one Zarr v3 group per (backbone + weights + preprocessing + pooling, dataset).
 
-Schema (version SCHEMA_VERSION), declared here and validated on open:
-
-    <root>/<model>/<dataset>/<store_id>.zarr/
-        attrs["h2t"]: schema_version, store_id, spec (provenance), layers (name, role, raw_shape, dim,
-                      offset; dtype when widened, reused_from when copied), splits {name: n}, num_classes,
-                      class_names, shard_rows, dtype, status, created_*,
-                      skipped (samples left out as unreadable: id, split, reason)
-        <split>/features/<tap>   (n, dim)  float16|float32, or bfloat16 kept as its bit pattern in uint16
-                                 (attrs["h2t_encoding"] = "bfloat16"); one shard per `shard_rows` rows,
-                                 CRC32C per chunk
-        <split>/labels           (n,)      int64
-        <split>/sample_ids       (n,)      str
-        <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
-        derived/relevance/<key>/ weight_sq (D,) = sum_k W_ik^2, grad_norm (D,) = ||grad_i|| at the
-                                 solution; attrs = the scoring parameters and the solver's certificate
-
-A reader trusts only `status == "complete"`; an interrupted writer resumes from the ledger.
+The layout is declared in pipeline/storage/schema.py; this module creates, opens and writes it.
 """
 from __future__ import annotations
 
 import asyncio
 import datetime as _dt
 import getpass
-import hashlib
-import json
 import os
 import shutil
 import socket
@@ -32,43 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
 from . import location
-from .errors import H2TError
-
-SCHEMA_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
-FLOAT_MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38,
-             "float32": float(np.finfo(np.float32).max)}
-STATUS_CREATING, STATUS_WRITING, STATUS_COMPLETE = "creating", "writing", "complete"
-
-
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def store_id(spec: dict) -> str:
-    """Content hash of everything that changes the stored numbers."""
-    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
-
-
-def storage_dtype(dtype: str) -> str:
-    """The zarr dtype a store dtype is written as: zarr has no bfloat16, so its bits go into uint16."""
-    return "uint16" if dtype == "bfloat16" else dtype
-
-
-def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
-    """float32 -> bfloat16 bit patterns, rounded to nearest even (as torch rounds); finite inputs only."""
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-
-
-def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns -> float32, exactly."""
-    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+from ..errors import H2TError
+from .schema import (COMPRESSIONS, DTYPES, FEATURES, LABELS, LEDGER, SAMPLE_IDS, SCHEMA_VERSION, STATUS_COMPLETE,
+                     STATUS_CREATING, STATUS_WRITING, canonical_json, check_attrs, feature_codecs, from_bfloat16_bits,
+                     storage_dtype, store_id, to_bfloat16_bits)
 
 
 def _slug(text: str) -> str:
@@ -116,16 +69,20 @@ class FeatureStore:
         return dict(self.meta["splits"])
 
     def features(self, split: str, layer: str) -> zarr.Array:
-        return self.group[f"{split}/features/{layer}"]
+        return self.group[FEATURES.key(split, layer)]
 
     def labels(self, split: str) -> np.ndarray:
-        return self.group[f"{split}/labels"][:]
+        return self.group[LABELS.key(split)][:]
 
     def sample_ids(self, split: str) -> np.ndarray:
-        return np.asarray(self.group[f"{split}/sample_ids"][:], dtype=str)
+        return np.asarray(self.group[SAMPLE_IDS.key(split)][:], dtype=str)
 
     def shards_done(self, split: str) -> np.ndarray:
-        return self.group[f"{split}/shards_done"][:]
+        return self.group[LEDGER.key(split)][:]
+
+    def ledger_entry(self, split: str, shard: int) -> bool:
+        """Whether one shard is marked written (one chunk read)."""
+        return bool(self.group[LEDGER.key(split)][shard])
 
     def shard_exists(self, split: str, layer: str, shard: int) -> bool:
         """Whether the shard object is on storage (a missing one would read as zeros)."""
@@ -182,7 +139,7 @@ class FeatureStore:
 
         zarr_sync(write_all())
         # The ledger entry is written last: a shard marked done is fully on storage.
-        self.group[f"{split}/shards_done"][start // self.meta["shard_rows"]] = 1
+        self.group[LEDGER.key(split)][start // self.meta["shard_rows"]] = 1
 
     def mark_complete(self) -> None:
         for split in self.splits():
@@ -227,10 +184,9 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     reused = reused or {}
     if dtype not in DTYPES:
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if compression not in ("zstd", "none"):
+    if compression not in COMPRESSIONS:
         raise H2TError(f"store.compression must be zstd or none, got {compression!r}")
-    # Every inner chunk carries a CRC32C (and zarr's shard index has its own): a flipped byte fails the read.
-    compressors = [ZstdCodec(level=1), Crc32cCodec()] if compression == "zstd" else [Crc32cCodec()]
+    compressors = feature_codecs(compression)
     meta = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
@@ -256,24 +212,24 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         for layer in layers:
             if layer["name"] in reused:
                 group.require_group(f"{split}/features")
-                _copy_array(reused[layer["name"]], path, group, f"{split}/features/{layer['name']}")
+                _copy_array(reused[layer["name"]], path, group, FEATURES.key(split, layer["name"]))
                 continue
             dim = layer["dim"]
             inner = min(col_chunk, dim)
-            arr = group.create_array(f"{split}/features/{layer['name']}", shape=(n, dim),
+            arr = group.create_array(FEATURES.key(split, layer["name"]), shape=(n, dim),
                                      dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
                                      shards=(shard_rows, -(-dim // inner) * inner), compressors=compressors,
                                      fill_value=0, overwrite=True)
             if dtype == "bfloat16":
                 arr.attrs["h2t_encoding"] = "bfloat16"
-        label_array = group.create_array(f"{split}/labels", shape=(n,), dtype="int64", chunks=(n,),
+        label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True)
-        id_array = group.create_array(f"{split}/sample_ids", shape=(n,), dtype=str, chunks=(n,), overwrite=True)
+        id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True)
         if labels is not None:
             label_array[:] = labels[split]
         if sample_ids is not None:
             id_array[:] = sample_ids[split]
-        group.create_array(f"{split}/shards_done", shape=(n_shards,), dtype="uint8", chunks=(1,),
+        group.create_array(LEDGER.key(split), shape=(n_shards,), dtype="uint8", chunks=(1,),
                            fill_value=int(all_reused), compressors=None, overwrite=True)
     store = FeatureStore(path, group)
     store._update_meta(status=STATUS_WRITING)
@@ -340,6 +296,9 @@ def open_store(path: str, spec: dict | None = None, options: dict | None = None)
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise H2TError(f"store {path} has schema version {meta.get('schema_version')}, "
                        f"this h2t reads version {SCHEMA_VERSION}")
+    problems = check_attrs(meta)
+    if problems:
+        raise H2TError(f"store {path} does not follow the h2t schema: {problems[0]}")
     if spec is not None and canonical_json(meta["spec"]) != canonical_json(spec):
         raise H2TError(f"store {path} was extracted with other settings (provenance differs): not reused")
     return FeatureStore(path, group, read_only)

@@ -1,0 +1,138 @@
+"""The store schema, declared once as code: create_store lays arrays out from it, open_store checks the
+attributes against it, `h2t store verify` checks every array against it.
+
+    <root>/<model>/<dataset>/<store_id>.zarr/
+        attrs["h2t"]             the ATTRS below
+        <split>/features/<tap>   (n, dim)  float16 | float32, or bfloat16 kept as its bit pattern in uint16
+                                 (array attrs h2t_encoding=bfloat16); shard = (shard_rows, dim), inner chunk
+                                 = (shard_rows, col_chunk), zstd + CRC32C per inner chunk
+        <split>/labels           (n,)      int64
+        <split>/sample_ids       (n,)      str
+        <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
+        derived/relevance/<key>/ weight_sq, grad_norm (D,) float32; attrs = parameters + certificate
+        derived/views/<key>/     relevance-ordered columns per split (pipeline/storage/views.py)
+
+A reader trusts only `status == "complete"`; an interrupted writer resumes from the ledger.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+SCHEMA_VERSION = 1
+DTYPES = ("float16", "bfloat16", "float32")
+COMPRESSIONS = ("zstd", "none")
+FLOAT_MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38,
+             "float32": float(np.finfo(np.float32).max)}
+STATUS_CREATING, STATUS_WRITING, STATUS_COMPLETE = "creating", "writing", "complete"
+STATUSES = (STATUS_CREATING, STATUS_WRITING, STATUS_COMPLETE)
+
+# attrs["h2t"]: key -> what it holds. Every key is written by create_store and required by open_store.
+ATTRS = {
+    "schema_version": "SCHEMA_VERSION of the code that wrote the store",
+    "store_id": "sha256 of the canonical spec, 16 hex digits",
+    "spec": "everything that changes the numbers (the id is its hash)",
+    "layers": "layer table: name, role, raw_shape, dim, offset; dtype when widened, reused_from when copied",
+    "splits": "{split: rows}",
+    "num_classes": "number of classes",
+    "class_names": "class names in label order",
+    "shard_rows": "rows per shard (one extraction batch)",
+    "dtype": "the store dtype asked for",
+    "status": "creating | writing | complete",
+    "skipped": "samples left out as unreadable: id, split, reason",
+    "created_at": "UTC time the store was laid out",
+    "created_by": "user@host that laid it out",
+}
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def store_id(spec: dict) -> str:
+    """Content hash of everything that changes the stored numbers."""
+    return hashlib.sha256(canonical_json(spec).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ArraySchema:
+    """One array of every split: where it lives, its dtype and shape given the store's attributes."""
+    path: str  # template over {split} and {layer}
+    doc: str
+
+    def key(self, split: str, layer: str | None = None) -> str:
+        return self.path.format(split=split, layer=layer)
+
+
+FEATURES = ArraySchema("{split}/features/{layer}", "pooled activations of one tap, (n, dim)")
+LABELS = ArraySchema("{split}/labels", "integer class of each sample, (n,) int64")
+SAMPLE_IDS = ArraySchema("{split}/sample_ids", "stable id of each sample, (n,) str")
+LEDGER = ArraySchema("{split}/shards_done", "completion ledger, (n_shards,) uint8, one chunk per shard")
+SPLIT_ARRAYS = (LABELS, SAMPLE_IDS, LEDGER)
+
+
+def storage_dtype(dtype: str) -> str:
+    """The zarr dtype a store dtype is written as: zarr has no bfloat16, so its bits go into uint16."""
+    return "uint16" if dtype == "bfloat16" else dtype
+
+
+def feature_codecs(compression: str) -> list:
+    """Every inner chunk carries a CRC32C (and zarr's shard index has its own): a flipped byte fails the
+    read. zstd level 1: on pooled activations it stores 0.59x the bytes at about the speed of no
+    compression with the Rust pipeline (benchmarks/store_io.py)."""
+    return [ZstdCodec(level=1), Crc32cCodec()] if compression == "zstd" else [Crc32cCodec()]
+
+
+def expected_arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array the attributes promise: key -> (shape, zarr dtype)."""
+    dtype = meta.get("dtype") or meta["spec"]["dtype"]
+    shard_rows = meta["shard_rows"]
+    out = {}
+    for split, n in meta["splits"].items():
+        for layer in meta["layers"]:
+            out[FEATURES.key(split, layer["name"])] = ((n, layer["dim"]), storage_dtype(layer.get("dtype") or dtype))
+        out[LABELS.key(split)] = ((n,), "int64")
+        out[SAMPLE_IDS.key(split)] = ((n,), "str")
+        out[LEDGER.key(split)] = ((-(-n // shard_rows),), "uint8")
+    return out
+
+
+def check_attrs(meta: dict) -> list[str]:
+    """Problems with the attributes themselves: missing keys, an unknown status or dtype."""
+    problems = [f"attrs['h2t'] lacks {key!r} ({doc})" for key, doc in ATTRS.items() if key not in meta]
+    if meta.get("status") not in STATUSES:
+        problems.append(f"attrs['h2t']['status'] is {meta.get('status')!r}, not one of {', '.join(STATUSES)}")
+    if meta.get("dtype", "float16") not in DTYPES:
+        problems.append(f"attrs['h2t']['dtype'] is {meta.get('dtype')!r}, not one of {', '.join(DTYPES)}")
+    return problems
+
+
+def check_arrays(group, meta: dict) -> list[str]:
+    """Problems with the arrays: missing, or of another shape or dtype than the attributes promise."""
+    problems = []
+    for key, (shape, dtype) in expected_arrays(meta).items():
+        try:
+            arr = group[key]
+        except KeyError:
+            problems.append(f"{key}: missing array")
+            continue
+        if tuple(arr.shape) != shape:
+            problems.append(f"{key}: shape {tuple(arr.shape)}, schema says {shape}")
+        elif dtype != "str" and np.dtype(arr.dtype) != np.dtype(dtype):
+            problems.append(f"{key}: dtype {arr.dtype}, schema says {dtype}")
+    return problems
+
+
+def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bit patterns, rounded to nearest even (as torch rounds); finite inputs only."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+
+
+def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns -> float32, exactly."""
+    return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
