@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +18,9 @@ from .storage.claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
 from .storage.reuse import Reuse, find_reuse, reused_layer
-from .storage.schema import DTYPES, FLOAT_MAX, SCHEMA_VERSION, STATUS_CREATING, storage_dtype
+from .storage.schema import DTYPES, SCHEMA_VERSION, STATUS_CREATING, storage_dtype
 from .storage.store import FeatureStore, create_store, open_store, store_path
+from .stages import ON_OVERFLOW, PRECISIONS, DeviceStage, Loader, ShardQueue, Writer
 from .taps import TappedForward, select_taps
 
 @dataclass
@@ -55,6 +56,7 @@ def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
                        f"{str(exc).splitlines()[0]}") from None
     finally:
         runner.close()
+    compute = precision(cfg.model)
     spec = {
         "schema_version": SCHEMA_VERSION,
         "model": {"name": cfg.model.name, "weights": weights_fingerprint(cfg.model),
@@ -67,10 +69,19 @@ def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                     "splits": {name: len(split) for name, split in dataset.splits.items()}},
     }
+    if compute != "float32":  # other compute dtypes give other numbers (float32 stores keep their ids)
+        spec["model"]["precision"] = compute
     return Plan(spec, store_path(cfg.store.root, spec), layers, dataset, taps, preprocess)
 
 
-def _device(name: str) -> torch.device:
+def precision(model_cfg) -> str:
+    value = model_cfg.get("precision") or "float32"
+    if value not in PRECISIONS:
+        raise H2TError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
+    return value
+
+
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -80,21 +91,6 @@ def _device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise H2TError(f"extract.device={name}: no CUDA device on this machine")
     return device
-
-
-ON_OVERFLOW = ("error", "widen")
-
-
-def _check_finite(layer: str, block: np.ndarray, dtype: str, on_overflow: str = "error") -> bool:
-    """NaN / inf always stop the run; True when the block does not fit `dtype` and should be widened."""
-    if not np.isfinite(block).all():
-        raise H2TError(f"tap {layer}: activations contain NaN or inf; not stored")
-    if dtype != "float32" and block.size and np.abs(block).max() > FLOAT_MAX[dtype]:
-        if on_overflow == "widen":
-            return True
-        raise H2TError(f"tap {layer}: activations reach {np.abs(block).max():.3g}, beyond {dtype}; "
-                       f"use store.dtype=float32 or store.on_overflow=widen")
-    return False
 
 
 def planned_bytes(plan: Plan, skip=()) -> dict[str, dict[str, int]]:
@@ -154,12 +150,13 @@ class ExtractResult:
     seconds: float
 
 
-def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None) -> ExtractResult:
+def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=None) -> ExtractResult:
     """Make sure the complete store exists; run the backbone only over shards nobody has written.
 
     Several processes may run this on one store at once: the store is laid out by whoever claims
     `create`, and each shard is computed by whoever claims it (pipeline/claims.py). Layers that complete
-    sibling stores hold are copied (`reuse`, found here when not given; pipeline/reuse.py).
+    sibling stores hold are copied (`reuse`, found here when not given; pipeline/storage/reuse.py).
+    `forward` replaces the tapped backbone (benchmarks/extract_ceiling.py measures the rest of the pipeline).
     """
     start_time = time.perf_counter()
     plan = plan or plan_store(cfg)
@@ -180,8 +177,8 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None) -> Extrac
         reuse = find_reuse(plan.spec, plan.path, plan.layers, options)
     # The backbone is built before anything is written (missing weights leave no store behind), unless
     # every layer is copied from other stores.
-    device = _device(cfg.extract.device)
-    model = None if reuse.covers(plan.layers) else _build(cfg, device)
+    device = resolve_device(cfg.extract.device)
+    model = None if forward is not None or reuse.covers(plan.layers) else _build(cfg, device)
     claims = Claims(location.zarr_store(plan.path, options), float(cfg.extract.lease_s))
     poll_s = float(cfg.extract.poll_s)
     while store is None or store.meta["status"] == STATUS_CREATING:
@@ -207,24 +204,24 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None) -> Extrac
             store = open_store(plan.path, plan.spec, options)
     shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
 
-    remaining = 0
-    for name, split in dataset.splits.items():  # one ledger read per split
-        done = store.shards_done(name)
-        remaining += sum(min(shard_rows, len(split) - start)
-                         for shard, start in enumerate(range(0, len(split), shard_rows)) if not done[shard])
+    queue = ShardQueue(store, dataset, claims, shard_rows)
+    remaining = queue.remaining_rows()
     images_done = 0
     if remaining:
-        model = model or _build(cfg, device)
-        # only the layers this store computes; the forward stops after the last of them
-        computed = {layer["name"] for layer in store.computed_layers}
-        pooling = plan.spec["pooling"]
-        runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
-                               pooling["rule"], pooling["cls_token"])
+        runner = forward
+        if runner is None:
+            model = model or _build(cfg, device)
+            # only the layers this store computes; the forward stops after the last of them
+            computed = {layer["name"] for layer in store.computed_layers}
+            pooling = plan.spec["pooling"]
+            runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
+                                   pooling["rule"], pooling["cls_token"])
         try:
-            images_done = _fill_shards(cfg, plan, store, runner, claims, device, remaining, shard_rows, poll_s)
+            images_done = _run_stages(cfg, plan, store, runner, queue, device, remaining, poll_s)
         finally:
             claims.release_all()  # an error leaves the unwritten shards free for the next run at once
-            runner.close()
+            if forward is None:
+                runner.close()
     if not store.complete:
         store = open_store(plan.path, plan.spec, options)
         if not store.complete:
@@ -237,85 +234,44 @@ def _build(cfg, device: torch.device) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if cfg.extract.channels_last else model
 
 
-def _fill_shards(cfg, plan: Plan, store, runner, claims, device, remaining: int, shard_rows: int,
-                 poll_s: float) -> int:
-    """Claim, compute and write shards until the store has them all; returns images computed here."""
-    dataset, images_done, layers = plan.dataset, 0, store.computed_layers
-    with ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer, \
-            tqdm(total=remaining, unit="img", desc=f"extract {plan.spec['model']['name']}",
-                 disable=not cfg.extract.progress) as bar:
+def _run_stages(cfg, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int, poll_s: float) -> int:
+    """Claim, load, compute and write shards until the store has them all (pipeline/stages.py); returns the
+    images computed here."""
+    stage = DeviceStage(runner, plan.preprocess, device, store.computed_layers, store.layer_dtypes(),
+                        bool(cfg.extract.channels_last), cfg.store.on_overflow, precision(cfg.model))
+    loader = Loader(plan.dataset, int(cfg.extract.workers), pin=device.type == "cuda")
+    writer = Writer(store, queue.claims, int(cfg.extract.writers))
 
-        def load(item):
-            name, start = item
-            split = dataset.splits[name]
-            return split.load(start, min(start + shard_rows, len(split)))
+    def widen(name: str) -> None:
+        writer.drain()  # widening rewrites the tap's arrays: no write may be in flight
+        store.widen_layer(name)
 
-        def write(name, start, blocks):
-            store.write_rows(name, start, blocks)
-            claims.release(f"{name}/{start // shard_rows}")
-
-        candidates: list[tuple[str, int]] = []
-
-        def claim_next():
-            """The next unwritten shard nobody holds, now claimed by this process; None if there is none now.
-
-            Candidates come from one read of the ledger, refreshed only when they run out."""
-            for refresh in (False, True):
-                if refresh:
-                    candidates[:] = [(name, start) for name, split in dataset.splits.items()
-                                     for shard, (start, done) in enumerate(zip(range(0, len(split), shard_rows),
-                                                                               store.shards_done(name)))
-                                     if not done]
-                while candidates:
-                    name, start = candidates.pop(0)
-                    shard = start // shard_rows
-                    if not claims.try_claim(f"{name}/{shard}"):
-                        continue
-                    # the ledger entry is written before a claim is released: look again now that we hold it
-                    if store.group[f"{name}/shards_done"][shard]:
-                        claims.release(f"{name}/{shard}")
-                        continue
-                    return name, start
-            return None
-
-        def all_done() -> bool:
-            return all(store.shards_done(name).all() for name in dataset.splits)
-
-        pending_write = None
-        item = claim_next()
-        next_images = loader.submit(load, item) if item else None
-        while True:
-            if item is None:  # nothing to claim: finished, or the rest is held by other writers
-                if pending_write is not None:
-                    pending_write.result()
-                    pending_write = None
-                if all_done():
-                    break
-                time.sleep(poll_s)  # wait for them to finish, or for their claims to lapse
-                item = claim_next()
-                next_images = loader.submit(load, item) if item else None
-                continue
-            name, start = item
-            images = next_images.result()
-            item = claim_next()
-            if item is not None:
-                next_images = loader.submit(load, item)
-            x = plan.preprocess(images, device)
-            if cfg.extract.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode():
-                pooled = runner(x)
-            blocks = [p.float().cpu().numpy() for p in pooled]
-            if pending_write is not None:
-                pending_write.result()  # widening rewrites arrays: no write may be in flight
-                pending_write = None
-            dtypes = store.layer_dtypes()
-            for layer, block in zip(layers, blocks):
-                if _check_finite(layer["name"], block, dtypes[layer["name"]], cfg.store.on_overflow):
-                    store.widen_layer(layer["name"])
-                    dtypes[layer["name"]] = "float32"
-            blocks = [store.encode(layer["name"], b, dtypes[layer["name"]]) for layer, b in zip(layers, blocks)]
-            pending_write = writer.submit(write, name, start, blocks)
-            images_done += len(blocks[0])
-            bar.update(len(blocks[0]))
+    stage.widen = widen
+    depth = max(1, int(cfg.extract.prefetch))
+    ahead: deque = deque()  # (shard, future images) claimed and loading
+    images_done, failed = 0, True
+    try:
+        with tqdm(total=remaining, unit="img", desc=f"extract {plan.spec['model']['name']}",
+                  disable=not cfg.extract.progress) as bar:
+            while True:
+                while len(ahead) < depth:
+                    shard = queue.claim_next()
+                    if shard is None:
+                        break
+                    ahead.append((shard, loader.submit(shard)))
+                if not ahead:  # nothing to claim: finished, or the rest is held by other writers
+                    writer.drain()
+                    if queue.all_done():
+                        break
+                    time.sleep(poll_s)  # wait for them to finish, or for their claims to lapse
+                    continue
+                shard, images = ahead.popleft()
+                batch = stage(images.result())
+                writer.submit(shard, stage.to_host(batch))
+                images_done += shard.stop - shard.start
+                bar.update(shard.stop - shard.start)
+        failed = False
+    finally:
+        loader.close()
+        writer.close(raise_errors=not failed)
     return images_done

@@ -38,8 +38,11 @@ class Preprocess:
         return out
 
     def __call__(self, images, device: torch.device) -> torch.Tensor:
-        """uint8 (B, H, W, 3) array, or a list of (H, W, 3) arrays of any sizes -> (B, 3, S, S) float."""
-        if isinstance(images, list):
+        """uint8 (B, H, W, 3) array or tensor (pinned: copied without blocking), or a list of (H, W, 3)
+        arrays of any sizes -> (B, 3, S, S) float on the device."""
+        if isinstance(images, torch.Tensor):
+            batch = self._resize(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
+        elif isinstance(images, list):
             batch = torch.cat([self._resize(torch.from_numpy(im).to(device).permute(2, 0, 1)[None]) for im in images])
         else:
             batch = self._resize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2))

@@ -20,7 +20,7 @@ def tiny_cfg(tmp_path, **over):
         "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32,
                   "on_overflow": "error"},
         "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False, "plan_only": False,
-                    "lease_s": 300, "poll_s": 0.1},
+                    "lease_s": 300, "poll_s": 0.1, "workers": 2, "prefetch": 2, "writers": 2},
     })
     for key, value in over.items():
         OmegaConf.update(cfg, key, value)

@@ -10,7 +10,7 @@ import getpass
 import os
 import shutil
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
@@ -39,6 +39,14 @@ class FeatureStore:
     path: str
     group: zarr.Group
     read_only: bool = False
+    # opened arrays: opening one reads and parses its metadata, which cost more than writing its shard
+    _arrays: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def _array(self, key: str) -> zarr.Array:
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._arrays[key] = self.group[key]
+        return array
 
     @property
     def meta(self) -> dict:
@@ -69,7 +77,7 @@ class FeatureStore:
         return dict(self.meta["splits"])
 
     def features(self, split: str, layer: str) -> zarr.Array:
-        return self.group[FEATURES.key(split, layer)]
+        return self._array(FEATURES.key(split, layer))
 
     def labels(self, split: str) -> np.ndarray:
         return self.group[LABELS.key(split)][:]
@@ -78,11 +86,11 @@ class FeatureStore:
         return np.asarray(self.group[SAMPLE_IDS.key(split)][:], dtype=str)
 
     def shards_done(self, split: str) -> np.ndarray:
-        return self.group[LEDGER.key(split)][:]
+        return self._array(LEDGER.key(split))[:]
 
     def ledger_entry(self, split: str, shard: int) -> bool:
         """Whether one shard is marked written (one chunk read)."""
-        return bool(self.group[LEDGER.key(split)][shard])
+        return bool(self._array(LEDGER.key(split))[shard])
 
     def shard_exists(self, split: str, layer: str, shard: int) -> bool:
         """Whether the shard object is on storage (a missing one would read as zeros)."""
@@ -124,6 +132,7 @@ class FeatureStore:
                                           shards=old.shards, compressors=old.compressors, fill_value=0,
                                           overwrite=True)
             new[:] = data
+        self._arrays.clear()
         layers = [dict(l, dtype="float32") if l["name"] == layer else l for l in self.layers]
         self._update_meta(layers=layers, widened=sorted(set(self.meta.get("widened", [])) | {layer}))
 
@@ -131,15 +140,26 @@ class FeatureStore:
         """Write one shard of rows for every computed layer, then mark the shard done in the ledger."""
         if self.complete:
             raise H2TError(f"store {self.path} is complete and immutable")
+        self._follow_widening()
         stop = start + len(blocks[0])
-        arrays = [self.features(split, layer["name"])._async_array for layer in self.computed_layers]
+        arrays = [self.features(split, layer["name"]) for layer in self.computed_layers]
+        blocks = [_as_stored(block, arr.dtype) for block, arr in zip(blocks, arrays)]
+        arrays = [arr._async_array for arr in arrays]
 
         async def write_all():  # all taps at once on zarr's event loop: ~30 % faster than one by one
             await asyncio.gather(*(a.setitem(slice(start, stop), b) for a, b in zip(arrays, blocks)))
 
         zarr_sync(write_all())
         # The ledger entry is written last: a shard marked done is fully on storage.
-        self.group[LEDGER.key(split)][start // self.meta["shard_rows"]] = 1
+        self._array(LEDGER.key(split))[start // self.meta["shard_rows"]] = 1
+
+    def _follow_widening(self) -> None:
+        """Another writer may have widened a tap since this store was opened: one read of the group's
+        attributes per shard tells, and then the arrays are opened again."""
+        fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+", zarr_format=3)
+        if fresh.attrs["h2t"].get("widened") != self.meta.get("widened"):
+            self.group = fresh
+            self._arrays.clear()
 
     def mark_complete(self) -> None:
         for split in self.splits():
@@ -170,6 +190,15 @@ class FeatureStore:
         if "params" not in group.attrs:  # an interrupted write: recompute
             return None
         return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
+
+
+def _as_stored(block: np.ndarray, dtype) -> np.ndarray:
+    """A block encoded for a narrower dtype than its array now has (widened meanwhile), as that dtype."""
+    if block.dtype == dtype:
+        return block
+    if block.dtype == np.uint16:  # bfloat16 bit patterns
+        return from_bfloat16_bits(block).astype(dtype)
+    return block.astype(dtype)
 
 
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
@@ -207,21 +236,20 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             raise H2TError(location.describe_failure(path, exc)) from None
         raise H2TError(f"cannot create store at {path}: {getattr(exc, 'strerror', None) or exc}") from None
     all_reused = all(layer["name"] in reused for layer in layers)
+    store = FeatureStore(path, group)
+    to_create = []
     for split, n in split_sizes.items():
         n_shards = -(-n // shard_rows)
+        group.require_group(f"{split}/features")
         for layer in layers:
             if layer["name"] in reused:
-                group.require_group(f"{split}/features")
                 _copy_array(reused[layer["name"]], path, group, FEATURES.key(split, layer["name"]))
                 continue
-            dim = layer["dim"]
-            inner = min(col_chunk, dim)
-            arr = group.create_array(FEATURES.key(split, layer["name"]), shape=(n, dim),
-                                     dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
-                                     shards=(shard_rows, -(-dim // inner) * inner), compressors=compressors,
-                                     fill_value=0, overwrite=True)
-            if dtype == "bfloat16":
-                arr.attrs["h2t_encoding"] = "bfloat16"
+            inner = min(col_chunk, layer["dim"])
+            to_create.append((FEATURES.key(split, layer["name"]), dict(
+                shape=(n, layer["dim"]), dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
+                shards=(shard_rows, -(-layer["dim"] // inner) * inner), compressors=compressors, fill_value=0,
+                attributes={"h2t_encoding": "bfloat16"} if dtype == "bfloat16" else None)))
         label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True)
         id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True)
@@ -231,7 +259,13 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             id_array[:] = sample_ids[split]
         group.create_array(LEDGER.key(split), shape=(n_shards,), dtype="uint8", chunks=(1,),
                            fill_value=int(all_reused), compressors=None, overwrite=True)
-    store = FeatureStore(path, group)
+
+    async def create_all():  # concurrently: one metadata write each, ~4 ms apiece one after another
+        return await asyncio.gather(*(group._async_group.create_array(key, overwrite=True, **kwargs)
+                                      for key, kwargs in to_create))
+
+    for (key, _kwargs), created in zip(to_create, zarr_sync(create_all())):
+        store._arrays[key] = zarr.Array(created)  # extraction writes them next: no need to open them again
     store._update_meta(status=STATUS_WRITING)
     return store
 

@@ -1,0 +1,262 @@
+"""Extraction as four bounded stages, so that the device never waits on decoding or storage:
+
+    load    `Loader`: the next batches are decoded ahead in `extract.workers` threads (each batch split
+            between them), uint8 pixels pinned for an asynchronous host-to-device copy
+    device  `DeviceStage`: preprocessing, the tapped forward and pooling on the device; the finiteness
+            and range checks reduce every tap to two numbers on the device (one small copy back), the
+            store dtype cast (bfloat16 included) happens there too
+    encode  `DeviceStage.to_host`: every tap of the batch cast into one flat buffer, copied to the host
+            once per batch; each tap's rows are a contiguous view of it
+    write   `Writer`: `extract.writers` threads write whole shards (the Rust codec pipeline compresses
+            and checksums outside the GIL), mark the ledger, release the claim; at most `writers + 1`
+            batches are in flight, so memory stays flat whatever the dataset size
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .errors import H2TError
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ON_OVERFLOW = ("error", "widen")
+PRECISIONS = ("float32", "bfloat16", "float16")  # model.precision: the backbone's compute dtype
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One unit of work: rows [start, stop) of a split, written as one shard of every computed tap."""
+    split: str
+    start: int
+    stop: int
+    index: int
+
+
+class ShardQueue:
+    """Hands out the shards nobody has written, each claimed by this process first (pipeline/storage/claims.py).
+
+    Candidates come from one read of the ledger, refreshed only when they run out; after a claim the
+    ledger entry is read again, since a shard may have been finished while we looked."""
+
+    def __init__(self, store, dataset, claims, shard_rows: int):
+        self.store, self.dataset, self.claims, self.shard_rows = store, dataset, claims, shard_rows
+        self._candidates: deque[Shard] = deque()
+
+    def _unwritten(self) -> list[Shard]:
+        out = []
+        for name, split in self.dataset.splits.items():
+            done = self.store.shards_done(name)
+            for index, start in enumerate(range(0, len(split), self.shard_rows)):
+                if not done[index]:
+                    out.append(Shard(name, start, min(start + self.shard_rows, len(split)), index))
+        return out
+
+    def remaining_rows(self) -> int:
+        return sum(s.stop - s.start for s in self._unwritten())
+
+    def claim_next(self) -> Shard | None:
+        for refresh in (False, True):
+            if refresh:
+                self._candidates = deque(self._unwritten())
+            while self._candidates:
+                shard = self._candidates.popleft()
+                unit = f"{shard.split}/{shard.index}"
+                if not self.claims.try_claim(unit):
+                    continue
+                if self.store.ledger_entry(shard.split, shard.index):  # finished meanwhile by another writer
+                    self.claims.release(unit)
+                    continue
+                return shard
+        return None
+
+    def all_done(self) -> bool:
+        return all(self.store.shards_done(name).all() for name in self.dataset.splits)
+
+
+def _join(parts: list):
+    """Decoded ranges as one (B, H, W, 3) array when every image has one size (one copy to the device),
+    else a list of images."""
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    images = [image for part in parts for image in (list(part) if isinstance(part, np.ndarray) else part)]
+    if images and all(image.shape == images[0].shape for image in images):
+        return np.stack(images)
+    return images
+
+
+class Loader:
+    """Decodes batches ahead of the device: each batch is split into `workers` ranges decoded in parallel
+    (PIL and numpy release the GIL while decoding); same-sized batches are pinned for a non-blocking copy."""
+
+    def __init__(self, dataset, workers: int, pin: bool):
+        if workers < 1:
+            raise H2TError(f"extract.workers must be >= 1, got {workers}")
+        self.dataset, self.workers, self.pin = dataset, workers, pin
+        self._batches = ThreadPoolExecutor(2, thread_name_prefix="h2t-batch")
+        self._decoders = ThreadPoolExecutor(workers, thread_name_prefix="h2t-decode")
+
+    def submit(self, shard: Shard) -> Future:
+        return self._batches.submit(self._load, shard)
+
+    def _load(self, shard: Shard):
+        split = self.dataset.splits[shard.split]
+        n = shard.stop - shard.start
+        pieces = max(1, min(self.workers, n // 8))  # ranges of at least 8 images
+        bounds = [shard.start + n * i // pieces for i in range(pieces + 1)]
+        parts = list(self._decoders.map(lambda ab: split.load(*ab), zip(bounds[:-1], bounds[1:])))
+        images = _join(parts)
+        if isinstance(images, np.ndarray):
+            images = torch.from_numpy(np.ascontiguousarray(images))
+            if self.pin:
+                images = images.pin_memory()
+        return images
+
+    def close(self) -> None:
+        self._batches.shutdown(wait=True, cancel_futures=True)
+        self._decoders.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class DeviceBatch:
+    rows: int
+    flats: dict[str, torch.Tensor]  # store dtype -> every tap of that dtype cast into one flat buffer
+    members: dict[str, list[int]]  # store dtype -> the taps (indices) in its buffer, in order
+    sizes: list[int]  # elements of each tap
+
+
+class DeviceStage:
+    """Preprocess + tapped forward + pooling + dtype cast + checks on the device; one copy to the host."""
+
+    def __init__(self, runner, preprocess, device: torch.device, layers: list[dict], dtypes: dict[str, str],
+                 channels_last: bool = False, on_overflow: str = "error", precision: str = "float32"):
+        if on_overflow not in ON_OVERFLOW:
+            raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {on_overflow!r}")
+        if precision not in PRECISIONS:
+            raise H2TError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        # the forward under autocast (pooling and the store cast in float32 after it)
+        self.autocast = None if precision == "float32" else TORCH_DTYPES[precision]
+        self.runner, self.preprocess, self.device = runner, preprocess, device
+        self.layers, self.dtypes = layers, dict(dtypes)
+        self.channels_last, self.on_overflow = channels_last, on_overflow
+        self.widen: Callable[[str], None] | None = None  # called for a tap to store as float32 from now on
+
+    def __call__(self, images) -> DeviceBatch:
+        x = self.preprocess(images, self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast,
+                                                    enabled=self.autocast is not None):
+            pooled = self.runner(x)
+        with torch.inference_mode():
+            pooled = [p.float() for p in pooled]
+            batch = self._cast(pooled)
+            # A value beyond a dtype's range casts to inf, so one finiteness reduction per buffer checks
+            # NaN, inf and overflow at once; the culprit tap is looked for only when something is wrong.
+            ok = torch.stack([torch.isfinite(flat).all() for flat in batch.flats.values()]).all()
+            if not bool(ok):
+                if self._culprits(pooled):
+                    batch = self._cast(pooled)
+        return batch
+
+    def _cast(self, pooled: list[torch.Tensor]) -> DeviceBatch:
+        members: dict[str, list[int]] = {}
+        for i, layer in enumerate(self.layers):
+            members.setdefault(self.dtypes[layer["name"]], []).append(i)
+        sizes = [p.numel() for p in pooled]
+        flats = {}
+        for dtype, taps in members.items():
+            flat = torch.empty(sum(sizes[i] for i in taps), dtype=TORCH_DTYPES[dtype], device=self.device)
+            offset = 0
+            for i in taps:
+                flat[offset:offset + sizes[i]].view(pooled[i].shape).copy_(pooled[i])  # cast in place
+                offset += sizes[i]
+            flats[dtype] = flat
+        return DeviceBatch(pooled[0].shape[0], flats, members, sizes)
+
+    def _culprits(self, pooled: list[torch.Tensor]) -> bool:
+        """Per tap: NaN / inf stop the run; values beyond the tap's dtype stop it, or with
+        store.on_overflow=widen the tap is widened to float32. True when a tap was widened."""
+        widened = False
+        for layer, p in zip(self.layers, pooled):
+            name = layer["name"]
+            if not bool(torch.isfinite(p).all()):
+                raise H2TError(f"tap {name}: activations contain NaN or inf; not stored")
+            dtype = self.dtypes[name]
+            peak = float(p.abs().max()) if p.numel() else 0.0
+            if dtype != "float32" and not torch.isfinite(p.to(TORCH_DTYPES[dtype])).all():
+                if self.on_overflow != "widen":
+                    raise H2TError(f"tap {name}: activations reach {peak:.3g}, beyond {dtype}; "
+                                   f"use store.dtype=float32 or store.on_overflow=widen")
+                if self.widen is not None:
+                    self.widen(name)
+                self.dtypes[name] = "float32"
+                widened = True
+        return widened
+
+    def to_host(self, batch: DeviceBatch) -> list[np.ndarray]:
+        """One copy to the host per dtype buffer (normally one in all); each tap's rows are a contiguous
+        view of it; bfloat16 comes back as its bit pattern (uint16)."""
+        blocks: list[np.ndarray | None] = [None] * len(self.layers)
+        for dtype, flat in batch.flats.items():
+            if dtype == "bfloat16":
+                flat = flat.view(torch.int16)
+            array = _to_host(flat).numpy()
+            if dtype == "bfloat16":
+                array = array.view(np.uint16)
+            offset = 0
+            for i in batch.members[dtype]:
+                blocks[i] = array[offset:offset + batch.sizes[i]].reshape(batch.rows, -1)
+                offset += batch.sizes[i]
+        return blocks
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.device.type == "cpu":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)  # torch caches pinned blocks
+    host.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return host
+
+
+class Writer:
+    """Writes shards in `writers` threads, at most `writers + 1` batches in flight; a write marks the shard
+    done in the ledger (last) and releases its claim."""
+
+    def __init__(self, store, claims, writers: int):
+        if writers < 1:
+            raise H2TError(f"extract.writers must be >= 1, got {writers}")
+        self.store, self.claims, self.limit = store, claims, writers + 1
+        self._pool = ThreadPoolExecutor(writers, thread_name_prefix="h2t-write")
+        self._inflight: deque[Future] = deque()
+        self.seconds_waiting = 0.0  # time the device loop waited on storage: > 0 means writes are the bottleneck
+
+    def submit(self, shard: Shard, blocks: list[np.ndarray]) -> None:
+        while len(self._inflight) >= self.limit:
+            start = time.perf_counter()
+            self._inflight.popleft().result()
+            self.seconds_waiting += time.perf_counter() - start
+        self._inflight.append(self._pool.submit(self._write, shard, blocks))
+
+    def _write(self, shard: Shard, blocks: list[np.ndarray]) -> None:
+        self.store.write_rows(shard.split, shard.start, blocks)
+        self.claims.release(f"{shard.split}/{shard.index}")
+
+    def drain(self) -> None:
+        """Wait for every write in flight (errors surface here)."""
+        while self._inflight:
+            self._inflight.popleft().result()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish the writes in flight; after another error, theirs are not raised over it."""
+        try:
+            if raise_errors:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
