@@ -98,7 +98,7 @@ def main() -> None:
         t_raw = raw_benchmark(tmp, blocks)
         print(f"{len(dims)} taps, {sum(dims)} features, {args.rows} rows: {payload / 2**20:.0f} MiB of float16")
         print(f"raw numpy files      {t_raw:6.2f} s  {payload / t_raw / 2**20:7.1f} MiB/s")
-        for compression in ("none", "zstd"):
+        for compression in ("none", "lz4", "zstd"):
             t, disk = write_benchmark(tmp, dims, args.rows, args.shard_rows, compression, blocks)
             print(f"store ({compression:4s})         {t:6.2f} s  {payload / t / 2**20:7.1f} MiB/s  "
                   f"on disk {disk / payload:.2f} x payload  ratio store / raw time = {t / t_raw:.2f}")

@@ -207,6 +207,9 @@ def _store_command(args: list[str]) -> None:
         p.add_argument("--root", default=catalog.default_root())
         if name == "info":
             p.add_argument("--json", action="store_true")
+        if name == "rm":
+            p.add_argument("--derived", action="store_true",
+                           help="delete only the derived artefacts (cached scores, column views)")
     gc = sub.add_parser("gc", help="delete incomplete stores nobody wrote to for a while")
     gc.add_argument("root", nargs="?", default=catalog.default_root())
     gc.add_argument("--older-than-hours", type=float, default=24.0)
@@ -239,6 +242,10 @@ def _store_command(args: list[str]) -> None:
             return
         path = catalog.resolve(opts.ref, opts.root)
         if opts.action == "rm":
+            if opts.derived:
+                catalog.remove_derived(path)
+                print(f"removed the derived artefacts of {path}")
+                return
             catalog.remove(path)
             print(f"removed {path}")
             return

@@ -6,16 +6,60 @@ import math
 import numpy as np
 import torch
 
-from .score.matrix import l2_normalise_rows
+from .score.matrix import cast_into, normalise_rows_in_place
 
 
-def read_columns(store, split: str, plan: dict[str, np.ndarray]) -> np.ndarray:
-    """Only the planned columns of each layer, each layer's subset L2-normalised per example, concatenated."""
-    parts = []
-    for layer, cols in plan.items():
-        block = store.features(split, layer).get_orthogonal_selection((slice(None), cols))
-        parts.append(l2_normalise_rows(store.decode(layer, block)))
-    return np.concatenate(parts, axis=1)
+def read_columns(store, split: str, plan: dict[str, np.ndarray], view=None, rows: slice = slice(None),
+                 block_rows: int = 512) -> np.ndarray:
+    """Only the planned columns of each layer (of `rows`), each layer's subset L2-normalised per example,
+    concatenated in plan order (layers in store order, columns ascending), as float32.
+
+    With a column view (pipeline/storage/views.py) whose prefix holds exactly the planned columns, the
+    values come from that prefix: a contiguous read of about the selected bytes. The numbers are the
+    same either way. Memory: the float32 result and one block of raw values."""
+    n = store.splits()[split]
+    start, stop, _ = rows.indices(n)
+    sizes = [len(cols) for cols in plan.values()]
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    out = np.empty((stop - start, int(bounds[-1])), np.float32)
+    order = _view_order(store, plan, view) if view is not None else None
+    for r0 in range(start, stop, block_rows):
+        block = slice(r0, min(r0 + block_rows, stop))
+        target = out[r0 - start:block.stop - start]
+        if order is not None:
+            raw = view.read(split, len(order), block)
+            for (a, b) in zip(bounds[:-1], bounds[1:]):
+                cast_into(target[:, a:b], raw[:, order[a:b]])
+        else:
+            for (layer, cols), a, b in zip(plan.items(), bounds[:-1], bounds[1:]):
+                values = store.features(split, layer).get_orthogonal_selection((block, cols))
+                cast_into(target[:, a:b], store.decode(layer, values))
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            normalise_rows_in_place(target[:, a:b])
+    return out
+
+
+def _view_order(store, plan: dict[str, np.ndarray], view) -> np.ndarray | None:
+    """Positions in the view's prefix of the plan's columns, in plan order; None when the prefix holds
+    other columns (the features are then read directly)."""
+    offsets = {layer["name"]: layer["offset"] for layer in store.layers}
+    wanted = np.concatenate([offsets[layer] + cols for layer, cols in plan.items()])
+    k = len(wanted)
+    if k > view.width:
+        return None
+    prefix = view.columns[:k]
+    order = np.argsort(prefix, kind="stable")
+    return order if np.array_equal(prefix[order], wanted) else None
+
+
+def evaluate(head, store, split: str, plan: dict[str, np.ndarray], view=None, block_rows: int = 4096) -> float:
+    """Accuracy on a split read in row blocks: memory holds one block of the selected columns."""
+    labels = store.labels(split)
+    correct = 0
+    for r0 in range(0, len(labels), block_rows):
+        rows = slice(r0, min(r0 + block_rows, len(labels)))
+        correct += int((predict(head, read_columns(store, split, plan, view, rows)) == labels[rows]).sum())
+    return correct / len(labels)
 
 
 def train_linear_head(X: np.ndarray, y: np.ndarray, num_classes: int, lr: float, steps: int,
@@ -45,7 +89,10 @@ def train_linear_head(X: np.ndarray, y: np.ndarray, num_classes: int, lr: float,
     return head
 
 
-def accuracy(head: torch.nn.Linear, X: np.ndarray, y: np.ndarray) -> float:
+def predict(head: torch.nn.Linear, X: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        pred = head(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).argmax(1).numpy()
-    return float((pred == np.asarray(y)).mean())
+        return head(torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32))).argmax(1).numpy()
+
+
+def accuracy(head: torch.nn.Linear, X: np.ndarray, y: np.ndarray) -> float:
+    return float((predict(head, X) == np.asarray(y)).mean())

@@ -4,9 +4,10 @@ from __future__ import annotations
 import time
 
 from .errors import H2TError
-from .head import accuracy, read_columns, train_linear_head
+from .head import accuracy, evaluate, read_columns, train_linear_head
 from .score import score_store
-from .select import top_fraction, whole_layers
+from .select import column_plan, kept, ranking, whole_layers
+from .storage import views
 
 METHODS = ("head2toe", "linear")
 ON_INCOMPLETE = ("extract", "wait", "error")
@@ -39,12 +40,20 @@ def wait_for_store(cfg, plan, clock=time.monotonic, sleep=time.sleep) -> None:
 
 
 def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
-    """Fit on the train split, report validation and test accuracy; the backbone is never touched."""
+    """Fit on the train split, report validation and test accuracy; the backbone is never touched.
+
+    Head2Toe's selected columns are read through a column view of the scores when the store allows one
+    (`store.column_views`; pipeline/storage/views.py); validation and test are read and scored in row
+    blocks, so memory holds the train split's selected columns and one block of another split."""
     if method not in METHODS:
         raise H2TError(f"unknown method={method!r}; known: {', '.join(METHODS)}")
     if not store.complete:
         raise H2TError(f"store {store.path} is incomplete (status {store.meta['status']}): rerun h2t extract")
-    timings, info = {}, {}
+    head_cfg = cfg.head
+    for key in ("lr", "steps", "batch_size"):
+        if not float(head_cfg[key]) > 0:
+            raise H2TError(f"head.{key} must be > 0, got {head_cfg[key]}")
+    timings, info, view = {}, {}, None
     t = time.perf_counter()
     lam = fraction = None
     if method == "head2toe":
@@ -53,34 +62,42 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
         t = time.perf_counter()
         fraction = float(cfg.select.fraction)
         lam = float(cfg.score.lam)
-        plan = top_fraction(relevance["weight_sq"], store.layers, fraction, tiebreak=relevance["grad_norm"])
+        order = ranking(relevance["weight_sq"], relevance["grad_norm"])
+        k = kept(len(order), fraction)
+        plan = column_plan(order[:k], store.layers)
         timings["select"] = time.perf_counter() - t
+        if cfg.store.get("column_views", True):
+            t = time.perf_counter()
+            view = views.view_for(store, info["key"], order, k, float(cfg.store.get("view_fraction", 0.2)),
+                                  progress=progress)
+            timings["view"] = time.perf_counter() - t
     else:
         plan = whole_layers(store.layers, [cfg.linear.layer])
     t = time.perf_counter()
-    splits = [s for s in ("train", "val", "test") if s in store.splits()]
-    features = {s: read_columns(store, s, plan) for s in splits}
-    labels = {s: store.labels(s) for s in splits}
+    n_selected = int(sum(len(c) for c in plan.values()))
+    block_rows = max(1, int(float(cfg.score.memory_budget_mb) * 2**20 // (3 * 4 * n_selected)))
+    X_train, y_train = read_columns(store, "train", plan, view), store.labels("train")
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
-    head_cfg = cfg.head
-    for key in ("lr", "steps", "batch_size"):
-        if not float(head_cfg[key]) > 0:
-            raise H2TError(f"head.{key} must be > 0, got {head_cfg[key]}")
-    head = train_linear_head(features["train"], labels["train"], store.meta["num_classes"], float(head_cfg.lr),
+    head = train_linear_head(X_train, y_train, store.meta["num_classes"], float(head_cfg.lr),
                              int(head_cfg.steps), int(head_cfg.batch_size), int(head_cfg.seed))
     timings["head"] = time.perf_counter() - t
+    t = time.perf_counter()
+    train_accuracy = accuracy(head, X_train, y_train)
+    del X_train
+    scores = {split: evaluate(head, store, split, plan, view, block_rows) for split in ("val", "test")
+              if split in store.splits()}
+    timings["evaluate"] = time.perf_counter() - t
     spec = store.meta["spec"]
     return {
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": method, "target_size": spec["pooling"]["target_size"],
         "lam": lam, "fraction": fraction, "n_features_total": store.n_features,
-        "n_features_selected": int(sum(len(c) for c in plan.values())),
+        "n_features_selected": n_selected,
         "selected_per_layer": {name: int(len(cols)) for name, cols in plan.items()},
-        "train_accuracy": accuracy(head, features["train"], labels["train"]),
-        "val_accuracy": accuracy(head, features["val"], labels["val"]) if "val" in features else None,
-        "test_accuracy": accuracy(head, features["test"], labels["test"]),
+        "train_accuracy": train_accuracy, "val_accuracy": scores.get("val"), "test_accuracy": scores["test"],
         "skipped_samples": [item["id"] for item in store.meta.get("skipped", [])],
         "scoring": {k: v for k, v in info.items()},
+        "column_view": None if view is None else {"key": view.key, "width": view.width},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }

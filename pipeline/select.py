@@ -6,26 +6,38 @@ import numpy as np
 from .errors import H2TError
 
 
-def top_fraction(relevance: np.ndarray, layers: list[dict], fraction: float,
-                 tiebreak: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """k = int(D * fraction) most relevant features -> {layer: sorted columns}.
+def ranking(relevance: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Every feature, most relevant first: by relevance, then (among equal relevance, i.e. the exact zeros
+    of the group lasso) by `tiebreak` (the gradient norm: how close each zero row is to entering), then by
+    column order. Every kept fraction is a prefix of it."""
+    D = len(relevance)
+    secondary = np.zeros(D) if tiebreak is None else -np.asarray(tiebreak)
+    return np.lexsort((np.arange(D), secondary, -np.asarray(relevance)))
 
-    Rows with equal relevance (above all the exact zeros of the group lasso) are ranked by `tiebreak`
-    (the gradient norm: how close each zero row is to entering), then by column order.
-    """
+
+def kept(D: int, fraction: float) -> int:
+    """k = int(D * fraction), at least 1."""
     if not 0.0 < float(fraction) <= 1.0:
         raise H2TError(f"select.fraction must be in (0, 1], got {fraction}")
-    D = len(relevance)
-    k = max(1, int(D * float(fraction)))
-    secondary = np.zeros(D) if tiebreak is None else -np.asarray(tiebreak)
-    order = np.lexsort((np.arange(D), secondary, -np.asarray(relevance)))[:k]
+    return max(1, int(D * float(fraction)))
+
+
+def column_plan(chosen: np.ndarray, layers: list[dict]) -> dict[str, np.ndarray]:
+    """Global column indices -> {layer: sorted columns within the layer}, layers in store order."""
     plan = {}
     for layer in layers:
         lo, hi = layer["offset"], layer["offset"] + layer["dim"]
-        cols = np.sort(order[(order >= lo) & (order < hi)]) - lo
+        cols = np.sort(chosen[(chosen >= lo) & (chosen < hi)]) - lo
         if len(cols):
             plan[layer["name"]] = cols
     return plan
+
+
+def top_fraction(relevance: np.ndarray, layers: list[dict], fraction: float,
+                 tiebreak: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """k = int(D * fraction) most relevant features (see `ranking`) -> {layer: sorted columns}."""
+    k = kept(len(relevance), fraction)
+    return column_plan(ranking(relevance, tiebreak)[:k], layers)
 
 
 def whole_layers(layers: list[dict], names: list[str]) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ from pipeline.storage.store import create_store
 
 
 def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int,
-               shard_rows: int = 16, dtype: str = "float32", spec: dict | None = None):
+               shard_rows: int = 16, dtype: str = "float32", spec: dict | None = None, complete: bool = True):
     """A complete store holding the given per-split matrices, split into layers of the given widths.
 
     `features[split]` is (n, D); layer widths come from `spec["widths"]` (default: one layer).
@@ -29,8 +29,10 @@ def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarr
         store.group[f"{split}/sample_ids"][:] = np.array([str(i) for i in range(len(X))])
         for start in range(0, len(X), shard_rows):
             rows = X[start:start + shard_rows]
-            store.write_rows(split, start, [rows[:, l["offset"]:l["offset"] + l["dim"]].astype(dtype) for l in layers])
-    store.mark_complete()
+            store.write_rows(split, start, [store.encode(l["name"], rows[:, l["offset"]:l["offset"] + l["dim"]], dtype)
+                                            for l in layers])
+    if complete:
+        store.mark_complete()
     return store
 
 

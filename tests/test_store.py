@@ -17,7 +17,7 @@ def tiny_cfg(tmp_path, **over):
                  "sizes": {"train": 40, "val": 8, "test": 20}},
         "pooling": {"rule": "head2toe", "target_size": 128, "cls_token": "pooled"},
         "taps": {"include": ["**"], "exclude": []},
-        "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "zstd", "col_chunk": 32,
+        "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "lz4", "col_chunk": 32,
                   "on_overflow": "error"},
         "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False, "plan_only": False,
                     "lease_s": 300, "poll_s": 0.1, "workers": 2, "prefetch": 2, "writers": 2},

@@ -26,11 +26,19 @@ class MultinomialLogistic:
         return loss, X.T @ residual, residual.sum(axis=0)
 
     def value_grad(self, matrix, W: np.ndarray, b: np.ndarray):
-        """(mean loss, dW, db) in one pass over the matrix."""
+        """(mean loss, dW, db) in one pass over the matrix.
+
+        A matrix with an `offset` yields blocks B whose rows are X + offset: X W + b = B W + (b - offset W)
+        and X^T R = B^T R - offset (1^T R), so the centring costs O(D K) per pass, not a pass per block."""
+        offset = getattr(matrix, "offset", None)
+        b_eff = b if offset is None else (b - offset @ W).astype(np.float32)
         loss, gW, gb = 0.0, np.zeros_like(W), np.zeros_like(b)
         for rows, X in matrix.blocks():
-            l, gw, g = self.block_value_grad(X, rows, W, b)
-            loss, gW, gb = loss + l, gW + gw, gb + g
+            l, gw, g = self.block_value_grad(X, rows, W, b_eff)
+            loss, gb = loss + l, gb + g
+            gW += gw
+        if offset is not None:
+            gW -= np.outer(offset, gb).astype(W.dtype)
         return loss / self.n, gW / self.n, gb / self.n
 
     def lambda_max(self, matrix) -> float:
@@ -50,10 +58,15 @@ class MultinomialLogistic:
         v = rng.standard_normal(matrix.D).astype(np.float32)
         v /= np.linalg.norm(v)
         eig = 0.0
+        offset = getattr(matrix, "offset", None)
         for _ in range(iterations):
             out = np.zeros_like(v)
+            shift = 0.0 if offset is None else float(offset @ v)
             for _rows, X in matrix.blocks():
-                out += X.T @ (X @ v)
+                u = X @ v - shift
+                out += X.T @ u
+                if offset is not None:
+                    out -= offset * u.sum()
             eig = float(np.linalg.norm(out))
             if eig == 0.0:
                 break

@@ -1,33 +1,67 @@
-"""The (n, D) matrix of per-layer L2-normalised, column-centred features of one split, read through Dask.
+"""The (n, D) matrix of per-layer L2-normalised, column-centred features of one split, read from the store.
 
 Centring is free: with an unpenalised bias, X W + b = (X - mu) W + (b + mu W), so the group-lasso optimum
 in W and the objective value are unchanged, while the dominant direction of non-negative activations (their
 common mean) is removed from the problem's curvature — proximal steps become ~50x longer.
 
-The whole matrix is materialised only when it fits the memory budget; otherwise every pass streams row
-blocks (all columns of a few shards) from the store, so peak memory is a few blocks whatever n x D is.
+The whole matrix is materialised only when it fits the memory budget. Otherwise every pass streams row
+blocks of whole shards: Dask runs one task per layer (the Rust codec pipeline decodes the layer's chunks in
+parallel; the task casts them to float32 and divides each row by its norm in place, into the block's
+buffer), and the next block is read while the current one is multiplied. Streamed blocks are not centred
+in memory: `offset` (the column means) is subtracted algebraically by the datafit, which saves a pass over
+every block. Peak memory of a streamed pass: two float32 blocks, the raw values of one, and the per-row
+layer norms (n x layers).
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import dask
-import dask.array as da
 import numpy as np
+import torch
 
 from ..errors import H2TError
 
+CACHE_BYTES = 2**20  # float32 values cast, measured and scaled at once: they stay in a core's cache
 
-def l2_normalise_rows(block: np.ndarray) -> np.ndarray:
-    """Divide each row by its L2 norm (zero rows stay zero), in float32."""
-    block = np.asarray(block, dtype=np.float32)
+
+def cast_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """out[...] = values as float32. torch's vectorised half -> float cast is ~20x numpy's here."""
+    if values.dtype == np.float16:
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
+    else:
+        out[...] = values
+    return out
+
+
+def as_float32(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.dtype == np.float32:
+        return values
+    return cast_into(np.empty(values.shape, np.float32), values)
+
+
+def normalise_rows_in_place(block: np.ndarray) -> np.ndarray:
+    """Divide each row of a float32 block by its L2 norm (zero rows stay zero); returns the norms used."""
     norms = np.sqrt(np.einsum("ij,ij->i", block, block))
     norms[norms == 0] = 1.0
-    return block / norms[:, None]
+    block *= (1.0 / norms)[:, None]
+    return norms
+
+
+def l2_normalise_rows(block: np.ndarray) -> np.ndarray:
+    """Each row divided by its L2 norm (zero rows stay zero), as a new float32 array."""
+    out = np.array(as_float32(block), dtype=np.float32, copy=True)
+    normalise_rows_in_place(out)
+    return out
 
 
 class DenseMatrix:
-    """An in-memory matrix with the FeatureMatrix protocol (n, D, blocks(), columns(), passes)."""
+    """An in-memory matrix with the FeatureMatrix protocol (n, D, blocks(), columns(), passes, offset)."""
+
+    offset = None  # blocks are the matrix itself
 
     def __init__(self, array: np.ndarray, centered: bool):
         self.array = np.ascontiguousarray(array, dtype=np.float32)
@@ -43,72 +77,125 @@ class DenseMatrix:
         return self.array[:, idx]
 
 
+def block_rows_for(budget_bytes: int, D: int, itemsize: int, shard_rows: int, n: int) -> int:
+    """Rows per streamed block: two float32 blocks (multiplied, prefetched) and one block of raw values fit
+    the budget; whole shards when at least one fits, so no inner chunk is decoded twice."""
+    per_row = D * (2 * 4 + itemsize)
+    rows = int(budget_bytes // per_row)
+    if rows < 1:
+        raise H2TError(f"score.memory_budget_mb={budget_bytes / 2**20:g} is below one row block "
+                       f"({per_row / 2**20:.1f} MB for {D} features)")
+    if rows >= shard_rows:
+        rows = rows // shard_rows * shard_rows
+    return min(n, rows)
+
+
 class FeatureMatrix:
     def __init__(self, store, split: str, memory_budget_bytes: int, layers: list[dict] | None = None,
-                 center: bool = True):
+                 center: bool = True, threads: int | None = None):
+        self.store, self.split = store, split
         self.layers = layers or store.layers
         self.n = store.splits()[split]
         self.D = sum(layer["dim"] for layer in self.layers)
         if memory_budget_bytes < 1:
             raise H2TError(f"score.memory_budget_mb must be positive, got {memory_budget_bytes}")
-        shard_rows = store.meta["shard_rows"]
-        row_bytes = self.D * 4
-        # In memory when the matrix and one layer in flight fit; streaming blocks leave room for the raw
-        # read, the normalised copy, the concatenation and the gradient temporaries (measured: peak RSS of a
-        # streamed pass ~ 0.8 x budget + ~30 MB of fixed overhead, benchmarks/score_memory.py).
-        self.in_memory = self.n * row_bytes * 1.25 <= memory_budget_bytes
-        rows = memory_budget_bytes // (6 * row_bytes)
-        if rows < 1:
-            raise H2TError(f"score.memory_budget_mb={memory_budget_bytes / 2**20:g} is below one row block "
-                           f"({6 * row_bytes / 2**20:.1f} MB for {self.D} features)")
-        if rows >= shard_rows:
-            rows = rows // shard_rows * shard_rows  # whole shards: no inner chunk is decoded twice
-        self.block_rows = min(self.n, rows)
-        dtypes = store.layer_dtypes()
-        self._columns = [da.from_zarr(store.features(split, layer["name"]), chunks=(self.block_rows, layer["dim"]))
-                         .map_blocks(lambda b, name=layer["name"]: l2_normalise_rows(store.decode(name, b, dtypes[name])),
-                                     dtype=np.float32) for layer in self.layers]
-        self.dask = da.concatenate(self._columns, axis=1)
+        self.threads = threads or min(len(self.layers), os.cpu_count() or 1)
+        self._dtypes = store.layer_dtypes()
+        self._arrays = [store.features(split, layer["name"]) for layer in self.layers]
+        self._starts = np.cumsum([0] + [layer["dim"] for layer in self.layers])
+        itemsize = max(np.dtype(a.dtype).itemsize for a in self._arrays)
+        # In memory when the matrix and one block of raw values in flight fit.
+        self.in_memory = self.n * self.D * 4 * 1.25 <= memory_budget_bytes
+        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, store.meta["shard_rows"], self.n)
+        self.norms = np.zeros((self.n, len(self.layers)), np.float32)  # each layer's row norm, filled on read
         self.passes = 0  # full reads of the store (or of the cache) made so far
         self.centered = center
         self.mean = np.zeros(self.D, np.float32)
+        self.offset = None  # subtracted from streamed blocks by the datafit: X = block - offset
         self._cache = None
-        if self.in_memory:  # filled layer by layer: peak is the matrix plus one layer
+        if self.in_memory:
             self._cache = np.empty((self.n, self.D), np.float32)
-            offset = 0
-            for column in self._columns:
-                width = column.shape[1]
-                self._cache[:, offset:offset + width] = column.compute(scheduler="threads")
-                offset += width
+            for rows in self._row_blocks():
+                self._fill(self._cache[rows], rows)
             self.passes += 1
             if center:
                 self.mean = self._cache.mean(axis=0)
                 self._cache -= self.mean
-        elif center:
+        else:  # one pass: the means, and the norms that columns() needs
             total = np.zeros(self.D, np.float64)
             for _rows, block in self.blocks():
                 total += block.sum(axis=0)
-            self.mean = (total / self.n).astype(np.float32)
+            if center:
+                self.mean = (total / self.n).astype(np.float32)
+                self.offset = self.mean
+
+    def _row_blocks(self) -> list[slice]:
+        return [slice(r0, min(r0 + self.block_rows, self.n)) for r0 in range(0, self.n, self.block_rows)]
+
+    def _fill_layer(self, out: np.ndarray, rows: slice, i: int) -> None:
+        """Decode one layer's rows into its columns of `out` (float32) and normalise them in place, a few
+        rows at a time so that cast, norm and scale run on values still in cache."""
+        name = self.layers[i]["name"]
+        seg = out[:, self._starts[i]:self._starts[i + 1]]
+        raw = self._arrays[i][rows]
+        step = max(1, CACHE_BYTES // (4 * seg.shape[1]))
+        for r0 in range(0, len(seg), step):
+            part = seg[r0:r0 + step]
+            cast_into(part, self.store.decode(name, raw[r0:r0 + step], self._dtypes[name]))
+            self.norms[rows.start + r0:rows.start + r0 + len(part), i] = normalise_rows_in_place(part)
+
+    def _fill(self, out: np.ndarray, rows: slice) -> None:
+        tasks = [dask.delayed(self._fill_layer)(out, rows, i) for i in range(len(self.layers))]
+        dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
-        """Yield (row slice, normalised, centred float32 block) covering all rows once."""
+        """Yield (row slice, block) covering all rows once; the matrix is `block - offset` (offset None: 0)."""
         self.passes += 1
         if self._cache is not None:
-            for r0 in range(0, self.n, self.block_rows):
-                rows = slice(r0, min(r0 + self.block_rows, self.n))
+            for rows in self._row_blocks():
                 yield rows, self._cache[rows]
             return
-        with dask.config.set(scheduler="threads"):
-            for r0 in range(0, self.n, self.block_rows):
-                rows = slice(r0, min(r0 + self.block_rows, self.n))
-                block = self.dask[rows].compute()
-                block -= self.mean
+        spans = self._row_blocks()
+        buffers = [np.empty((self.block_rows, self.D), np.float32) for _ in range(min(2, len(spans)))]
+        with ThreadPoolExecutor(1, thread_name_prefix="h2t-prefetch") as prefetch:
+            def read(k):
+                out = buffers[k % len(buffers)][:spans[k].stop - spans[k].start]
+                self._fill(out, spans[k])
+                return out
+
+            pending = prefetch.submit(read, 0)
+            for k, rows in enumerate(spans):
+                block = pending.result()
+                if k + 1 < len(spans):
+                    pending = prefetch.submit(read, k + 1)  # the other buffer: read while this one is used
                 yield rows, block
 
     def columns(self, idx: np.ndarray) -> np.ndarray:
-        """The (n, len(idx)) normalised, centred submatrix: only the chunks holding these columns are read."""
+        """The (n, len(idx)) normalised, centred submatrix: only the chunks holding these columns are read
+        (each layer's row norms come from the first pass)."""
         idx = np.asarray(idx, dtype=np.int64)
         if self._cache is not None:
             return self._cache[:, idx]
-        with dask.config.set(scheduler="threads"):
-            return self.dask[:, idx].compute() - self.mean[idx]
+        out = np.empty((self.n, len(idx)), np.float32)
+        layer_of = np.searchsorted(self._starts, idx, side="right") - 1
+        tasks = []
+        for i in np.unique(layer_of):
+            where = np.flatnonzero(layer_of == i)
+            cols = idx[where] - self._starts[i]
+            width = self._arrays[i].chunks[1]  # inner chunk: the unit zarr decodes
+            chunk_of = cols // width
+            for run in np.split(np.arange(len(cols)), np.flatnonzero(np.diff(chunk_of) > 1) + 1):
+                tasks.append(dask.delayed(self._fill_columns)(out, i, where[run], cols[run], width))
+        dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
+        if self.centered:
+            out -= self.mean[idx]
+        return out
+
+    def _fill_columns(self, out: np.ndarray, i: int, where: np.ndarray, cols: np.ndarray, width: int) -> None:
+        """Columns of one layer lying in adjacent inner chunks: one slice read of those chunks (the Rust
+        pipeline decodes them in parallel), then the wanted columns, normalised by the first pass's norms."""
+        name = self.layers[i]["name"]
+        lo = int(cols[0]) // width * width
+        slab = self._arrays[i][:, lo:int(cols[-1]) + 1]
+        values = self.store.decode(name, slab[:, cols - lo], self._dtypes[name])
+        out[:, where] = as_float32(values) / self.norms[:, i][:, None]

@@ -13,6 +13,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from . import location
 from ..errors import H2TError
+from . import views
 from .schema import check_arrays, check_attrs
 from .store import STATUS_COMPLETE, FeatureStore, open_store
 
@@ -131,7 +132,37 @@ def verify(store: FeatureStore) -> list[str]:
                 problems.append(f"{split}/labels: {len(labels)} labels, range {labels.min()}..{labels.max()}")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{split}/labels: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    return problems + _verify_views(store)
+
+
+def _verify_views(store: FeatureStore) -> list[str]:
+    """Every complete column view reads back (checksums) and holds the columns its scores rank first."""
+    problems = []
+    for view in views.list_views(store):
+        where = f"{views.ROOT}/{view['key']}"
+        if not view.get("complete"):
+            continue  # an interrupted build: never read, rebuilt when needed
+        try:
+            group = store.group[where]
+            columns = group["columns"][:]
+            for split, n in store.splits().items():
+                if group[split].shape != (n, len(columns)):
+                    problems.append(f"{where}/{split}: shape {group[split].shape}, expected {(n, len(columns))}")
+                    continue
+                group[split][:]
+        except Exception as exc:  # noqa: BLE001 - any decode failure is corruption
+            problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     return problems
+
+
+def remove_derived(path: str) -> None:
+    """Delete the derived artefacts (cached scores, column views): they are recomputed when needed."""
+    store = open_store(path, options=options())
+    if store is None:
+        raise H2TError(f"{path} is not a store")
+    if store.read_only:
+        raise H2TError(f"store {path} is read-only")
+    zarr_sync(store.group.store.delete_dir("derived"))
 
 
 def remove(path: str) -> None:

@@ -214,8 +214,8 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     if dtype not in DTYPES:
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compression not in COMPRESSIONS:
-        raise H2TError(f"store.compression must be zstd or none, got {compression!r}")
-    compressors = feature_codecs(compression)
+        raise H2TError(f"store.compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    compressors = feature_codecs(compression, np.dtype(storage_dtype(dtype)).itemsize)
     meta = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),

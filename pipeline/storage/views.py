@@ -1,0 +1,144 @@
+"""Derived column views: the most relevant columns of every split, copied once in relevance order, so that
+the head's read of any kept fraction F is a prefix of one array and costs about the bytes of its columns.
+
+    derived/views/<key>/
+        attrs        relevance_key, n_columns, order, dtype, encoding, complete (written last)
+        columns      (K,) int64: global feature index of each view column, most relevant first
+        <split>      (n, K) the store's raw values (its storage dtype; float32 when taps differ);
+                     shard = (rows, K), inner chunk = (rows, COLUMN_CHUNK), lz4 + CRC32C per chunk
+
+A view is a cache, never needed for correctness: missing, incomplete, too narrow or on a read-only store,
+the head reads the feature arrays directly and gets the same numbers. `key` is a hash of the relevance key,
+the width and the ranking rule. `h2t store verify` checks views like features; `h2t store rm --derived`
+removes them with the cached scores.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from .schema import feature_codecs, from_bfloat16_bits, store_id
+
+COLUMN_CHUNK = 64  # view columns per inner chunk: a prefix of k columns reads at most 63 more
+SHARD_BYTES = 64 * 2**20  # raw bytes of one row block of the view, written as one shard
+ORDER = "weight_sq desc, grad_norm desc, index asc"
+ROOT = "derived/views"
+
+
+def view_key(relevance_key: str, n_columns: int) -> str:
+    return store_id({"relevance": relevance_key, "columns": int(n_columns), "order": ORDER})
+
+
+@dataclass
+class ColumnView:
+    key: str
+    group: zarr.Group
+    columns: np.ndarray  # (K,) global indices, most relevant first
+    encoding: str  # "bfloat16" when the values are bfloat16 bit patterns, else ""
+
+    @property
+    def width(self) -> int:
+        return len(self.columns)
+
+    def read(self, split: str, k: int, rows: slice = slice(None)) -> np.ndarray:
+        """The first k view columns of `rows` as numbers (float32 or the stored float type)."""
+        block = self.group[split][rows, :k]
+        return from_bfloat16_bits(block) if self.encoding == "bfloat16" else block
+
+
+def find_view(store, relevance_key: str, k: int) -> ColumnView | None:
+    """The narrowest complete view of these scores holding at least k columns."""
+    try:
+        root = store.group[ROOT]
+    except KeyError:
+        return None
+    best = None
+    for _name, group in root.groups():
+        attrs = group.attrs
+        if attrs.get("complete") and attrs.get("relevance_key") == relevance_key and attrs.get("n_columns", 0) >= k:
+            if best is None or attrs["n_columns"] < best.attrs["n_columns"]:
+                best = group
+    if best is None:
+        return None
+    return ColumnView(best.basename, best, best["columns"][:], best.attrs.get("encoding", ""))
+
+
+def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, budget_bytes: int = SHARD_BYTES,
+               progress: bool = False) -> ColumnView:
+    """Copy the first n_columns of `ranking` (global indices) from every split into a new view: one pass
+    over the store, a row block of whole shards at a time."""
+    from tqdm.auto import tqdm
+
+    columns = np.asarray(ranking[:n_columns], dtype=np.int64)
+    key = view_key(relevance_key, len(columns))
+    layers = store.layers
+    starts = np.cumsum([0] + [layer["dim"] for layer in layers])
+    layer_of = np.searchsorted(starts, columns, side="right") - 1
+    dtypes = store.layer_dtypes()
+    stored = {store.features(next(iter(store.splits())), layer["name"]).dtype for layer in layers}
+    same = len(stored) == 1 and len(set(dtypes.values())) == 1
+    dtype = np.dtype(next(iter(stored))) if same else np.dtype("float32")
+    encoding = "bfloat16" if same and next(iter(dtypes.values())) == "bfloat16" else ""
+    shard_rows = store.meta["shard_rows"]
+    rows = max(shard_rows, budget_bytes // max(1, len(columns) * dtype.itemsize) // shard_rows * shard_rows)
+    group = store.group.require_group(f"{ROOT}/{key}")
+    group.attrs.clear()  # an interrupted build is rebuilt from the start
+    col_array = group.create_array("columns", shape=columns.shape, dtype="int64", chunks=columns.shape,
+                                   overwrite=True)
+    col_array[:] = columns
+    inner = min(COLUMN_CHUNK, len(columns))
+    total = sum(store.splits().values())
+    with tqdm(total=total, unit="row", desc="column view", disable=not progress, leave=False) as bar:
+        for split, n in store.splits().items():
+            block_rows = min(rows, n)
+            arr = group.create_array(split, shape=(n, len(columns)), dtype=dtype, chunks=(block_rows, inner),
+                                     shards=(block_rows, math.ceil(len(columns) / inner) * inner),
+                                     compressors=feature_codecs("lz4", dtype.itemsize), fill_value=0, overwrite=True)
+            for r0 in range(0, n, block_rows):
+                r1 = min(r0 + block_rows, n)
+                out = np.empty((r1 - r0, len(columns)), dtype)
+                for i in np.unique(layer_of):
+                    where = np.flatnonzero(layer_of == i)
+                    name = layers[i]["name"]
+                    raw = store.features(split, name)[r0:r1]
+                    values = raw if same else store.decode(name, raw, dtypes[name])
+                    out[:, where] = values[:, columns[where] - starts[i]]
+                arr[r0:r1] = out
+                bar.update(r1 - r0)
+    group.attrs.update({"relevance_key": relevance_key, "n_columns": int(len(columns)), "order": ORDER,
+                        "dtype": str(dtype), "encoding": encoding, "complete": True})
+    return ColumnView(key, group, columns, encoding)
+
+
+def list_views(store) -> list[dict]:
+    try:
+        root = store.group[ROOT]
+    except KeyError:
+        return []
+    return [{"key": name, **dict(group.attrs)} for name, group in root.groups()]
+
+
+
+
+def view_for(store, relevance_key: str, ranking: np.ndarray, k: int, min_fraction: float = 0.2,
+             progress: bool = False) -> ColumnView | None:
+    """A complete view holding the top k columns: found, or built now (at least `min_fraction` of the
+    features wide, so that larger fractions reuse it). None on a read-only store, or while another process
+    builds it: the caller then reads the features directly."""
+    found = find_view(store, relevance_key, k)
+    if found is not None or store.read_only:
+        return found
+    from .claims import Claims
+
+    width = min(len(ranking), max(k, math.ceil(min_fraction * len(ranking))))
+    claims = Claims(store.group.store, ttl_s=3600)
+    unit = f"views/{view_key(relevance_key, width)}"
+    if not claims.try_claim(unit):
+        return None
+    try:
+        return build_view(store, relevance_key, ranking, width, progress=progress)
+    finally:
+        claims.release(unit)
