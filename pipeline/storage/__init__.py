@@ -33,6 +33,18 @@ def use_codec_pipeline(name: str | None = None) -> str:
     return name
 
 
+def widen_io_executor(threads: int = 256) -> None:
+    """Give zarr's event loop a thread pool large enough that small metadata reads and writes (ledger
+    entries, shard claims) never queue behind the long shard encodes that writers hand it: with zarr's
+    default pool (cores + 4 threads) the loop that claims the next shard stalled behind them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from zarr.core import sync
+
+    sync._get_loop().set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="h2t-zarr-io"))
+
+
 # Arrays the Rust pipeline does not take are handled by zarr's own, which it says once per array.
 warnings.filterwarnings("ignore", message="Array is unsupported by ZarrsCodecPipeline")
 CODEC_PIPELINE = use_codec_pipeline()
+widen_io_executor()
