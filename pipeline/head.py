@@ -23,6 +23,8 @@ def read_columns(store, split: str, plan: dict[str, np.ndarray], view=None, rows
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     out = np.empty((stop - start, int(bounds[-1])), np.float32)
     order = _view_order(store, plan, view) if view is not None else None
+    if order is not None:  # whole inner chunks of the view: none is decoded twice
+        block_rows = view.group[split].chunks[0]
     for r0 in range(start, stop, block_rows):
         block = slice(r0, min(r0 + block_rows, stop))
         target = out[r0 - start:block.stop - start]
@@ -32,7 +34,10 @@ def read_columns(store, split: str, plan: dict[str, np.ndarray], view=None, rows
                 cast_into(target[:, a:b], raw[:, order[a:b]])
         else:
             for (layer, cols), a, b in zip(plan.items(), bounds[:-1], bounds[1:]):
-                values = store.features(split, layer).get_orthogonal_selection((block, cols))
+                if cols[-1] - cols[0] + 1 == len(cols):  # a whole range (the linear probe's layer): a slice
+                    values = store.features(split, layer)[block, int(cols[0]):int(cols[-1]) + 1]
+                else:
+                    values = store.features(split, layer).get_orthogonal_selection((block, cols))
                 cast_into(target[:, a:b], store.decode(layer, values))
         for a, b in zip(bounds[:-1], bounds[1:]):
             normalise_rows_in_place(target[:, a:b])

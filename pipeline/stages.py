@@ -115,8 +115,12 @@ class Loader:
         if workers > 1 and any(_decodes_files(split) for split in dataset.splits.values()):
             import multiprocessing
 
+            from PIL import Image
+
+            Image.init()  # image plugins imported before forking, so that no child needs the import lock
             _DECODE_DATASET = dataset
             self._processes = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            list(self._processes.map(abs, range(workers)))  # fork them all now, while the other threads idle
 
     def submit(self, shard: Shard) -> Future:
         return self._batches.submit(self._load, shard)
