@@ -56,3 +56,22 @@ def test_compute_precision_is_in_the_id_only_when_not_float32(tmp_path):
     assert result.store.complete and result.backbone_images == 24
     values = result.store.features("train", result.store.layers[-1]["name"])[:]
     assert np.isfinite(values.astype(np.float32)).all() and np.abs(values.astype(np.float32)).sum() > 0
+
+
+def test_a_store_is_standard_zarr_v3_that_zarr_python_alone_reads(tmp_path):
+    """Written through the Rust codec pipeline with the default codecs (Blosc lz4 + CRC32C, sharded), read
+    back through zarr-python's own pipeline and plain zarr.open_group: the same values."""
+    import zarr
+
+    from pipeline.storage import CODEC_PIPELINE, CODEC_PIPELINES
+
+    store = extract(tiny_cfg(tmp_path)).store
+    ours = {layer["name"]: store.features("test", layer["name"])[:] for layer in store.layers}
+    assert CODEC_PIPELINE == "zarrs" and any(v.any() for v in ours.values())
+    with zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES["zarr"]}):
+        group = zarr.open_group(store.path, mode="r")
+        assert group.attrs["h2t"]["store_id"] == store.id
+        for name, values in ours.items():
+            array = group[f"test/features/{name}"]
+            assert array.metadata.zarr_format == 3
+            assert np.array_equal(array[:], values), name

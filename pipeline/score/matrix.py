@@ -107,7 +107,8 @@ class FeatureMatrix:
         # In memory when the matrix and one block of raw values in flight fit.
         self.in_memory = self.n * self.D * 4 * 1.25 <= memory_budget_bytes
         self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, store.meta["shard_rows"], self.n)
-        self.norms = np.zeros((self.n, len(self.layers)), np.float32)  # each layer's row norm, filled on read
+        self.norms = np.ones((self.n, len(self.layers)), np.float32)  # each layer's row norm, from the first pass
+        self._norms_known = False
         self.passes = 0  # full reads of the store (or of the cache) made so far
         self.centered = center
         self.mean = np.zeros(self.D, np.float32)
@@ -134,7 +135,8 @@ class FeatureMatrix:
 
     def _fill_layer(self, out: np.ndarray, rows: slice, i: int) -> None:
         """Decode one layer's rows into its columns of `out` (float32) and normalise them in place, a few
-        rows at a time so that cast, norm and scale run on values still in cache."""
+        rows at a time so that the cast and the scaling run on values still in cache. The row norms are
+        computed by the first pass and kept: later passes only multiply."""
         name = self.layers[i]["name"]
         seg = out[:, self._starts[i]:self._starts[i + 1]]
         raw = self._arrays[i][rows]
@@ -142,7 +144,11 @@ class FeatureMatrix:
         for r0 in range(0, len(seg), step):
             part = seg[r0:r0 + step]
             cast_into(part, self.store.decode(name, raw[r0:r0 + step], self._dtypes[name]))
-            self.norms[rows.start + r0:rows.start + r0 + len(part), i] = normalise_rows_in_place(part)
+            where = slice(rows.start + r0, rows.start + r0 + len(part))
+            if self._norms_known:
+                part *= (1.0 / self.norms[where, i])[:, None]
+            else:
+                self.norms[where, i] = normalise_rows_in_place(part)
 
     def _fill(self, out: np.ndarray, rows: slice) -> None:
         tasks = [dask.delayed(self._fill_layer)(out, rows, i) for i in range(len(self.layers))]
@@ -169,6 +175,7 @@ class FeatureMatrix:
                 if k + 1 < len(spans):
                     pending = prefetch.submit(read, k + 1)  # the other buffer: read while this one is used
                 yield rows, block
+        self._norms_known = True
 
     def columns(self, idx: np.ndarray) -> np.ndarray:
         """The (n, len(idx)) normalised, centred submatrix: only the chunks holding these columns are read

@@ -229,7 +229,10 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     location.ensure_writable_root(path)
     try:  # status `creating` until every array exists: a crash here leaves a store that is simply recreated
         # mode "a": a half-made store is laid out again in place, keeping the claims of concurrent writers
-        group = zarr.open_group(store=location.zarr_store(path, options), mode="a", zarr_format=3)
+        # a new group is written with its attributes in one object: a concurrent reader never sees a group
+        # without them
+        group = zarr.open_group(store=location.zarr_store(path, options), mode="a", zarr_format=3,
+                                attributes={"h2t": meta})
         group.attrs["h2t"] = meta
     except Exception as exc:  # noqa: BLE001 - local and remote backends fail in many ways
         if location.is_remote(path):
@@ -320,6 +323,8 @@ def open_store(path: str, spec: dict | None = None, options: dict | None = None)
         group = zarr.open_group(store=store, mode="r" if read_only else "r+", zarr_format=3)
         meta = group.attrs["h2t"]
     except KeyError:
+        if zarr_sync(store.exists("claims/create")):  # being laid out by another writer: not there yet
+            return None
         raise H2TError(f"{path} is a zarr group but not an h2t store") from None
     except H2TError:
         raise
