@@ -94,7 +94,6 @@ def _load_by_position(model: torch.nn.Module, source: dict, what: str) -> None:
 
 def build_model(cfg) -> torch.nn.Module:
     """A frozen timm model in eval mode, weights as the config says."""
-    import timm
 
     check_model_name(cfg.name)
     torch.manual_seed(int(cfg.get("seed", 0)))  # random init is reproducible too

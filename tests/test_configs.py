@@ -1,5 +1,4 @@
 """Every shipped config composes, for every verb (the lightning-hydra-template check)."""
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store

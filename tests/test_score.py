@@ -7,7 +7,6 @@ import pytest
 from pipeline.errors import H2TError
 from pipeline.score import FeatureMatrix, GroupL2Rows, MultinomialLogistic, score_store
 from pipeline.score.matrix import l2_normalise_rows
-from pipeline.score.solvers import FISTA
 from tests.conftest import make_store, score_cfg
 
 
