@@ -28,9 +28,17 @@ def reused_from(store) -> dict[str, str]:
     return {l["name"]: l["reused_from"] for l in store.layers if "reused_from" in l}
 
 
+def tree_bytes(path) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, f), path): open(os.path.join(d, f), "rb").read()
+            for d, _, files in os.walk(path) for f in files}
+
+
 def test_more_taps_compute_only_the_new_layers(tmp_path):
     first = extract(tiny_cfg(tmp_path, **{"taps.include": EARLY_TAPS})).store
+    before = tree_bytes(first.path)
     grown = extract(tiny_cfg(tmp_path))
+    # shard files are written in place: growing must never write through a hard link into its source
+    assert tree_bytes(first.path) == before
     assert reused_from(grown.store) == {l["name"]: first.id for l in first.layers}
     assert 0 < len(first.layers) < len(grown.store.layers)
     assert grown.backbone_images == 68  # the new layers still need the forward
