@@ -1,12 +1,12 @@
-"""Extraction as four bounded stages, so that the device never waits on decoding or storage:
+"""Extraction as bounded stages, so that the device never waits on decoding or storage:
 
-    load    `Loader`: the next batches are decoded ahead in `extract.workers` threads (each batch split
-            between them), uint8 pixels pinned for an asynchronous host-to-device copy
-    device  `DeviceStage`: preprocessing, the tapped forward and pooling on the device; the finiteness
-            and range checks reduce every tap to two numbers on the device (one small copy back), the
-            store dtype cast (bfloat16 included) happens there too
-    encode  `DeviceStage.to_host`: every tap of the batch cast into one flat buffer, copied to the host
-            once per batch; each tap's rows are a contiguous view of it
+    claim   `ShardQueue`: the next shard nobody has written, leased to this process
+    load    `Loader`: the next batches decoded ahead by `extract.workers` (image files in forked
+            processes, in-memory pixels in threads), same-sized images pinned for an asynchronous copy
+    device  `DeviceStage`: preprocessing, the tapped forward and pooling on the device, every tap cast to
+            its store dtype (bfloat16 included) into one flat buffer per dtype, one `aminmax` per buffer
+            for NaN / inf / overflow (one small copy back)
+    encode  `DeviceStage.to_host`: one device-to-host copy per buffer; each tap's rows a contiguous view
     write   `Writer`: `extract.writers` threads write whole shards (the Rust codec pipeline compresses
             and checksums outside the GIL), mark the ledger, release the claim; at most `writers + 1`
             batches are in flight, so memory stays flat whatever the dataset size
