@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -221,10 +220,9 @@ class DeviceStage:
             if not bool(torch.isfinite(p).all()):
                 raise H2TError(f"tap {name}: activations contain NaN or inf; not stored")
             dtype = self.dtypes[name]
-            peak = float(p.abs().max()) if p.numel() else 0.0
             if dtype != "float32" and not torch.isfinite(p.to(TORCH_DTYPES[dtype])).all():
                 if self.on_overflow != "widen":
-                    raise H2TError(f"tap {name}: activations reach {peak:.3g}, beyond {dtype}; "
+                    raise H2TError(f"tap {name}: activations reach {float(p.abs().max()):.3g}, beyond {dtype}; "
                                    f"use store.dtype=float32 or store.on_overflow=widen")
                 if self.widen is not None:
                     self.widen(name)
@@ -268,13 +266,10 @@ class Writer:
         self.store, self.claims, self.limit = store, claims, writers + 1
         self._pool = ThreadPoolExecutor(writers, thread_name_prefix="h2t-write")
         self._inflight: deque[Future] = deque()
-        self.seconds_waiting = 0.0  # time the device loop waited on storage: > 0 means writes are the bottleneck
 
     def submit(self, shard: Shard, blocks: list[np.ndarray]) -> None:
         while len(self._inflight) >= self.limit:
-            start = time.perf_counter()
             self._inflight.popleft().result()
-            self.seconds_waiting += time.perf_counter() - start
         self._inflight.append(self._pool.submit(self._write, shard, blocks))
 
     def _write(self, shard: Shard, blocks: list[np.ndarray]) -> None:

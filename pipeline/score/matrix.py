@@ -53,7 +53,9 @@ def normalise_rows_in_place(block: np.ndarray) -> np.ndarray:
 
 def l2_normalise_rows(block: np.ndarray) -> np.ndarray:
     """Each row divided by its L2 norm (zero rows stay zero), as a new float32 array."""
-    out = np.array(as_float32(block), dtype=np.float32, copy=True)
+    out = as_float32(block)
+    if out is block:  # already float32: do not scale the caller's array
+        out = out.copy()
     normalise_rows_in_place(out)
     return out
 

@@ -136,7 +136,7 @@ def verify(store: FeatureStore) -> list[str]:
 
 
 def _verify_views(store: FeatureStore) -> list[str]:
-    """Every complete column view reads back (checksums) and holds the columns its scores rank first."""
+    """Every complete column view has the shape the store promises and reads back (checksums)."""
     problems = []
     for view in views.list_views(store):
         where = f"{views.ROOT}/{view['key']}"

@@ -233,7 +233,8 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         # without them
         group = zarr.open_group(store=location.zarr_store(path, options), mode="a", zarr_format=3,
                                 attributes={"h2t": meta})
-        group.attrs["h2t"] = meta
+        if group.attrs.get("h2t") != meta:  # a half-made store opened again: its attributes are the old ones
+            group.attrs["h2t"] = meta
     except Exception as exc:  # noqa: BLE001 - local and remote backends fail in many ways
         if location.is_remote(path):
             raise H2TError(location.describe_failure(path, exc)) from None
@@ -293,7 +294,8 @@ def _copy_array(source: FeatureStore, target_path: str, target_group: zarr.Group
 
 def _link_tree(src, dst) -> None:
     """Hard-link every file of src under dst: no extra space, and safe because complete stores are never
-    written again (and local writes replace files rather than change them). Copies where links fail."""
+    written again and a store being written writes only its computed layers (the Rust pipeline writes files
+    in place, so a write through a link would change both stores). Copies where links fail."""
     if dst.exists():
         shutil.rmtree(dst)
     for folder, _dirs, files in os.walk(src):
