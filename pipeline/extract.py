@@ -165,8 +165,9 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
     if store is not None and store.complete:
         return ExtractResult(store, 0, time.perf_counter() - start_time)
     shard_rows = int(cfg.extract.batch_size)
-    if shard_rows < 1:
-        raise H2TError(f"extract.batch_size must be >= 1, got {shard_rows}")
+    for key in ("batch_size", "workers", "prefetch", "writers"):  # before anything is written
+        if int(cfg.extract[key]) < 1:
+            raise H2TError(f"extract.{key} must be >= 1, got {cfg.extract[key]}")
     if cfg.store.on_overflow not in ON_OVERFLOW:
         raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
     dataset = plan.dataset
@@ -247,7 +248,7 @@ def _run_stages(cfg, plan: Plan, store, runner, queue: ShardQueue, device, remai
         store.widen_layer(name)
 
     stage.widen = widen
-    depth = max(1, int(cfg.extract.prefetch))
+    depth = int(cfg.extract.prefetch)
     ahead: deque = deque()  # (shard, future images) claimed and loading
     images_done, failed = 0, True
     try:

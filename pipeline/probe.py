@@ -39,6 +39,17 @@ def wait_for_store(cfg, plan, clock=time.monotonic, sleep=time.sleep) -> None:
         sleep(float(cfg.extract.poll_s))
 
 
+def view_fraction(store_cfg) -> float:
+    value = store_cfg.get("view_fraction", 0.2)
+    try:
+        fraction = float(value)
+    except (TypeError, ValueError):
+        fraction = float("nan")
+    if not 0.0 < fraction <= 1.0:
+        raise H2TError(f"store.view_fraction must be in (0, 1], got {value!r}")
+    return fraction
+
+
 def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
     """Fit on the train split, report validation and test accuracy; the backbone is never touched.
 
@@ -53,6 +64,7 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
     for key in ("lr", "steps", "batch_size"):
         if not float(head_cfg[key]) > 0:
             raise H2TError(f"head.{key} must be > 0, got {head_cfg[key]}")
+    fraction_viewed = view_fraction(cfg.store) if cfg.store.get("column_views", True) else None
     timings, info, view = {}, {}, None
     t = time.perf_counter()
     lam = fraction = None
@@ -66,10 +78,9 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
         k = kept(len(order), fraction)
         plan = column_plan(order[:k], store.layers)
         timings["select"] = time.perf_counter() - t
-        if cfg.store.get("column_views", True):
+        if fraction_viewed is not None:
             t = time.perf_counter()
-            view = views.view_for(store, info["key"], order, k, float(cfg.store.get("view_fraction", 0.2)),
-                                  progress=progress)
+            view = views.view_for(store, info["key"], order, k, fraction_viewed, progress=progress)
             timings["view"] = time.perf_counter() - t
     else:
         plan = whole_layers(store.layers, [cfg.linear.layer])

@@ -234,3 +234,11 @@ def test_code_schema_version_is_in_the_id_and_other_versions_are_refused(tmp_pat
     store._update_meta(schema_version=0)  # a store written by another version of the code
     with pytest.raises(H2TError, match="schema version 0, this h2t reads version 1"):
         open_store(store.path)
+
+
+@pytest.mark.parametrize("key", ["workers", "prefetch", "writers", "batch_size"])
+def test_bad_extract_settings_are_named_before_anything_is_written(tmp_path, key):
+    cfg = tiny_cfg(tmp_path, **{f"extract.{key}": 0})
+    with pytest.raises(H2TError, match=f"extract.{key} must be >= 1, got 0"):
+        extract(cfg)
+    assert open_store(plan_store(cfg).path) is None

@@ -100,3 +100,12 @@ def test_verify_checks_views_and_rm_derived_drops_them(store, rng, tmp_path):
     assert proc.returncode == 0, proc.stderr
     reopened = open_store(store.path)
     assert views.list_views(reopened) == [] and catalog.verify(reopened) == [] and reopened.complete
+
+
+def test_a_bad_view_fraction_is_named_before_any_scoring(store):
+    from pipeline.errors import H2TError
+
+    for bad in (0, 1.5, "many"):
+        with pytest.raises(H2TError, match="store.view_fraction must be in"):
+            probe_store(store, probe_cfg(view_fraction=bad), "head2toe")
+    assert "derived" not in open_store(store.path).group  # nothing was scored, no view was built

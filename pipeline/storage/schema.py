@@ -82,10 +82,9 @@ def storage_dtype(dtype: str) -> str:
 
 def feature_codecs(compression: str, itemsize: int = 2) -> list:
     """Every inner chunk carries a CRC32C (and zarr's shard index has its own): a flipped byte fails the
-    read. `lz4` (default; Blosc level 1, a core Zarr v3 codec): on pooled activations 0.75x the bytes at
-    ~1,070 MiB/s encode and ~2.7 GiB/s decode per core, against `zstd` level 1's 0.54x at ~270 / ~600 MiB/s
-    (for stores shipped over a network); Blosc lz4 level 5 stored 0.72x at ~890 MiB/s. Measured in
-    benchmarks/README.md."""
+    read. `lz4` (default; Blosc level 1, a core Zarr v3 codec): on pooled activations 0.81-0.90x the bytes
+    at ~1,400-1,700 MiB/s encode and ~3.5-4.5 GiB/s decode per core, against `zstd` level 1's 0.64-0.66x at
+    ~350 / ~880 MiB/s (for stores shipped over a network). benchmarks/codecs.py measures them."""
     if compression == "lz4":
         return [BloscCodec(cname="lz4", clevel=1, shuffle="noshuffle", typesize=itemsize), Crc32cCodec()]
     if compression == "zstd":
