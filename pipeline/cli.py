@@ -14,6 +14,7 @@ VERBS = {
     "extract": "run the backbone over a dataset once and fill the store",
     "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
     "run": "extract if needed, probe head2toe and linear, print the comparison",
+    "tune": "choose T, lam, F and the head's lr / steps on val or by K folds, refit on train+val, test once",
     "store": "ls | info | verify | rm | gc: the stores under a root (h2t store -h)",
 }
 USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m]\n" + "\n".join(
@@ -126,13 +127,20 @@ def _extract_task(cfg) -> None:
           f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
 
 
-def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
+def _ensure_store(cfg):
+    """The complete store of this config (extracted, or its writers joined, when needed)."""
     from .extract import extract, plan_store
-    from .probe import probe_store, wait_for_store
+    from .probe import wait_for_store
 
     plan = plan_store(cfg)
     wait_for_store(cfg, plan)
-    extracted = extract(cfg, plan)
+    return extract(cfg, plan)
+
+
+def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
+    from .probe import probe_store
+
+    extracted = _ensure_store(cfg)
     results = []
     for i, method in enumerate(methods):
         result = probe_store(extracted.store, cfg, method, progress=cfg.extract.progress)
@@ -174,7 +182,36 @@ def _run_task(cfg) -> None:
     print(f"results: {path}")
 
 
-TASKS = {"extract": _extract_task, "probe": _probe_task, "run": _run_task}
+def _tune_task(cfg):
+    from .tune import check_config, tune, write_candidates
+
+    check_config(cfg)
+
+    stores = {}
+
+    def ensure(cfg_t):
+        extracted = _ensure_store(cfg_t)
+        stores[extracted.store.id] = extracted.store
+        return extracted.store, extracted.backbone_images
+
+    results, candidates = tune(cfg, ensure, progress=cfg.extract.progress)
+    path = _write_results(results)
+    write_candidates(candidates, _output_dir() / "candidates.csv")
+    for r in results:
+        if r["method"] == "head2toe":
+            _plot([r], [layer["name"] for layer in stores[r["store_id"]].layers])
+    first = results[0]
+    folds = first["folds"]
+    print(f"\n{first['model']} on {first['task']}: {len(candidates)} candidates "
+          f"({f'{folds}-fold cross-validation' if folds else 'validation split'}), winners refitted on "
+          f"{'+'.join(cfg.tune.pool)}")
+    print(format_table(results, chosen=True))
+    print(f"results: {path}  (every candidate: {path.parent / 'candidates.csv'}, "
+          f"{first['timings_s']['tune']:.1f} s)")
+    return first["selection_score"]
+
+
+TASKS = {"extract": _extract_task, "probe": _probe_task, "run": _run_task, "tune": _tune_task}
 
 
 def _guarded(task):

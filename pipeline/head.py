@@ -6,42 +6,62 @@ import math
 import numpy as np
 import torch
 
+from .rows import Rows
 from .score.matrix import cast_into, normalise_rows_in_place
 
 
-def read_columns(store, split: str, plan: dict[str, np.ndarray], view=None, rows: slice = slice(None),
-                 block_rows: int = 512) -> np.ndarray:
-    """Only the planned columns of each layer (of `rows`), each layer's subset L2-normalised per example,
-    concatenated in plan order (layers in store order, columns ascending), as float32.
+def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None, part: slice = slice(None),
+                 block_rows: int = 512, normalise: bool = True) -> np.ndarray:
+    """Only the planned columns of each layer, for `rows` (a split's name or a Rows selection; `part`: a
+    range of those rows), each layer's subset L2-normalised per example, concatenated in plan order
+    (layers in store order, columns ascending), as float32.
 
     With a column view (pipeline/storage/views.py) whose prefix holds exactly the planned columns, the
     values come from that prefix: a contiguous read of about the selected bytes. The numbers are the
-    same either way. Memory: the float32 result and one block of raw values."""
-    n = store.splits()[split]
-    start, stop, _ = rows.indices(n)
+    same either way. Memory: the float32 result and one block of raw values. `normalise=False` keeps the
+    raw values (`normalise_layers` applies the normalisation to any subset of them later)."""
+    rows = Rows.of(store, rows) if isinstance(rows, str) else rows
+    start, stop, _ = part.indices(rows.size(store))
     sizes = [len(cols) for cols in plan.values()]
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     out = np.empty((stop - start, int(bounds[-1])), np.float32)
     order = _view_order(store, plan, view) if view is not None else None
+    align = 1
     if order is not None:  # whole inner chunks of the view: none is decoded twice
-        block_rows = view.group[split].chunks[0]
-    for r0 in range(start, stop, block_rows):
-        block = slice(r0, min(r0 + block_rows, stop))
-        target = out[r0 - start:block.stop - start]
+        block_rows = align = view.group[rows.parts[0][0]].chunks[0]
+    for segment in rows.segments(store, block_rows, align, part):
+        target = out[segment.dst.start - start:segment.dst.stop - start]
         if order is not None:
-            raw = view.read(split, len(order), block)
+            raw = view.read(segment.split, len(order), segment.src)
+            raw = raw if segment.take is None else raw[segment.take]
             for (a, b) in zip(bounds[:-1], bounds[1:]):
                 cast_into(target[:, a:b], raw[:, order[a:b]])
         else:
             for (layer, cols), a, b in zip(plan.items(), bounds[:-1], bounds[1:]):
+                array = store.features(segment.split, layer)
                 if cols[-1] - cols[0] + 1 == len(cols):  # a whole range (the linear probe's layer): a slice
-                    values = store.features(split, layer)[block, int(cols[0]):int(cols[-1]) + 1]
+                    values = array[segment.src, int(cols[0]):int(cols[-1]) + 1]
                 else:
-                    values = store.features(split, layer).get_orthogonal_selection((block, cols))
+                    values = array.get_orthogonal_selection((segment.src, cols))
+                values = values if segment.take is None else values[segment.take]
                 cast_into(target[:, a:b], store.decode(layer, values))
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            normalise_rows_in_place(target[:, a:b])
+        if normalise:
+            normalise_layers(target, plan)
     return out
+
+
+def normalise_layers(X: np.ndarray, plan: dict[str, np.ndarray]) -> np.ndarray:
+    """L2-normalise each layer's columns of X (laid out in plan order) per row, in place."""
+    bounds = np.cumsum([0] + [len(cols) for cols in plan.values()])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        normalise_rows_in_place(X[:, a:b])
+    return X
+
+
+def plan_positions(outer: dict[str, np.ndarray], inner: dict[str, np.ndarray]) -> np.ndarray:
+    """Where each column of `inner` (a sub-plan of `outer`) sits in `outer`'s plan-order layout."""
+    offsets = dict(zip(outer, np.cumsum([0] + [len(cols) for cols in outer.values()])))
+    return np.concatenate([offsets[layer] + np.searchsorted(outer[layer], cols) for layer, cols in inner.items()])
 
 
 def _view_order(store, plan: dict[str, np.ndarray], view) -> np.ndarray | None:
@@ -57,13 +77,14 @@ def _view_order(store, plan: dict[str, np.ndarray], view) -> np.ndarray | None:
     return order if np.array_equal(prefix[order], wanted) else None
 
 
-def evaluate(head, store, split: str, plan: dict[str, np.ndarray], view=None, block_rows: int = 4096) -> float:
-    """Accuracy on a split read in row blocks: memory holds one block of the selected columns."""
-    labels = store.labels(split)
+def evaluate(head, store, rows: Rows | str, plan: dict[str, np.ndarray], view=None, block_rows: int = 4096) -> float:
+    """Accuracy on some rows read in blocks: memory holds one block of the selected columns."""
+    rows = Rows.of(store, rows) if isinstance(rows, str) else rows
+    labels = rows.labels(store)
     correct = 0
     for r0 in range(0, len(labels), block_rows):
-        rows = slice(r0, min(r0 + block_rows, len(labels)))
-        correct += int((predict(head, read_columns(store, split, plan, view, rows)) == labels[rows]).sum())
+        part = slice(r0, min(r0 + block_rows, len(labels)))
+        correct += int((predict(head, read_columns(store, rows, plan, view, part)) == labels[part]).sum())
     return correct / len(labels)
 
 

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from .errors import H2TError
 from .head import accuracy, evaluate, read_columns, train_linear_head
-from .score import score_store
-from .select import column_plan, kept, ranking, whole_layers
+from .rows import Rows
+from .score.relevance import score_path
+from .select import TIE_RULES, column_plan, kept, ranking, whole_layers
 from .storage import views
 
 METHODS = ("head2toe", "linear")
@@ -50,44 +53,100 @@ def view_fraction(store_cfg) -> float:
     return fraction
 
 
+def fit_rows(store, probe_cfg) -> tuple[Rows, Rows | None]:
+    """The rows a probe fits on (`probe.fit_on`: [train] for train800, [train, val] for the final run of the
+    protocol, train800val200) and the rows it validates on: the store's `val` split unless it is fitted on."""
+    names = list(probe_cfg.get("fit_on", ["train"]) or [])
+    if isinstance(probe_cfg.get("fit_on"), str):
+        names = [probe_cfg.get("fit_on")]
+    unknown = [n for n in names if n not in store.splits()]
+    if not names or unknown or "test" in names:
+        raise H2TError(f"probe.fit_on must name splits of the store other than test "
+                       f"({', '.join(s for s in store.splits() if s != 'test')}), got {names}")
+    rows = Rows.of(store, names)
+    validate = Rows.of(store, "val") if "val" in store.splits() and "val" not in names else None
+    return rows, validate
+
+
+def check_head(head_cfg) -> None:
+    for key in ("lr", "steps", "batch_size"):
+        try:
+            ok = float(head_cfg[key]) > 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise H2TError(f"head.{key} must be > 0, got {head_cfg[key]!r}")
+
+
+def rankings(store, score_cfg, select_cfg, rows: Rows, lams, progress: bool = False) -> list[tuple[np.ndarray, dict]]:
+    """For each λ of `lams`: every feature, most relevant first, by the group lasso at λ fitted on `rows`,
+    and the scoring info. All the λ (and the entry paths below them) are solved on one path, from the
+    largest down, warm-started (pipeline/score/relevance.py).
+
+    Exact zeros are ordered by `select.tie_rule`: `gradient` (how far each zero row is from entering: its
+    gradient norm at the solution) or `entry` (the largest λ of the path λ/2, λ/4, ... (`select.entry_steps`
+    points) at which the row is non-zero, then the gradient norm)."""
+    rule = select_cfg.get("tie_rule", "gradient")
+    if rule not in TIE_RULES:
+        raise H2TError(f"select.tie_rule must be one of {', '.join(TIE_RULES)}, got {rule!r}")
+    steps = int(select_cfg.get("entry_steps", 3)) if rule == "entry" else 0
+    if rule == "entry" and steps < 1:
+        raise H2TError(f"select.entry_steps must be >= 1, got {steps}")
+    paths = {float(lam): [float(lam) * 0.5**j for j in range(steps + 1)] for lam in lams}
+    points = sorted({point for path in paths.values() for point in path}, reverse=True)
+    solved = dict(zip(points, score_path(store, score_cfg, rows, points, progress)))
+    out = []
+    for lam in lams:
+        path = paths[float(lam)]
+        relevance, info = solved[path[0]]
+        info = {**info, "ranking_key": info["key"]}
+        entry = None
+        if steps:
+            entry = np.zeros(len(relevance["weight_sq"]))
+            for point in reversed(path[1:]):  # smallest λ first: larger ones overwrite
+                entry[solved[point][0]["weight_sq"] > 0] = point
+            info["ranking_key"] = f"{info['key']}-entry{steps}"
+            info["entry_path"] = path[1:]
+        out.append((ranking(relevance["weight_sq"], relevance["grad_norm"], entry), info))
+    return out
+
+
 def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
-    """Fit on the train split, report validation and test accuracy; the backbone is never touched.
+    """Fit on `probe.fit_on`, report validation and test accuracy; the backbone is never touched.
 
     Head2Toe's selected columns are read through a column view of the scores when the store allows one
     (`store.column_views`; pipeline/storage/views.py); validation and test are read and scored in row
-    blocks, so memory holds the train split's selected columns and one block of another split."""
+    blocks, so memory holds the fitted rows' selected columns and one block of another split."""
     if method not in METHODS:
         raise H2TError(f"unknown method={method!r}; known: {', '.join(METHODS)}")
     if not store.complete:
         raise H2TError(f"store {store.path} is incomplete (status {store.meta['status']}): rerun h2t extract")
     head_cfg = cfg.head
-    for key in ("lr", "steps", "batch_size"):
-        if not float(head_cfg[key]) > 0:
-            raise H2TError(f"head.{key} must be > 0, got {head_cfg[key]}")
+    check_head(head_cfg)
+    fit, validate = fit_rows(store, cfg.get("probe", {}))
     fraction_viewed = view_fraction(cfg.store) if cfg.store.get("column_views", True) else None
     timings, info, view = {}, {}, None
     t = time.perf_counter()
     lam = fraction = None
     if method == "head2toe":
-        relevance, info = score_store(store, cfg.score, "train", progress=progress)
+        fraction = float(cfg.select.fraction)
+        k = kept(store.n_features, fraction)
+        lam = float(cfg.score.lam)
+        (order, info), = rankings(store, cfg.score, cfg.select, fit, [lam], progress=progress)
         timings["score"] = time.perf_counter() - t
         t = time.perf_counter()
-        fraction = float(cfg.select.fraction)
-        lam = float(cfg.score.lam)
-        order = ranking(relevance["weight_sq"], relevance["grad_norm"])
-        k = kept(len(order), fraction)
         plan = column_plan(order[:k], store.layers)
         timings["select"] = time.perf_counter() - t
         if fraction_viewed is not None:
             t = time.perf_counter()
-            view = views.view_for(store, info["key"], order, k, fraction_viewed, progress=progress)
+            view = views.view_for(store, info["ranking_key"], order, k, fraction_viewed, progress=progress)
             timings["view"] = time.perf_counter() - t
     else:
         plan = whole_layers(store.layers, [cfg.linear.layer])
     t = time.perf_counter()
     n_selected = int(sum(len(c) for c in plan.values()))
     block_rows = max(1, int(float(cfg.score.memory_budget_mb) * 2**20 // (3 * 4 * n_selected)))
-    X_train, y_train = read_columns(store, "train", plan, view), store.labels("train")
+    X_train, y_train = read_columns(store, fit, plan, view), fit.labels(store)
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
     head = train_linear_head(X_train, y_train, store.meta["num_classes"], float(head_cfg.lr),
@@ -96,17 +155,19 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
     t = time.perf_counter()
     train_accuracy = accuracy(head, X_train, y_train)
     del X_train
-    scores = {split: evaluate(head, store, split, plan, view, block_rows) for split in ("val", "test")
-              if split in store.splits()}
+    val_accuracy = None if validate is None else evaluate(head, store, validate, plan, view, block_rows)
+    test_accuracy = evaluate(head, store, "test", plan, view, block_rows)
     timings["evaluate"] = time.perf_counter() - t
     spec = store.meta["spec"]
     return {
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": method, "target_size": spec["pooling"]["target_size"],
-        "lam": lam, "fraction": fraction, "n_features_total": store.n_features,
-        "n_features_selected": n_selected,
+        "lam": lam, "fraction": fraction, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
+        "tie_rule": cfg.select.get("tie_rule", "gradient") if method == "head2toe" else None,
+        "n_features_total": store.n_features, "n_features_selected": n_selected,
         "selected_per_layer": {name: int(len(cols)) for name, cols in plan.items()},
-        "train_accuracy": train_accuracy, "val_accuracy": scores.get("val"), "test_accuracy": scores["test"],
+        "fit_on": fit.describe(store), "validate_on": None if validate is None else validate.describe(store),
+        "train_accuracy": train_accuracy, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
         "skipped_samples": [item["id"] for item in store.meta.get("skipped", [])],
         "scoring": {k: v for k, v in info.items()},
         "column_view": None if view is None else {"key": view.key, "width": view.width},

@@ -8,7 +8,19 @@ def pct(x) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}"
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], chosen: bool = False) -> str:
+    """One line per result; with `chosen`, the tuned values and the selection score instead of val."""
+    if chosen:
+        lines = [f"{'method':10s} {'T':>6s} {'lam':>8s} {'F':>6s} {'lr':>6s} {'steps':>6s} {'features':>17s} "
+                 f"{'sel. %':>6s} {'test %':>6s}"]
+        for r in results:
+            c = r["chosen"]
+            lam = "-" if c["lam"] is None else f"{c['lam']:.0e}"
+            fraction = "-" if c["fraction"] is None else f"{c['fraction']:g}"
+            feats = f"{r['n_features_selected']}/{r['n_features_total']}"
+            lines.append(f"{r['method']:10s} {c['target_size']:6d} {lam:>8s} {fraction:>6s} {c['head_lr']:6g} "
+                         f"{c['head_steps']:6d} {feats:>17s} {pct(r['selection_score']):>6s} {pct(r['test_accuracy']):>6s}")
+        return "\n".join(lines)
     lines = [f"{'method':10s} {'features':>17s} {'val %':>6s} {'test %':>6s}"]
     for r in results:
         feats = f"{r['n_features_selected']}/{r['n_features_total']}"

@@ -6,13 +6,19 @@ import numpy as np
 from .errors import H2TError
 
 
-def ranking(relevance: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+TIE_RULES = ("gradient", "entry")
+
+
+def ranking(relevance: np.ndarray, tiebreak: np.ndarray | None = None, entry: np.ndarray | None = None) -> np.ndarray:
     """Every feature, most relevant first: by relevance, then (among equal relevance, i.e. the exact zeros
-    of the group lasso) by `tiebreak` (the gradient norm: how close each zero row is to entering), then by
-    column order. Every kept fraction is a prefix of it."""
+    of the group lasso) by `entry` when given (the largest λ of a path below at which the row is non-zero),
+    then by `tiebreak` (the gradient norm: how close each zero row is to entering), then by column order.
+    Every kept fraction is a prefix of it."""
     D = len(relevance)
-    secondary = np.zeros(D) if tiebreak is None else -np.asarray(tiebreak)
-    return np.lexsort((np.arange(D), secondary, -np.asarray(relevance)))
+    keys = [np.arange(D), np.zeros(D) if tiebreak is None else -np.asarray(tiebreak)]
+    if entry is not None:
+        keys.append(-np.asarray(entry))
+    return np.lexsort((*keys, -np.asarray(relevance)))
 
 
 def kept(D: int, fraction: float) -> int:

@@ -18,16 +18,15 @@ def write_npz(path, n_train=1100, n_test=40, classes=9, label_offset=0):
              x_test=rng.integers(0, 255, (n_test, 8, 8, 3), dtype=np.uint8), y_test=rng.integers(0, classes, n_test))
 
 
-def test_train800_val200_and_final_protocol(tmp_path):
+def test_each_sample_is_held_once_and_the_protocol_is_chosen_at_probe_time(tmp_path):
     write_npz(tmp_path / "norb.npz")
     data = vtab(task="smallnorb_elevation", format="npz", path=str(tmp_path / "norb.npz"))
     assert data.num_classes == 9
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 800, "val": 200, "test": 40}
     assert not set(data.splits["train"].ids) & set(data.splits["val"].ids)
-    final = vtab(task="smallnorb_elevation", format="npz", path=str(tmp_path / "norb.npz"), protocol="train800val200")
-    assert {s: len(v) for s, v in final.splits.items()} == {"train": 1000, "test": 40}
-    assert set(final.splits["train"].ids) == set(data.splits["train"].ids) | set(data.splits["val"].ids)
     assert data.splits["train"].load(0, 2)[0].shape == (8, 8, 3)
+    with pytest.raises(H2TError, match="data.protocol=train800val200 is chosen at probe time.*probe.fit_on=.train,val."):
+        vtab(task="smallnorb_elevation", format="npz", path=str(tmp_path / "norb.npz"), protocol="train800val200")
 
 
 def test_task_label_range_and_pool_size_are_checked(tmp_path):
@@ -35,7 +34,7 @@ def test_task_label_range_and_pool_size_are_checked(tmp_path):
     with pytest.raises(H2TError, match="outside 0..8"):
         vtab(task="smallnorb_elevation", format="npz", path=str(tmp_path / "bad.npz"))
     write_npz(tmp_path / "small.npz", n_train=900)
-    with pytest.raises(H2TError, match="training pool has 900 samples, train800 needs 1000"):
+    with pytest.raises(H2TError, match="training pool has 900 samples, train800 \\+ val200 need 1000"):
         vtab(task="smallnorb_elevation", format="npz", path=str(tmp_path / "small.npz"))
     with pytest.raises(H2TError, match="unknown VTAB-1k task 'imagenet'"):
         vtab(task="imagenet", format="npz", path=str(tmp_path / "small.npz"))

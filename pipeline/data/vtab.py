@@ -2,9 +2,10 @@
 
 VTAB-1k splits, applied to a seeded shuffle of the local copy's training pool (tfds's own order is not
 available offline, so the 1,000 samples are VTAB-1k-sized and deterministic, not sample-identical):
-train800 = [0, 800), val200 = [800, 1000), train800val200 = [0, 1000); test = the local test pool.
-`data.protocol=train800` gives train800 + val200 (model selection); `train800val200` trains on all 1000
-and has no validation split (the final run of the protocol). docs/VTAB.md says what each task needs on disk.
+train800 = [0, 800) is the store's `train` split, val200 = [800, 1000) its `val` split, test = the local
+test pool. Each sample is stored once: the protocol is chosen at probe time (pipeline/rows.py):
+train800 fits on `train` and validates on `val`, train800val200 (the final run) is `probe.fit_on=[train,val]`,
+and `h2t tune tune.folds=5` cross-validates over both. docs/VTAB.md says what each task needs on disk.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ VTAB_TASKS = {
     "smallnorb_azimuth": VtabTask(18, "camera azimuth (18 values)", "structured"),
     "smallnorb_elevation": VtabTask(9, "camera elevation (9 values)", "structured"),
 }
-PROTOCOLS = {"train800": (800, 200), "train800val200": (1000, 0)}
+N_TRAIN, N_VAL = 800, 200
 
 
 def _dsprites_pools(path: Path, task: str, seed: int) -> dict[str, Pool]:
@@ -101,30 +102,28 @@ def _split_to_pool(split: Split) -> Pool:
 
 @register("vtab")
 def vtab(task: str | None = None, format: str = "npz", root: str | None = None, path: str | None = None,
-         protocol: str = "train800", name: str | None = None, seed: int = 0, on_error: str = "error") -> Dataset:
+         name: str | None = None, seed: int = 0, on_error: str = "error", protocol: str | None = None) -> Dataset:
     if task not in VTAB_TASKS:
         raise H2TError(f"unknown VTAB-1k task {task!r}; tasks: {', '.join(VTAB_TASKS)}")
-    if protocol not in PROTOCOLS:
-        raise H2TError(f"data.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    if protocol is not None:
+        raise H2TError(f"data.protocol={protocol} is chosen at probe time now: the store holds train800, val200 and "
+                       f"test once; train800val200 is probe.fit_on=[train,val], cross-validation is h2t tune")
     spec = VTAB_TASKS[task]
     pools, source = _source_pools(task, spec, format, root, path, seed, on_error)
     if "val" in pools:  # VTAB-1k draws train and val from the training pool only
         pools.pop("val")
-    n_train, n_val = PROTOCOLS[protocol]
     train = pools["train"]
-    if len(train) < n_train + n_val:
+    if len(train) < N_TRAIN + N_VAL:
         raise H2TError(f"data=vtab/{task}: the training pool has {len(train)} samples, "
-                       f"{protocol} needs {n_train + n_val}")
-    splits = {"train": _take(train, "train", 0, n_train)}
-    if n_val:
-        splits["val"] = _take(train, "val", n_train, n_train + n_val)
+                       f"train800 + val200 need {N_TRAIN + N_VAL}")
+    splits = {"train": _take(train, "train", 0, N_TRAIN), "val": _take(train, "val", N_TRAIN, N_TRAIN + N_VAL)}
     splits["test"] = _take(pools["test"], "test", 0, len(pools["test"]))
     for split in splits.values():
         bad = np.flatnonzero((split.labels < 0) | (split.labels >= spec.num_classes))
         if len(bad):
             raise H2TError(f"data=vtab/{task}: sample {split.ids[bad[0]]} has label {split.labels[bad[0]]}, "
                            f"outside 0..{spec.num_classes - 1} ({spec.label})")
-    full_source = {"source": "vtab", "task": task, "protocol": protocol, "format": format, "inner": source}
+    full_source = {"source": "vtab", "task": task, "splits": "train800+val200", "format": format, "inner": source}
     return Dataset(name or f"vtab_{task}", spec.num_classes, splits, full_source,
                    [str(c) for c in range(spec.num_classes)])
 

@@ -1,4 +1,4 @@
-"""The (n, D) matrix of per-layer L2-normalised, column-centred features of one split, read from the store.
+"""The (n, D) matrix of per-layer L2-normalised, column-centred features of some rows, read from the store.
 
 Centring is free: with an unpenalised bias, X W + b = (X - mu) W + (b + mu W), so the group-lasso optimum
 in W and the objective value are unchanged, while the dominant direction of non-negative activations (their
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import H2TError
+from ..rows import Rows, Segment
 
 CACHE_BYTES = 2**20  # float32 values cast, measured and scaled at once: they stay in a core's cache
 
@@ -93,22 +94,27 @@ def block_rows_for(budget_bytes: int, D: int, itemsize: int, shard_rows: int, n:
 
 
 class FeatureMatrix:
-    def __init__(self, store, split: str, memory_budget_bytes: int, layers: list[dict] | None = None,
+    """The rows `rows` (a split's name, or a Rows selection: folds, train + val) of every layer."""
+
+    def __init__(self, store, rows: "Rows | str", memory_budget_bytes: int, layers: list[dict] | None = None,
                  center: bool = True, threads: int | None = None):
-        self.store, self.split = store, split
+        self.rows = Rows.of(store, rows) if isinstance(rows, str) else rows
+        self.store = store
         self.layers = layers or store.layers
-        self.n = store.splits()[split]
+        self.n = self.rows.size(store)
         self.D = sum(layer["dim"] for layer in self.layers)
         if memory_budget_bytes < 1:
             raise H2TError(f"score.memory_budget_mb must be positive, got {memory_budget_bytes}")
         self.threads = threads or min(len(self.layers), os.cpu_count() or 1)
         self._dtypes = store.layer_dtypes()
-        self._arrays = [store.features(split, layer["name"]) for layer in self.layers]
+        self._arrays = {split: [store.features(split, layer["name"]) for layer in self.layers]
+                        for split, _ in self.rows.parts}
         self._starts = np.cumsum([0] + [layer["dim"] for layer in self.layers])
-        itemsize = max(np.dtype(a.dtype).itemsize for a in self._arrays)
+        itemsize = max(np.dtype(a.dtype).itemsize for arrays in self._arrays.values() for a in arrays)
         # In memory when the matrix and one block of raw values in flight fit.
         self.in_memory = self.n * self.D * 4 * 1.25 <= memory_budget_bytes
-        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, store.meta["shard_rows"], self.n)
+        self.shard_rows = store.meta["shard_rows"]
+        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, self.shard_rows, self.n)
         self.norms = np.ones((self.n, len(self.layers)), np.float32)  # each layer's row norm, from the first pass
         self._norms_known = False
         self.passes = 0  # full reads of the store (or of the cache) made so far
@@ -118,8 +124,8 @@ class FeatureMatrix:
         self._cache = None
         if self.in_memory:
             self._cache = np.empty((self.n, self.D), np.float32)
-            for rows in self._row_blocks():
-                self._fill(self._cache[rows], rows)
+            for segment in self._row_blocks():
+                self._fill(self._cache[segment.dst], segment)
             self.passes += 1
             if center:
                 self.mean = self._cache.mean(axis=0)
@@ -132,16 +138,20 @@ class FeatureMatrix:
                 self.mean = (total / self.n).astype(np.float32)
                 self.offset = self.mean
 
-    def _row_blocks(self) -> list[slice]:
-        return [slice(r0, min(r0 + self.block_rows, self.n)) for r0 in range(0, self.n, self.block_rows)]
+    def _row_blocks(self) -> list[Segment]:
+        """Whole shards of the store, at most block_rows of them at a time, and the rows kept of each."""
+        return list(self.rows.segments(self.store, self.block_rows, align=self.shard_rows))
 
-    def _fill_layer(self, out: np.ndarray, rows: slice, i: int) -> None:
+    def _fill_layer(self, out: np.ndarray, segment: Segment, i: int) -> None:
         """Decode one layer's rows into its columns of `out` (float32) and normalise them in place, a few
         rows at a time so that the cast and the scaling run on values still in cache. The row norms are
         computed by the first pass and kept: later passes only multiply."""
         name = self.layers[i]["name"]
         seg = out[:, self._starts[i]:self._starts[i + 1]]
-        raw = self._arrays[i][rows]
+        raw = self._arrays[segment.split][i][segment.src]
+        if segment.take is not None:
+            raw = raw[segment.take]
+        rows = segment.dst
         step = max(1, CACHE_BYTES // (4 * seg.shape[1]))
         for r0 in range(0, len(seg), step):
             part = seg[r0:r0 + step]
@@ -152,31 +162,31 @@ class FeatureMatrix:
             else:
                 self.norms[where, i] = normalise_rows_in_place(part)
 
-    def _fill(self, out: np.ndarray, rows: slice) -> None:
-        tasks = [dask.delayed(self._fill_layer)(out, rows, i) for i in range(len(self.layers))]
+    def _fill(self, out: np.ndarray, segment: Segment) -> None:
+        tasks = [dask.delayed(self._fill_layer)(out, segment, i) for i in range(len(self.layers))]
         dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield (row slice, block) covering all rows once; the matrix is `block - offset` (offset None: 0)."""
         self.passes += 1
         if self._cache is not None:
-            for rows in self._row_blocks():
-                yield rows, self._cache[rows]
+            for segment in self._row_blocks():
+                yield segment.dst, self._cache[segment.dst]
             return
         spans = self._row_blocks()
         buffers = [np.empty((self.block_rows, self.D), np.float32) for _ in range(min(2, len(spans)))]
         with ThreadPoolExecutor(1, thread_name_prefix="h2t-prefetch") as prefetch:
             def read(k):
-                out = buffers[k % len(buffers)][:spans[k].stop - spans[k].start]
+                out = buffers[k % len(buffers)][:spans[k].dst.stop - spans[k].dst.start]
                 self._fill(out, spans[k])
                 return out
 
             pending = prefetch.submit(read, 0)
-            for k, rows in enumerate(spans):
+            for k, segment in enumerate(spans):
                 block = pending.result()
                 if k + 1 < len(spans):
                     pending = prefetch.submit(read, k + 1)  # the other buffer: read while this one is used
-                yield rows, block
+                yield segment.dst, block
         self._norms_known = True
 
     def columns(self, idx: np.ndarray) -> np.ndarray:
@@ -191,7 +201,7 @@ class FeatureMatrix:
         for i in np.unique(layer_of):
             where = np.flatnonzero(layer_of == i)
             cols = idx[where] - self._starts[i]
-            width = self._arrays[i].chunks[1]  # inner chunk: the unit zarr decodes
+            width = next(iter(self._arrays.values()))[i].chunks[1]  # inner chunk: the unit zarr decodes
             chunk_of = cols // width
             for run in np.split(np.arange(len(cols)), np.flatnonzero(np.diff(chunk_of) > 1) + 1):
                 tasks.append(dask.delayed(self._fill_columns)(out, i, where[run], cols[run], width))
@@ -201,10 +211,15 @@ class FeatureMatrix:
         return out
 
     def _fill_columns(self, out: np.ndarray, i: int, where: np.ndarray, cols: np.ndarray, width: int) -> None:
-        """Columns of one layer lying in adjacent inner chunks: one slice read of those chunks (the Rust
-        pipeline decodes them in parallel), then the wanted columns, normalised by the first pass's norms."""
+        """Columns of one layer lying in adjacent inner chunks: one slice read of those chunks per split (the
+        Rust pipeline decodes them in parallel), then the wanted columns and rows, normalised by the first
+        pass's norms."""
         name = self.layers[i]["name"]
         lo = int(cols[0]) // width * width
-        slab = self._arrays[i][:, lo:int(cols[-1]) + 1]
-        values = self.store.decode(name, slab[:, cols - lo], self._dtypes[name])
-        out[:, where] = as_float32(values) / self.norms[:, i][:, None]
+        offset = 0
+        for split, idx in self.rows.parts:
+            slab = self._arrays[split][i][:, lo:int(cols[-1]) + 1]
+            values = slab[:, cols - lo] if idx is None else slab[idx][:, cols - lo]
+            dst = slice(offset, offset + len(values))
+            out[dst, where] = as_float32(self.store.decode(name, values, self._dtypes[name])) / self.norms[dst, i][:, None]
+            offset += len(values)

@@ -12,45 +12,74 @@ from .datafit import MultinomialLogistic
 from .matrix import FeatureMatrix
 from .penalty import GroupL2Rows
 from .solvers import SOLVERS
+from ..rows import Rows
 
 
-def score_params(cfg, fit_split: str) -> dict:
-    """Every setting that changes the scores (the kept fraction does not)."""
-    lam = float(cfg.lam)
+def score_params(cfg, fit: dict, lam: float | None = None) -> dict:
+    """Every setting that changes the scores (the kept fraction does not); `fit` names the rows."""
+    lam = float(cfg.lam if lam is None else lam)
     if not lam > 0:
-        raise H2TError(f"score.lam must be > 0, got {cfg.lam}")
+        raise H2TError(f"score.lam must be > 0, got {lam}")
     if cfg.solver not in SOLVERS:
         raise H2TError(f"unknown score.solver={cfg.solver!r}; known: {', '.join(SOLVERS)}")
     return {"objective": "multinomial_group_lasso", "normalisation": "per_layer_l2", "lam": lam,
-            "solver": cfg.solver, "max_iter": int(cfg.max_iter), "tol": float(cfg.tol), "fit_split": fit_split}
+            "solver": cfg.solver, "max_iter": int(cfg.max_iter), "tol": float(cfg.tol), **fit}
+
+
+def fit_rows_id(store, rows: Rows) -> dict:
+    """A whole split is named as before (existing cached scores stay valid); any other rows by their digest."""
+    return {"fit_split": rows.whole_split} if rows.whole_split else {"fit_rows": rows.digest(store)}
 
 
 def relevance_key(params: dict) -> str:
     return hashlib.sha256(canonical_json(params).encode()).hexdigest()[:16]
 
 
-def score_store(store, cfg, fit_split: str = "train", progress: bool = False):
-    """Relevance of the store's features, computed once per parameter set and saved in the store.
+def score_store(store, cfg, rows: Rows | str = "train", progress: bool = False):
+    """Relevance of the store's features at `score.lam`, fitted on `rows`; see `score_path`."""
+    return score_path(store, cfg, rows, [float(cfg.lam)], progress)[0]
 
-    Returns ({"weight_sq": (D,), "grad_norm": (D,)}, info): weight_sq is Head2Toe's s_i = sum_k W_ik^2;
-    grad_norm ranks the rows the penalty set exactly to zero. info holds the solver's certificate and
-    whether the scores came from the store.
+
+def score_path(store, cfg, rows: Rows | str, lams, progress: bool = False) -> list[tuple[dict, dict]]:
+    """Relevance at each λ of `lams` (in that order), each computed once per parameter set and saved in
+    the store.
+
+    Uncached λ are solved from the largest down, each warm-started from the previous solution, on one
+    matrix (its row norms and, when it fits the budget, its values are read once for the whole path).
+    Returns [({"weight_sq": (D,), "grad_norm": (D,)}, info)]: weight_sq is Head2Toe's s_i = sum_k W_ik^2;
+    grad_norm ranks the rows the penalty set exactly to zero. info holds the solver's certificate, the
+    cache key and whether the scores came from the store.
     """
-    params = score_params(cfg, fit_split)
-    key = relevance_key(params)
-    cached = store.load_relevance(key)
-    if cached is not None:
-        arrays, attrs = cached
-        return arrays, {"cached": True, "key": key, **attrs.get("solution", {})}
-    start = time.perf_counter()
-    matrix = FeatureMatrix(store, fit_split, int(float(cfg.memory_budget_mb) * 2**20))
-    datafit = MultinomialLogistic(store.labels(fit_split), store.meta["num_classes"])
-    solver = SOLVERS[cfg.solver](max_iter=params["max_iter"], tol=params["tol"], progress=progress)
-    solution = solver.solve(matrix, datafit, GroupL2Rows(params["lam"]))
-    arrays = {"weight_sq": np.einsum("ij,ij->i", solution.W, solution.W), "grad_norm": solution.grad_norms}
-    info = {"objective": solution.objective, "kkt_violation": solution.kkt_violation,
-            "iterations": solution.iterations, "passes": solution.passes, "converged": solution.converged,
-            "in_memory": matrix.in_memory, "seconds": time.perf_counter() - start,
-            "nonzero_rows": int((arrays["weight_sq"] > 0).sum())}
-    store.save_relevance(key, arrays, {"params": params, "solution": info})
-    return arrays, {"cached": False, "key": key, **info}
+    rows = Rows.of(store, rows) if isinstance(rows, str) else rows
+    fit = fit_rows_id(store, rows)
+    params = {float(lam): score_params(cfg, fit, lam) for lam in lams}
+    results: dict[float, tuple[dict, dict]] = {}
+    for lam, p in params.items():
+        key = relevance_key(p)
+        cached = store.load_relevance(key)
+        if cached is not None:
+            arrays, attrs = cached
+            results[lam] = (arrays, {"cached": True, "key": key, **attrs.get("solution", {})})
+    todo = sorted((lam for lam in params if lam not in results), reverse=True)
+    matrix = datafit = None
+    W = b = None
+    passes_before = 0  # the first λ is charged the matrix's own opening pass
+    for lam in todo:
+        start = time.perf_counter()
+        if matrix is None:
+            matrix = FeatureMatrix(store, rows, int(float(cfg.memory_budget_mb) * 2**20))
+            datafit = MultinomialLogistic(rows.labels(store), store.meta["num_classes"])
+        solver = SOLVERS[cfg.solver](max_iter=params[lam]["max_iter"], tol=params[lam]["tol"], progress=progress)
+        solution = solver.solve(matrix, datafit, GroupL2Rows(lam), W0=W, b0=b)
+        W, b = solution.W, solution.b
+        arrays = {"weight_sq": np.einsum("ij,ij->i", W, W), "grad_norm": solution.grad_norms}
+        info = {"objective": solution.objective, "kkt_violation": solution.kkt_violation,
+                "iterations": solution.iterations, "passes": matrix.passes - passes_before,
+                "converged": solution.converged, "in_memory": matrix.in_memory,
+                "seconds": time.perf_counter() - start, "nonzero_rows": int((arrays["weight_sq"] > 0).sum()),
+                "warm_start": lam != todo[0]}
+        passes_before = matrix.passes
+        key = relevance_key(params[lam])
+        store.save_relevance(key, arrays, {"params": params[lam], "solution": info})
+        results[lam] = (arrays, {"cached": False, "key": key, **info})
+    return [results[float(lam)] for lam in lams]

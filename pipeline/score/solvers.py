@@ -94,10 +94,11 @@ class WorkingSet:
         self.max_iter, self.tol, self.progress = int(max_iter), float(tol), progress
         self.inner_max_iter, self.start_size = int(inner_max_iter), int(start_size)
 
-    def solve(self, matrix, datafit, penalty) -> Solution:
+    def solve(self, matrix, datafit, penalty, W0: np.ndarray | None = None, b0: np.ndarray | None = None) -> Solution:
+        """W0 / b0: a warm start (the solution at a larger λ on a path), else zero and the class prior."""
         K, lam = datafit.num_classes, penalty.lam
-        W = np.zeros((matrix.D, K), np.float32)
-        b = _prior_bias(datafit)
+        W = np.zeros((matrix.D, K), np.float32) if W0 is None else W0.astype(np.float32, copy=True)
+        b = _prior_bias(datafit) if b0 is None else b0.astype(np.float32, copy=True)
         loss, gW, gb = datafit.value_grad(matrix, W, b)
         history, converged, inner_iterations, kkt = [], False, 0, math.inf
         objective = loss

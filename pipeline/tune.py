@@ -1,0 +1,206 @@
+"""Head2Toe's protocol from one extraction: choose (T, λ, F, head lr, head steps) on validation rows or by
+K-fold cross-validation, refit the winner on train + val, test once.
+
+For each target size T (one store each; extracted when missing, grown from sibling stores) and each round
+(the validation split, or fold k of K), the group lasso is solved along the λ grid from the largest value
+down, warm-started, with the scores of each (rows, λ) cached in the store. For each λ the columns of the
+largest F are read once for the round's rows; every smaller F is a prefix of the same ranking, so its
+columns are a subset of those, re-normalised per layer. A head is trained for each (lr, steps) and scored
+on the round's validation rows. The linear probe tunes its head's (lr, steps) on the same rounds.
+
+The winner of each method has the best mean validation accuracy over rounds; ties go to the cheaper model:
+smaller T, smaller F, larger λ, fewer steps, smaller lr (`TIE_ORDER`). It is refitted on `tune.pool`
+(train + val) exactly as `h2t probe probe.fit_on=[train,val]` would, and evaluated on test once.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from .errors import H2TError
+from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_head
+from .probe import METHODS, check_head, probe_store, rankings
+from .rows import Rows, kfold
+from .select import TIE_RULES, column_plan, kept, whole_layers
+
+GRID_KEYS = ("target_size", "lam", "fraction", "head_lr", "head_steps")
+TIE_ORDER = "smaller target_size, smaller fraction, larger lam, fewer head_steps, smaller head_lr"
+CSV_FIELDS = ("method", "target_size", "lam", "fraction", "head_lr", "head_steps", "round", "n_features_selected",
+              "train_accuracy", "val_accuracy")
+
+
+def grid(cfg) -> dict[str, list]:
+    """The grid, checked before any extraction or scoring: one line naming the bad key and value."""
+    spec = cfg.tune.grid
+    values = {key: list(spec.get(key) or [None]) if key == "target_size" else list(spec.get(key) or [])
+              for key in GRID_KEYS}
+    default_t = int(cfg.pooling.target_size)
+    values["target_size"] = sorted({default_t if t is None else t for t in values["target_size"]})
+
+    def check(key, ok, what):
+        for v in values[key]:
+            try:
+                good = ok(v)
+            except (TypeError, ValueError):
+                good = False
+            if not good:
+                raise H2TError(f"tune.grid.{key} values must be {what}, got {v!r}")
+
+    for key in ("lam", "fraction", "head_lr", "head_steps"):
+        if not values[key]:
+            raise H2TError(f"tune.grid.{key} is empty")
+    check("target_size", lambda v: int(v) == v and int(v) > 0, "positive integers (or null: pooling.target_size)")
+    check("lam", lambda v: float(v) > 0, "> 0")
+    check("fraction", lambda v: 0 < float(v) <= 1, "in (0, 1]")
+    check("head_lr", lambda v: float(v) > 0, "> 0")
+    check("head_steps", lambda v: int(v) == v and int(v) >= 1, "integers >= 1")
+    values["lam"] = sorted({float(v) for v in values["lam"]}, reverse=True)
+    values["fraction"] = sorted({float(v) for v in values["fraction"]})
+    values["head_lr"] = sorted({float(v) for v in values["head_lr"]})
+    values["head_steps"] = sorted({int(v) for v in values["head_steps"]})
+    return values
+
+
+def check_config(cfg) -> tuple[list[str], dict[str, list]]:
+    """Every tune setting that can be checked without data."""
+    methods = list(cfg.methods)
+    for method in methods:
+        if method not in METHODS:
+            raise H2TError(f"unknown method {method!r} in methods; known: {', '.join(METHODS)}")
+    folds = cfg.tune.folds
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 0 or folds == 1:
+        raise H2TError(f"tune.folds must be 0 (the validation split) or an integer >= 2, got {folds!r}")
+    if cfg.select.get("tie_rule", "gradient") not in TIE_RULES:
+        raise H2TError(f"select.tie_rule must be one of {', '.join(TIE_RULES)}, got {cfg.select.tie_rule!r}")
+    check_head(cfg.head)
+    return methods, grid(cfg)
+
+
+def rounds(store, cfg) -> list[tuple[Rows, Rows]]:
+    """(fit rows, validation rows) of each round: the validation split, or the K folds of `tune.pool`."""
+    pool = list(cfg.tune.pool)
+    if int(cfg.tune.folds) == 0:
+        if "val" not in store.splits():
+            raise H2TError(f"store {store.id} has no val split: use tune.folds=K (cross-validation over "
+                           f"{'+'.join(s for s in pool if s in store.splits())})")
+        fit = [s for s in pool if s != "val"]
+        return [(Rows.of(store, fit), Rows.of(store, "val"))]
+    return kfold(store, [s for s in pool if s in store.splits()], int(cfg.tune.folds), int(cfg.tune.seed))
+
+
+def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg):
+    """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid."""
+    for lr, steps in itertools.product(values["head_lr"], values["head_steps"]):
+        head = train_linear_head(X_fit, y_fit, num_classes, lr, steps, int(head_cfg.batch_size), int(head_cfg.seed))
+        yield lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val)
+
+
+def candidates_for_store(store, cfg, methods, values, progress=False) -> list[dict]:
+    """Every grid point of every round on one store (one T)."""
+    T = int(store.meta["spec"]["pooling"]["target_size"])
+    num_classes = store.meta["num_classes"]
+    rows_out = []
+    for r, (fit, val) in enumerate(rounds(store, cfg)):
+        y_fit, y_val = fit.labels(store), val.labels(store)
+        base = {"target_size": T, "round": r}
+        if "linear" in methods:
+            plan = whole_layers(store.layers, [cfg.linear.layer])
+            X_fit, X_val = read_columns(store, fit, plan), read_columns(store, val, plan)
+            n = int(X_fit.shape[1])
+            for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, cfg.head):
+                rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
+                                 "head_steps": steps, "n_features_selected": n, "train_accuracy": train_acc,
+                                 "val_accuracy": val_acc})
+        if "head2toe" not in methods:
+            continue
+        D = store.n_features
+        ranked = rankings(store, cfg.score, cfg.select, fit, values["lam"], progress=progress)
+        for lam, (order, _info) in zip(values["lam"], ranked):
+            widest = column_plan(order[:kept(D, max(values["fraction"]))], store.layers)
+            raw_fit = read_columns(store, fit, widest, normalise=False)
+            raw_val = read_columns(store, val, widest, normalise=False)
+            for fraction in values["fraction"]:
+                plan = column_plan(order[:kept(D, fraction)], store.layers)
+                where = plan_positions(widest, plan)
+                X_fit = normalise_layers(raw_fit[:, where], plan)
+                X_val = normalise_layers(raw_val[:, where], plan)
+                for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, cfg.head):
+                    rows_out.append({"method": "head2toe", **base, "lam": lam, "fraction": fraction, "head_lr": lr,
+                                     "head_steps": steps, "n_features_selected": int(X_fit.shape[1]),
+                                     "train_accuracy": train_acc, "val_accuracy": val_acc})
+    return rows_out
+
+
+def choose(candidates: list[dict], method: str) -> tuple[dict, float, int]:
+    """The best setting of a method by mean validation accuracy over rounds (ties: `TIE_ORDER`); returns
+    (setting, its mean validation accuracy, number of settings compared)."""
+    scores: dict[tuple, list[float]] = {}
+    for c in candidates:
+        if c["method"] == method:
+            scores.setdefault(tuple(c[k] for k in GRID_KEYS), []).append(c["val_accuracy"])
+    if not scores:
+        raise H2TError(f"tune: no candidate for method {method}")
+
+    def preference(item):
+        (T, lam, fraction, lr, steps), accs = item
+        return (-float(np.mean(accs)), T, fraction if fraction is not None else 0.0,
+                -(lam if lam is not None else 0.0), steps, lr)
+
+    setting, accs = min(scores.items(), key=preference)
+    return dict(zip(GRID_KEYS, setting)), float(np.mean(accs)), len(scores)
+
+
+def refit_config(cfg, setting: dict):
+    """The probe config of the winner, fitted on `tune.pool`: what `h2t probe` would run."""
+    final = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    final.pooling.target_size = int(setting["target_size"])
+    final.head.lr = float(setting["head_lr"])
+    final.head.steps = int(setting["head_steps"])
+    if setting["lam"] is not None:
+        final.score.lam = float(setting["lam"])
+        final.select.fraction = float(setting["fraction"])
+    final.probe.fit_on = list(cfg.tune.pool)
+    return final
+
+
+def tune(cfg, ensure_store, progress: bool = False) -> tuple[list[dict], list[dict]]:
+    """Run the protocol: returns (one result per method, every candidate). `ensure_store(cfg)` returns
+    (a complete store for that config, images that went through the backbone for it)."""
+    start = time.perf_counter()
+    methods, values = check_config(cfg)
+    stores, backbone_images, candidates = {}, 0, []
+    for T in values["target_size"]:
+        cfg_t = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg_t.pooling.target_size = int(T)
+        stores[T], images = ensure_store(cfg_t)
+        backbone_images += images
+        candidates += candidates_for_store(stores[T], cfg_t, methods, values, progress)
+    folds = int(cfg.tune.folds)
+    results = []
+    for method in methods:
+        setting, score, n = choose(candidates, method)
+        final_cfg = refit_config(cfg, setting)
+        result = probe_store(stores[setting["target_size"]], final_cfg, method, progress=progress)
+        result.update({"chosen": setting, "selection": "mean validation accuracy" + (
+            f" over {folds} folds of {'+'.join(cfg.tune.pool)}" if folds else " on val"), "selection_score": score,
+            "folds": folds, "n_candidates": n, "tie_order": TIE_ORDER,
+            "backbone_images": backbone_images if not results else 0})
+        results.append(result)
+    seconds = time.perf_counter() - start
+    for r in results:
+        r["timings_s"]["tune"] = round(seconds, 3)
+    return results, candidates
+
+
+def write_candidates(candidates: list[dict], path: Path) -> Path:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for c in candidates:
+            writer.writerow({k: c[k] for k in CSV_FIELDS})
+    return path
