@@ -15,6 +15,7 @@ VERBS = {
     "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
     "run": "extract if needed, probe head2toe and linear, print the comparison",
     "tune": "choose T, lam, F and the head's lr / steps on val or by K folds, refit on train+val, test once",
+    "report": "one table (markdown, CSV) and plots over a -m sweep or a tune folder: h2t report DIR",
     "store": "ls | info | verify | rm | gc: the stores under a root (h2t store -h)",
 }
 USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m]\n" + "\n".join(
@@ -33,24 +34,34 @@ def _user_config_dirs(args: list[str]) -> list[Path]:
 
 
 def _rewrite_groups(args: list[str]) -> list[str]:
-    """`model=NAME` for any timm model; a clear one-line error for unknown model / data choices."""
+    """`model=NAME` (or a sweep `model=A,B`) for any timm model; a clear one-line error for unknown model /
+    data choices."""
     out = []
     search = _user_config_dirs(args)
     for arg in args:
         key, sep, value = arg.partition("=")
-        if sep and key in ("model", "data") and value and "," not in value:
-            if not any((d / key / f"{value}.yaml").is_file() for d in search):
-                if key == "model":
-                    from .backbone import check_model_name
-
-                    try:
-                        check_model_name(value)
-                    except H2TError as exc:
-                        _fail(str(exc))
-                    out += ["model=timm", f"model.name={value}"]
-                    continue
+        if sep and key in ("model", "data") and value:
+            names = value.split(",")
+            files = [any((d / key / f"{name}.yaml").is_file() for d in search) for name in names]
+            if all(files):
+                out.append(arg)
+                continue
+            if key == "data":
                 known = sorted(p.stem for d in search for p in (d / "data").glob("*.yaml"))
-                _fail(f"unknown dataset data={value}; built in: {', '.join(known)} (or data=folder data.root=DIR)")
+                bad = names[files.index(False)]
+                _fail(f"unknown dataset data={bad}; built in: {', '.join(known)} (or data=folder data.root=DIR)")
+            if any(files):
+                _fail(f"model={value} mixes config files and timm names: sweep them in separate runs, or write "
+                      f"the timm ones as model=timm model.name=NAME,... ")
+            from .backbone import check_model_name
+
+            for name in names:
+                try:
+                    check_model_name(name)
+                except H2TError as exc:
+                    _fail(str(exc))
+            out += ["model=timm", f"model.name={value}"]
+            continue
         out.append(arg)
     return out
 
@@ -138,8 +149,9 @@ def _ensure_store(cfg):
 
 
 def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
-    from .probe import probe_store
+    from .probe import check_settings, probe_store
 
+    check_settings(cfg, methods)
     extracted = _ensure_store(cfg)
     results = []
     for i, method in enumerate(methods):
@@ -166,6 +178,7 @@ def _probe_task(cfg) -> None:
     r = results[0]
     print(f"{r['method']}: val {pct(r['val_accuracy'])}  test {pct(r['test_accuracy'])}  "
           f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
+    return r["val_accuracy"]  # what a sweeper (hydra/sweeper=optuna) maximises
 
 
 def _run_task(cfg) -> None:
@@ -215,15 +228,58 @@ TASKS = {"extract": _extract_task, "probe": _probe_task, "run": _run_task, "tune
 
 
 def _guarded(task):
-    def wrapped(cfg) -> None:
+    """One line and exit status 2 for a user error. In a -m sweep a failing job is recorded instead
+    (failed.json in its folder) and the sweep goes on: the command exits non-zero when it ends."""
+    def wrapped(cfg):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
-            task(cfg)
-        except H2TError as exc:
-            _fail(str(exc))
+            return task(cfg)
         except KeyboardInterrupt:
             print("h2t: interrupted; the store stays incomplete and resumes on the next run", file=sys.stderr)
             sys.exit(130)
+        except Exception as exc:  # noqa: BLE001 - recorded per job in a sweep; re-raised otherwise
+            if not multirun:
+                if isinstance(exc, H2TError):
+                    _fail(str(exc))
+                raise
+            _record_failure(exc)
+            return float("nan")  # a sweeper (optuna) sees a failed trial
     return wrapped
+
+
+def _record_failure(exc: Exception) -> None:
+    import traceback
+
+    from .report import FAILED_FILE
+
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not isinstance(exc, H2TError):
+        message = f"{type(exc).__name__}: {message}"
+    out = _output_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / FAILED_FILE).write_text(json.dumps({"error": message, "traceback": traceback.format_exc()}, indent=2))
+    print(f"h2t: job failed: {message}", file=sys.stderr)
+
+
+def _report_command(args: list[str]) -> None:
+    import argparse
+
+    from .report import write_report
+
+    parser = argparse.ArgumentParser(prog="h2t report", description=VERBS["report"])
+    parser.add_argument("dir", help="a -m sweep folder (multirun/...), a tune or probe output folder")
+    opts = parser.parse_args(args)
+    try:
+        text, paths, failed = write_report(opts.dir)
+    except H2TError as exc:
+        _fail(str(exc))
+    print(text)
+    print("\nwritten: " + ", ".join(str(p) for p in paths))
+    if failed:
+        _fail(f"{len(failed)} failed job(s) in {opts.dir}, first: job {failed[0]['job']}: {failed[0].get('error')}")
 
 
 def _store_command(args: list[str]) -> None:
@@ -326,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
     if verb == "store":
         _store_command(rest)
         return
+    if verb == "report":
+        _report_command(rest)
+        return
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     import hydra
 
@@ -334,6 +393,12 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}"])
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))
     app()
+    from .report import SweepReport
+
+    if SweepReport.failed:
+        first = SweepReport.failed[0]
+        _fail(f"{len(SweepReport.failed)} job(s) of the sweep in {SweepReport.directory} failed, "
+              f"first: job {first['job']}: {first.get('error')}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,28 @@ def wait_for_store(cfg, plan, clock=time.monotonic, sleep=time.sleep) -> None:
         sleep(float(cfg.extract.poll_s))
 
 
+def check_settings(cfg, methods) -> None:
+    """Every probe setting that can be checked without data, before any extraction or scoring."""
+    from .score.relevance import score_params
+
+    for method in methods:
+        if method not in METHODS:
+            raise H2TError(f"unknown method={method!r}; known: {', '.join(METHODS)}")
+    check_head(cfg.head)
+    if "head2toe" in methods:
+        score_params(cfg.score, {})
+        kept(1, cfg.select.fraction)
+        if cfg.select.get("tie_rule", "gradient") not in TIE_RULES:
+            raise H2TError(f"select.tie_rule must be one of {', '.join(TIE_RULES)}, got {cfg.select.tie_rule!r}")
+    fit_on = cfg.get("probe", {}).get("fit_on", ["train"])
+    fit_on = [fit_on] if isinstance(fit_on, str) else list(fit_on or [])
+    if not fit_on or "test" in fit_on or len(set(fit_on)) != len(fit_on):
+        raise H2TError(f"probe.fit_on must list distinct splits other than test, e.g. [train] or [train, val]; "
+                       f"got {fit_on}")
+    if cfg.store.get("column_views", True):
+        view_fraction(cfg.store)
+
+
 def view_fraction(store_cfg) -> float:
     value = store_cfg.get("view_fraction", 0.2)
     try:
@@ -165,7 +187,8 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
         "lam": lam, "fraction": fraction, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
         "tie_rule": cfg.select.get("tie_rule", "gradient") if method == "head2toe" else None,
         "n_features_total": store.n_features, "n_features_selected": n_selected,
-        "selected_per_layer": {name: int(len(cols)) for name, cols in plan.items()},
+        "selected_per_layer": ({layer["name"]: int(len(plan.get(layer["name"], ()))) for layer in store.layers}
+                               if method == "head2toe" else {name: int(len(cols)) for name, cols in plan.items()}),
         "fit_on": fit.describe(store), "validate_on": None if validate is None else validate.describe(store),
         "train_accuracy": train_accuracy, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
         "skipped_samples": [item["id"] for item in store.meta.get("skipped", [])],

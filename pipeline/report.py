@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hydra.experimental.callback import Callback
+
 
 def pct(x) -> str:
     return "  n/a" if x is None else f"{100 * x:5.1f}"
@@ -46,3 +48,171 @@ def plot_selection(result: dict, layer_names: list[str], path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# --- sweep reports: `h2t report DIR` and the Hydra callback ------------------------------------------------
+COLUMNS = ("job", "method", "task", "model", "target_size", "lam", "fraction", "head_lr", "head_steps",
+           "n_features_selected", "val_accuracy", "test_accuracy", "best")
+FAILED_FILE = "failed.json"
+
+
+def _job_dirs(root: Path) -> list[Path]:
+    """The root itself when it holds a job's output, else its job subfolders in job-number order."""
+    if (root / "results.json").is_file() or (root / FAILED_FILE).is_file():
+        return [root]
+    jobs = [d for d in root.iterdir() if d.is_dir() and ((d / "results.json").is_file() or (d / FAILED_FILE).is_file())]
+    return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
+
+
+def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
+    """(one row per result of every job, one entry per failed job) under a sweep or tune folder.
+
+    A tune folder (candidates.csv beside results.json) contributes its candidates, averaged over rounds
+    (job `tune`, no test accuracy: test is evaluated once, on the refitted winner, which is also a row)."""
+    import csv
+    import json
+
+    from .errors import H2TError
+
+    root = Path(root)
+    if not root.is_dir():
+        raise H2TError(f"report: {root} is not a directory")
+    jobs = _job_dirs(root)
+    if not jobs:
+        raise H2TError(f"report: {root} holds no results.json (a job folder, a -m sweep folder or a tune folder)")
+    rows, failed = [], []
+    for job in jobs:
+        name = "." if job == root else job.name
+        if (job / FAILED_FILE).is_file():
+            failed.append({"job": name, **json.loads((job / FAILED_FILE).read_text())})
+            continue
+        results = json.loads((job / "results.json").read_text())["results"]
+        if (job / "candidates.csv").is_file():
+            task, model = (results[0]["task"], results[0]["model"]) if results else ("", "")
+            with open(job / "candidates.csv", newline="") as f:
+                groups: dict[tuple, list[dict]] = {}
+                for c in csv.DictReader(f):
+                    key = tuple(c[k] for k in ("method", "target_size", "lam", "fraction", "head_lr", "head_steps"))
+                    groups.setdefault(key, []).append(c)
+            for (method, T, lam, fraction, lr, steps), members in groups.items():
+                rows.append({"job": f"{name}:candidate", "method": method, "task": task, "model": model,
+                             "target_size": int(T), "lam": float(lam) if lam else None,
+                             "fraction": float(fraction) if fraction else None, "head_lr": float(lr),
+                             "head_steps": int(steps), "n_features_selected": int(members[0]["n_features_selected"]),
+                             "val_accuracy": sum(float(m["val_accuracy"]) for m in members) / len(members),
+                             "test_accuracy": None, "rounds": len(members)})
+        for r in results:
+            chosen = r.get("chosen") or {}
+            rows.append({"job": name if not chosen else f"{name}:refit", "method": r["method"], "task": r["task"],
+                         "model": r["model"], "target_size": r["target_size"], "lam": r.get("lam"),
+                         "fraction": r.get("fraction"), "head_lr": r.get("head_lr"), "head_steps": r.get("head_steps"),
+                         "n_features_selected": r["n_features_selected"],
+                         "val_accuracy": r.get("selection_score") if chosen else r.get("val_accuracy"),
+                         "test_accuracy": r["test_accuracy"], "selected_per_layer": r.get("selected_per_layer", {})})
+    for method in {r["method"] for r in rows}:  # best by validation, per method
+        scored = [r for r in rows if r["method"] == method and r["val_accuracy"] is not None
+                  and not r["job"].endswith(":refit")]
+        if scored:
+            max(scored, key=lambda r: r["val_accuracy"])["best"] = True
+    return rows, failed
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "*" if value else ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict], failed: list[dict]) -> str:
+    header = [c if c != "best" else "best val" for c in COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [_cell(r.get(c)) if c not in ("val_accuracy", "test_accuracy") else
+                 ("" if r.get(c) is None else f"{100 * r[c]:.1f}") for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if failed:
+        lines += ["", f"Failed jobs ({len(failed)}):"]
+        lines += [f"- job {f['job']}: {f.get('error', '?')}" for f in failed]
+    return "\n".join(lines)
+
+
+def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
+    """Validation (solid) and test (dashed) accuracy against F for each λ; selected features per layer
+    (network depth on the x axis) for each head2toe result."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h2t = [r for r in rows if r["method"] == "head2toe" and r.get("fraction") is not None]
+    paths = []
+    if h2t:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for lam in sorted({r["lam"] for r in h2t}, reverse=True):
+            mine = sorted((r for r in h2t if r["lam"] == lam and not r["job"].endswith(":refit")),
+                          key=lambda r: r["fraction"])
+            for key, style in (("val_accuracy", "-o"), ("test_accuracy", "--x")):
+                points = [(r["fraction"], r[key]) for r in mine if r[key] is not None]
+                if points:
+                    xs, ys = zip(*points)
+                    ax.plot(xs, [100 * y for y in ys], style, label=f"λ={lam:g} {key.split('_')[0]}")
+        ax.set_xscale("log")
+        ax.set_xlabel("kept fraction F")
+        ax.set_ylabel("accuracy %")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out / "report_accuracy.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    per_layer = [r for r in h2t if r.get("selected_per_layer")]
+    if per_layer:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for r in per_layer[:12]:
+            counts = list(r["selected_per_layer"].values())
+            ax.plot(range(len(counts)), counts, marker=".", label=f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}")
+        ax.set_xlabel("tap (network depth)")
+        ax.set_ylabel("selected features")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        paths.append(out / "report_layers.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write_report(root: str | Path) -> tuple[str, list[Path], list[dict]]:
+    """report.md, report.csv and the plots in `root`; returns (markdown, files written, failed jobs)."""
+    import csv
+
+    root = Path(root)
+    rows, failed = collect(root)
+    text = markdown_table(rows, failed)
+    (root / "report.md").write_text(text + "\n")
+    with open(root / "report.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: r.get(c, "") if r.get(c) is not None else "" for c in COLUMNS})
+    return text, [root / "report.md", root / "report.csv", *plot_sweep(rows, root)], failed
+
+
+class SweepReport(Callback):
+    """Hydra callback (hydra.callbacks.sweep_report): the report of every -m sweep, written when it ends.
+    The failed jobs it finds are kept in `SweepReport.failed` for the command's exit status."""
+
+    failed: list[dict] = []
+    directory: Path | None = None
+
+    def on_multirun_end(self, config, **_) -> None:
+        directory = Path(config.hydra.sweep.dir)
+        SweepReport.directory = directory
+        try:
+            _text, paths, SweepReport.failed = write_report(directory)
+        except Exception as exc:  # noqa: BLE001 - a report must never turn a finished sweep into a crash
+            print(f"h2t: no sweep report for {directory}: {exc}")
+            return
+        print(f"sweep report: {paths[0]} ({len(SweepReport.failed)} failed jobs)")

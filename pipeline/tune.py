@@ -24,9 +24,9 @@ from omegaconf import OmegaConf
 
 from .errors import H2TError
 from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_head
-from .probe import METHODS, check_head, probe_store, rankings
+from .probe import METHODS, check_settings, probe_store, rankings
 from .rows import Rows, kfold
-from .select import TIE_RULES, column_plan, kept, whole_layers
+from .select import column_plan, kept, whole_layers
 
 GRID_KEYS = ("target_size", "lam", "fraction", "head_lr", "head_steps")
 TIE_ORDER = "smaller target_size, smaller fraction, larger lam, fewer head_steps, smaller head_lr"
@@ -72,12 +72,10 @@ def check_config(cfg) -> tuple[list[str], dict[str, list]]:
     for method in methods:
         if method not in METHODS:
             raise H2TError(f"unknown method {method!r} in methods; known: {', '.join(METHODS)}")
+    check_settings(cfg, methods)
     folds = cfg.tune.folds
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 0 or folds == 1:
         raise H2TError(f"tune.folds must be 0 (the validation split) or an integer >= 2, got {folds!r}")
-    if cfg.select.get("tie_rule", "gradient") not in TIE_RULES:
-        raise H2TError(f"select.tie_rule must be one of {', '.join(TIE_RULES)}, got {cfg.select.tie_rule!r}")
-    check_head(cfg.head)
     return methods, grid(cfg)
 
 

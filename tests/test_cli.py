@@ -13,7 +13,8 @@ TINY = EXTRACT + ["score.max_iter=50", "head.steps=50"]
 
 
 def h2t(tmp_path, *args, check=True):
-    cmd = [sys.executable, "-m", "pipeline.cli", *args, f"store.root={tmp_path / 'stores'}"]
+    root = [f"store.root={tmp_path / 'stores'}"] if args[0] not in ("report", "store") else []
+    cmd = [sys.executable, "-m", "pipeline.cli", *args, *root]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     if check and proc.returncode != 0:
@@ -78,6 +79,11 @@ def test_any_timm_model_by_name(tmp_path):
     (["taps.include=[layer9.*]"], "layer9"),
     (["score.lam=-1", "method=head2toe"], "score.lam"),
     (["method=ridge"], "method"),
+    (["select.fraction=1.5"], "select.fraction"),
+    (["head.lr=0"], "head.lr"),
+    (["probe.fit_on=[train,test]"], "probe.fit_on"),
+    (["select.tie_rule=random"], "select.tie_rule"),
+    (["store.view_fraction=0"], "store.view_fraction"),
     (["store.dtype=float8"], "store.dtype"),
     (["store.on_overflow=clip"], "store.on_overflow"),
     (["model=timm", "model.name=resnet18", "model.pretrained=true"], "model.checkpoint"),
@@ -87,8 +93,10 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, args, culprit):
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("h2t: error")]
     assert len(lines) == 1 and culprit in lines[0], proc.stderr
+    probe_setting = culprit.split(".")[0] in ("score", "method", "select", "head", "probe", "store")
     for zarr_json in (tmp_path / "stores").rglob("zarr.json"):
-        assert '"complete"' not in zarr_json.read_text() or "score.lam" in culprit or "method" in culprit
+        assert not probe_setting, f"a store was created before {culprit} was checked"
+        assert '"complete"' not in zarr_json.read_text()
 
 
 @pytest.mark.parametrize("override", ["score.lamm=1", "pooling.target_size=[1"])
@@ -137,3 +145,58 @@ def test_user_config_dir_adds_datasets(tmp_path):
     h2t(tmp_path, "probe", *TINY, "--config-dir", str(tmp_path / "myconf"), "data=tinycount", "method=linear",
         f"hydra.run.dir={out}")
     assert results(out / "results.json")[0]["task"] == "shapes_count"
+
+
+def test_tune_selects_on_folds_from_one_extraction_and_reports(tmp_path):
+    out = tmp_path / "tune"
+    grid = ["tune.grid.lam=[1e-2,1e-3]", "tune.grid.fraction=[0.05,0.2]", "tune.grid.head_lr=[0.01,0.1]",
+            "tune.grid.head_steps=[50]"]
+    proc = h2t(tmp_path, "tune", *TINY, *grid, "tune.folds=3", f"hydra.run.dir={out}")
+    assert "3-fold cross-validation" in proc.stdout
+    h2, lin = results(out / "results.json")
+    assert h2["backbone_images"] == 64 + 16 + 32 and lin["backbone_images"] == 0
+    assert h2["folds"] == 3 and h2["n_candidates"] == 2 * 2 * 2 and lin["n_candidates"] == 2
+    assert h2["fit_on"]["rows"] == {"train": 64, "val": 16} and h2["val_accuracy"] is None
+    assert h2["chosen"]["lam"] in (1e-2, 1e-3) and h2["chosen"]["fraction"] in (0.05, 0.2)
+    lines = (out / "candidates.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 3 * (8 + 2)
+    # the same store serves a second tune with another grid: no backbone work
+    again = tmp_path / "again"
+    h2t(tmp_path, "tune", *TINY, *grid[:1], "tune.grid.fraction=[0.1]", "tune.grid.head_steps=[50]",
+        f"hydra.run.dir={again}")
+    assert all(r["backbone_images"] == 0 for r in results(again / "results.json"))
+    report = h2t(tmp_path, "report", str(out))
+    assert "| * |" in report.stdout and (out / "report.csv").is_file() and (out / "report_accuracy.png").is_file()
+
+
+def test_a_failing_sweep_job_is_recorded_the_sweep_goes_on_and_the_command_fails(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = h2t(tmp_path, "probe", "-m", *TINY, "select.fraction=0.05,1.5,0.2", f"hydra.sweep.dir={sweep}", check=False)
+    assert proc.returncode == 2
+    assert "1 job(s) of the sweep" in proc.stderr and "select.fraction must be in (0, 1], got 1.5" in proc.stderr
+    assert (sweep / "0" / "results.json").is_file() and (sweep / "2" / "results.json").is_file()
+    assert "select.fraction" in json.loads((sweep / "1" / "failed.json").read_text())["error"]
+    table = (sweep / "report.md").read_text()
+    assert "Failed jobs (1)" in table and table.count("| head2toe |") == 2
+    best = [line for line in table.splitlines() if line.endswith("| * |")]
+    vals = [results(sweep / j / "results.json")[0]["val_accuracy"] for j in ("0", "2")]
+    assert len(best) == 1 and f"{100 * max(vals):.1f}" in best[0]
+    assert h2t(tmp_path, "report", str(sweep), check=False).returncode == 2
+
+
+def test_optuna_preset_maximises_the_validation_accuracy(tmp_path):
+    sweep = tmp_path / "optuna"
+    h2t(tmp_path, "probe", "-m", "hparams_search=head2toe_optuna", "hydra.sweeper.n_trials=3", *TINY,
+        f"hydra.sweep.dir={sweep}")
+    import yaml
+
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"]
+    vals = [results(j)[0]["val_accuracy"] for j in sweep.glob("*/results.json")]
+    assert len(vals) == 3 and best == max(vals)
+
+
+def test_a_sweep_over_timm_names(tmp_path):
+    sweep = tmp_path / "models"
+    h2t(tmp_path, "probe", "-m", *TINY, "model=resnet10t,resnet14t", "model.pretrained=false", "model.input_size=32",
+        "taps.include=[layer4.*,pre_logits]", "method=linear", f"hydra.sweep.dir={sweep}")
+    assert sorted(results(j)[0]["model"] for j in sweep.glob("*/results.json")) == ["resnet10t", "resnet14t"]

@@ -1,0 +1,119 @@
+"""h2t tune (pipeline/tune.py): every grid point of every round is a real probe of those rows, the winner is
+the best mean validation accuracy, and the refit is the probe `h2t probe probe.fit_on=[train,val]` runs."""
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.errors import H2TError
+from pipeline.probe import probe_store
+from pipeline.rows import Rows
+from pipeline.score.relevance import score_path
+from pipeline.tune import check_config, refit_config, rounds, tune
+from tests.conftest import make_store, score_cfg
+
+WIDTHS = [40, 24, 64, 8]
+
+
+@pytest.fixture
+def store(tmp_path, rng):
+    n = {"train": 96, "val": 32, "test": 40}
+    X = {s: np.abs(rng.standard_normal((m, sum(WIDTHS)))).astype(np.float32) for s, m in n.items()}
+    y = {s: (x[:, 3] + x[:, 50] > x[:, 70] + x[:, 100]).astype(np.int64) for s, x in X.items()}
+    return make_store(tmp_path / "s.zarr", X, y, 2, dtype="float16",
+                      spec={"widths": WIDTHS, "pooling": {"target_size": 64}})
+
+
+def tune_cfg(**tune_over):
+    cfg = OmegaConf.create({
+        "methods": ["head2toe", "linear"], "pooling": {"target_size": 64},
+        "score": dict(score_cfg(lam=2e-3)), "select": {"fraction": 0.2, "tie_rule": "gradient", "entry_steps": 2},
+        "head": {"lr": 0.05, "steps": 60, "batch_size": 32, "seed": 0}, "linear": {"layer": "layer3"},
+        "store": {"column_views": True, "view_fraction": 0.5}, "probe": {"fit_on": ["train"]},
+        "tune": {"folds": 0, "seed": 0, "pool": ["train", "val"],
+                 "grid": {"target_size": [None], "lam": [2e-3, 2e-2], "fraction": [0.05, 0.3],
+                          "head_lr": [0.05], "head_steps": [30, 60]}}})
+    for key, value in tune_over.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
+
+def run(store, cfg):
+    return tune(cfg, lambda _cfg: (store, 0))
+
+
+def test_each_candidate_is_the_probe_of_its_setting_on_its_rows(store):
+    cfg = tune_cfg()
+    results, candidates = run(store, cfg)
+    assert len(candidates) == 2 * 2 * 2 + 2  # head2toe: lam x fraction x steps; linear: steps
+    for c in [c for c in candidates if c["method"] == "head2toe"][::3] + [candidates[0]]:
+        one = OmegaConf.merge(cfg, {"probe": {"fit_on": ["train"]}, "head": {"lr": c["head_lr"], "steps": c["head_steps"]}})
+        if c["method"] == "head2toe":
+            one = OmegaConf.merge(one, {"score": {"lam": c["lam"]}, "select": {"fraction": c["fraction"]}})
+        probed = probe_store(store, one, c["method"])
+        assert probed["val_accuracy"] == pytest.approx(c["val_accuracy"], abs=1e-9), c
+        assert probed["n_features_selected"] == c["n_features_selected"]
+
+
+@pytest.mark.parametrize("folds", [0, 3])
+def test_the_winner_has_the_best_mean_validation_accuracy_and_is_refitted_on_train_and_val(store, folds):
+    cfg = tune_cfg(**{"tune.folds": folds})
+    results, candidates = run(store, cfg)
+    assert len({c["round"] for c in candidates}) == max(folds, 1)
+    for result in results:
+        method = result["method"]
+        mine = [c for c in candidates if c["method"] == method]
+        means = {}
+        for c in mine:
+            means.setdefault((c["lam"], c["fraction"], c["head_lr"], c["head_steps"]), []).append(c["val_accuracy"])
+        best = max(np.mean(v) for v in means.values())
+        chosen = result["chosen"]
+        assert result["selection_score"] == pytest.approx(best)
+        assert np.mean(means[(chosen["lam"], chosen["fraction"], chosen["head_lr"], chosen["head_steps"])]) == pytest.approx(best)
+        assert result["n_candidates"] == len(means) and result["folds"] == folds
+        assert result["fit_on"]["rows"] == {"train": 96, "val": 32} and result["val_accuracy"] is None
+        refit = probe_store(store, refit_config(cfg, chosen), method)
+        assert refit["test_accuracy"] == result["test_accuracy"]
+
+
+def test_folds_validate_on_disjoint_rows_of_train_and_val(store):
+    folds = rounds(store, tune_cfg(**{"tune.folds": 4}))
+    sizes = [val.size(store) for _, val in folds]
+    assert sum(sizes) == 128 and max(sizes) - min(sizes) <= 1
+    (fit, val), = rounds(store, tune_cfg())
+    assert fit.counts(store) == {"train": 96} and val.counts(store) == {"val": 32}
+
+
+def test_the_lam_path_is_warm_started_and_matches_cold_solves(store, tmp_path):
+    path = score_path(store, score_cfg(tol=1e-4), Rows.of(store, "train"), [2e-3, 1e-2, 5e-3])
+    assert [info["warm_start"] for _, info in path] == [True, False, True]  # solved largest first
+    X, y = {"train": store.features("train", "layer0")[:].astype(np.float32)}, {"train": store.labels("train")}
+    on_path = make_store(tmp_path / "a.zarr", X, y, 2, spec={"widths": [40]})
+    alone = make_store(tmp_path / "b.zarr", X, y, 2, spec={"widths": [40]})
+    warm = score_path(on_path, score_cfg(tol=1e-4), "train", [1e-2, 2e-3])[1][0]["weight_sq"]
+    cold = score_path(alone, score_cfg(tol=1e-4), "train", [2e-3])[0][0]["weight_sq"]
+    assert np.array_equal(warm > 0, cold > 0)
+    np.testing.assert_allclose(warm, cold, rtol=2e-2, atol=1e-6)
+
+
+def test_a_second_tune_reuses_every_score(store):
+    run(store, tune_cfg(**{"tune.folds": 2}))
+    results, _ = run(store, tune_cfg(**{"tune.folds": 2}))
+    assert results[0]["scoring"]["cached"]
+
+
+@pytest.mark.parametrize("key,value,culprit", [
+    ("tune.grid.fraction", [0.1, 1.5], "tune.grid.fraction values must be in \\(0, 1\\], got 1.5"),
+    ("tune.grid.lam", [0], "tune.grid.lam values must be > 0, got 0"),
+    ("tune.grid.head_steps", [10.5], "tune.grid.head_steps values must be integers >= 1"),
+    ("tune.grid.head_lr", [], "tune.grid.head_lr is empty"),
+    ("tune.grid.target_size", [-4], "tune.grid.target_size values must be positive integers"),
+    ("tune.folds", 1, "tune.folds must be 0 .* or an integer >= 2, got 1"),
+    ("methods", ["head2toe", "ridge"], "unknown method 'ridge'"),
+    ("select.tie_rule", "random", "select.tie_rule must be one of gradient, entry"),
+])
+def test_bad_settings_are_refused_before_any_work(key, value, culprit):
+    cfg = tune_cfg(**{key: value})
+    with pytest.raises(H2TError, match=culprit):
+        check_config(cfg)
+    with pytest.raises(H2TError, match=culprit):
+        tune(cfg, lambda _cfg: pytest.fail("a store was asked for"))
