@@ -15,6 +15,7 @@ VERBS = {
     "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
     "run": "extract if needed, probe head2toe and linear, print the comparison",
     "tune": "choose T, lam, F and the head's lr / steps on val or by K folds, refit on train+val, test once",
+    "predict": "apply a saved head to images: h2t predict HEAD.pt IMAGES_OR_FOLDERS... [--out predictions.csv]",
     "report": "one table (markdown, CSV) and plots over a -m sweep or a tune folder: h2t report DIR",
     "store": "ls | info | verify | rm | gc: the stores under a root (h2t store -h)",
 }
@@ -155,7 +156,7 @@ def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
     extracted = _ensure_store(cfg)
     results = []
     for i, method in enumerate(methods):
-        result = probe_store(extracted.store, cfg, method, progress=cfg.extract.progress)
+        result = probe_store(extracted.store, cfg, method, progress=cfg.extract.progress, save_head_to=_output_dir())
         # Images that went through the backbone in this job are counted once, on the first method.
         result["backbone_images"] = extracted.backbone_images if i == 0 else 0
         result["timings_s"]["extract"] = round(extracted.seconds, 3) if i == 0 else 0.0
@@ -207,7 +208,7 @@ def _tune_task(cfg):
         stores[extracted.store.id] = extracted.store
         return extracted.store, extracted.backbone_images
 
-    results, candidates = tune(cfg, ensure, progress=cfg.extract.progress)
+    results, candidates = tune(cfg, ensure, progress=cfg.extract.progress, save_heads_to=_output_dir())
     path = _write_results(results)
     write_candidates(candidates, _output_dir() / "candidates.csv")
     for r in results:
@@ -262,6 +263,29 @@ def _record_failure(exc: Exception) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / FAILED_FILE).write_text(json.dumps({"error": message, "traceback": traceback.format_exc()}, indent=2))
     print(f"h2t: job failed: {message}", file=sys.stderr)
+
+
+def _predict_command(args: list[str]) -> None:
+    import argparse
+
+    from .predict import predict_files
+
+    parser = argparse.ArgumentParser(prog="h2t predict", description=VERBS["predict"])
+    parser.add_argument("head", help="a <method>.head.pt written by probe, run or tune")
+    parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists")
+    parser.add_argument("--out", default="predictions.csv")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    opts = parser.parse_args(args)
+    if opts.batch_size < 1:
+        _fail(f"--batch-size must be >= 1, got {opts.batch_size}")
+    try:
+        out, n, acc = predict_files(opts.head, opts.images, opts.out, opts.batch_size, opts.device, not opts.quiet)
+    except H2TError as exc:
+        _fail(str(exc))
+    tail = "" if acc is None else f"; accuracy against the folder names: {100 * acc:.1f} %"
+    print(f"{n} predictions -> {out}{tail}")
 
 
 def _report_command(args: list[str]) -> None:
@@ -382,8 +406,8 @@ def main(argv: list[str] | None = None) -> None:
     if verb == "store":
         _store_command(rest)
         return
-    if verb == "report":
-        _report_command(rest)
+    if verb in ("report", "predict"):
+        (_report_command if verb == "report" else _predict_command)(rest)
         return
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     import hydra

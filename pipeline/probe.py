@@ -133,12 +133,13 @@ def rankings(store, score_cfg, select_cfg, rows: Rows, lams, progress: bool = Fa
     return out
 
 
-def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
+def probe_store(store, cfg, method: str, progress: bool = False, save_head_to=None) -> dict:
     """Fit on `probe.fit_on`, report validation and test accuracy; the backbone is never touched.
 
     Head2Toe's selected columns are read through a column view of the scores when the store allows one
     (`store.column_views`; pipeline/storage/views.py); validation and test are read and scored in row
-    blocks, so memory holds the fitted rows' selected columns and one block of another split."""
+    blocks, so memory holds the fitted rows' selected columns and one block of another split. With
+    `save_head_to` (a folder), the head and what applying it needs go to <method>.head.pt (pipeline/predict.py)."""
     if method not in METHODS:
         raise H2TError(f"unknown method={method!r}; known: {', '.join(METHODS)}")
     if not store.complete:
@@ -181,7 +182,7 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
     test_accuracy = evaluate(head, store, "test", plan, view, block_rows)
     timings["evaluate"] = time.perf_counter() - t
     spec = store.meta["spec"]
-    return {
+    result = {
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": method, "target_size": spec["pooling"]["target_size"],
         "lam": lam, "fraction": fraction, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
@@ -196,3 +197,11 @@ def probe_store(store, cfg, method: str, progress: bool = False) -> dict:
         "column_view": None if view is None else {"key": view.key, "width": view.width},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
+    if save_head_to is not None:
+        from pathlib import Path
+
+        from .predict import save_head
+
+        path = save_head(Path(save_head_to) / f"{method}.head.pt", head, store, plan, cfg.model, result)
+        result["head_file"] = str(path)
+    return result

@@ -166,9 +166,10 @@ def refit_config(cfg, setting: dict):
     return final
 
 
-def tune(cfg, ensure_store, progress: bool = False) -> tuple[list[dict], list[dict]]:
+def tune(cfg, ensure_store, progress: bool = False, save_heads_to=None) -> tuple[list[dict], list[dict]]:
     """Run the protocol: returns (one result per method, every candidate). `ensure_store(cfg)` returns
-    (a complete store for that config, images that went through the backbone for it)."""
+    (a complete store for that config, images that went through the backbone for it); the refitted heads
+    are saved in `save_heads_to` when given (pipeline/predict.py)."""
     start = time.perf_counter()
     methods, values = check_config(cfg)
     stores, backbone_images, candidates = {}, 0, []
@@ -183,7 +184,8 @@ def tune(cfg, ensure_store, progress: bool = False) -> tuple[list[dict], list[di
     for method in methods:
         setting, score, n = choose(candidates, method)
         final_cfg = refit_config(cfg, setting)
-        result = probe_store(stores[setting["target_size"]], final_cfg, method, progress=progress)
+        result = probe_store(stores[setting["target_size"]], final_cfg, method, progress=progress,
+                             save_head_to=save_heads_to)
         result.update({"chosen": setting, "selection": "mean validation accuracy" + (
             f" over {folds} folds of {'+'.join(cfg.tune.pool)}" if folds else " on val"), "selection_score": score,
             "folds": folds, "n_candidates": n, "tie_order": TIE_ORDER,

@@ -83,7 +83,7 @@ class FeatureStore:
         return self.group[LABELS.key(split)][:]
 
     def sample_ids(self, split: str) -> np.ndarray:
-        return np.asarray(self.group[SAMPLE_IDS.key(split)][:], dtype=str)
+        return np.array(self.group[SAMPLE_IDS.key(split)][:].tolist(), dtype=str)  # numpy's StringDType -> str
 
     def shards_done(self, split: str) -> np.ndarray:
         return self._array(LEDGER.key(split))[:]

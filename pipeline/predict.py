@@ -1,0 +1,176 @@
+"""Applying a probed or tuned head to new images: the backbone up to the last selected tap, the store's
+pooling and storage cast, the selected columns, per-layer normalisation, the linear head.
+
+A head file (`<method>.head.pt` beside results.json) holds everything needed: the model config the store
+was extracted with (and the store's spec to check it against), the selected taps and columns, the weights,
+the class names. Features are cast to the store's dtype before use, so an image gets the numbers it would
+have had in the store and a test folder's accuracy equals the reported test accuracy.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from .errors import H2TError
+
+FORMAT = 1
+
+
+def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarray], model_cfg, result: dict) -> Path:
+    """The head and what applying it needs, as a weights-only torch file (no pickled code)."""
+    by_name = {layer["name"]: layer for layer in store.layers}
+    dtypes = store.layer_dtypes()
+    artefact = {
+        "format": FORMAT, "method": result["method"], "store_id": store.id, "spec": _json_safe(store.meta["spec"]),
+        "model_cfg": OmegaConf.to_container(model_cfg, resolve=True),
+        "layers": [{"name": name, "role": by_name[name]["role"], "dim": int(by_name[name]["dim"]),
+                    "dtype": dtypes[name], "columns": torch.from_numpy(np.asarray(cols, np.int64))}
+                   for name, cols in plan.items()],
+        "normalisation": "per_layer_l2",
+        "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
+        "class_names": list(store.meta.get("class_names") or [str(i) for i in range(store.meta["num_classes"])]),
+        "reported": {k: result.get(k) for k in ("val_accuracy", "test_accuracy", "lam", "fraction")},
+    }
+    torch.save(artefact, path)
+    return path
+
+
+def _json_safe(value):
+    import json
+
+    return json.loads(json.dumps(value, default=str))
+
+
+def load_head(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise H2TError(f"head file {path}: no such file (probe, run and tune write <method>.head.pt)")
+    try:
+        artefact = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise H2TError(f"head file {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(artefact, dict) or artefact.get("format") != FORMAT:
+        raise H2TError(f"head file {path} is not an h2t head (format {FORMAT})")
+    return artefact
+
+
+def image_paths(inputs: list[str]) -> list[Path]:
+    """Files as given; folders searched recursively; a .txt file lists one path per line."""
+    from .data.files import IMAGE_EXTENSIONS
+
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise H2TError(f"{p} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            out += found
+        elif p.suffix.lower() == ".txt" and p.is_file():
+            out += [Path(line.strip()).expanduser() for line in p.read_text().splitlines() if line.strip()]
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise H2TError(f"{p}: no such file or folder")
+    missing = [p for p in out if not p.is_file()]
+    if missing:
+        raise H2TError(f"{missing[0]}: no such image")
+    return out
+
+
+class Predictor:
+    """The backbone (up to the last selected tap), pooling, storage cast, columns and head of one head file."""
+
+    def __init__(self, artefact: dict, device: str = "auto"):
+        from .backbone import build_model, weights_fingerprint
+        from .extract import resolve_device
+        from .preprocess import build_preprocess
+        from .stages import DeviceStage
+        from .taps import TappedForward, select_taps
+
+        self.artefact = artefact
+        spec = artefact["spec"]
+        model_cfg = OmegaConf.create(artefact["model_cfg"])
+        if weights_fingerprint(model_cfg) != spec["model"]["weights"]:
+            raise H2TError(f"the weights of {model_cfg.name} here differ from those store {artefact['store_id']} "
+                           f"was extracted with: predictions would not match the head")
+        self.preprocess = build_preprocess(model_cfg)
+        if _json_safe(self.preprocess.as_dict()) != spec["preprocess"]:
+            raise H2TError(f"preprocessing of {model_cfg.name} here differs from store {artefact['store_id']}'s")
+        self.device = resolve_device(device)
+        model = build_model(model_cfg).to(self.device)
+        names = [layer["name"] for layer in artefact["layers"]]
+        taps = select_taps(model, names)  # network order, as in the store
+        self.order = [names.index(t.name) for t in taps]
+        pooling = spec["pooling"]
+        self.runner = TappedForward(model, taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
+        ordered = [artefact["layers"][i] for i in self.order]
+        self.stage = DeviceStage(self.runner, self.preprocess, self.device, ordered,
+                                 {layer["name"]: layer["dtype"] for layer in ordered},
+                                 precision=spec["model"].get("precision", "float32"))
+        self.head = torch.nn.Linear(artefact["weight"].shape[1], artefact["weight"].shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(artefact["weight"])
+            self.head.bias.copy_(artefact["bias"])
+
+    def features(self, images: np.ndarray) -> np.ndarray:
+        """(n, selected columns) as the head was trained on: store-cast, then per-layer L2-normalised."""
+        from .head import normalise_layers
+        from .score.matrix import cast_into
+        from .storage.schema import from_bfloat16_bits
+
+        blocks = self.stage.to_host(self.stage(images))
+        by_layer = dict(zip(self.order, blocks))
+        parts = []
+        for i, layer in enumerate(self.artefact["layers"]):
+            values = by_layer[i]
+            if layer["dtype"] == "bfloat16":
+                values = from_bfloat16_bits(values)
+            cols = layer["columns"].numpy()
+            parts.append(cast_into(np.empty((len(values), len(cols)), np.float32), values[:, cols]))
+        plan = {layer["name"]: layer["columns"].numpy() for layer in self.artefact["layers"]}
+        return normalise_layers(np.concatenate(parts, axis=1), plan)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.softmax(self.head(torch.from_numpy(self.features(images))), dim=1).numpy()
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def predict_files(head_path: str, inputs: list[str], out: str | Path, batch_size: int = 64,
+                  device: str = "auto", progress: bool = True) -> tuple[Path, int, float | None]:
+    """Predictions for every image -> CSV (path, class, class_index, probability). Returns (CSV path, images,
+    accuracy against the images' parent folder names when every one of them names a class, else None)."""
+    from tqdm.auto import tqdm
+
+    from .data.files import load_image
+
+    artefact = load_head(head_path)
+    paths = image_paths(inputs)
+    names = artefact["class_names"]
+    predictor = Predictor(artefact, device)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    correct, labelled = 0, all(p.parent.name in names for p in paths)
+    try:
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "class", "class_index", "probability"])
+            for start in tqdm(range(0, len(paths), batch_size), desc="predict", unit="batch", disable=not progress):
+                chunk = paths[start:start + batch_size]
+                images = [load_image(p) for p in chunk]
+                same = len({im.shape for im in images}) == 1
+                probs = predictor.probabilities(np.stack(images) if same else images)
+                for p, row in zip(chunk, probs):
+                    k = int(row.argmax())
+                    writer.writerow([str(p), names[k], k, f"{row[k]:.6f}"])
+                    correct += labelled and names[k] == p.parent.name
+    finally:
+        predictor.close()
+    return out, len(paths), (correct / len(paths) if labelled else None)
