@@ -140,13 +140,9 @@ def _extract_task(cfg) -> None:
 
 
 def _ensure_store(cfg):
-    """The complete store of this config (extracted, or its writers joined, when needed)."""
-    from .extract import extract, plan_store
-    from .probe import wait_for_store
+    from .extract import ensure_store
 
-    plan = plan_store(cfg)
-    wait_for_store(cfg, plan)
-    return extract(cfg, plan)
+    return ensure_store(cfg)
 
 
 def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:

@@ -150,6 +150,16 @@ class ExtractResult:
     seconds: float
 
 
+def ensure_store(cfg) -> ExtractResult:
+    """The complete store of this config, for a probe: extracted when missing, its writers joined (or
+    waited for, `probe.on_incomplete`) when another process is writing it."""
+    from .probe import wait_for_store
+
+    plan = plan_store(cfg)
+    wait_for_store(cfg, plan)
+    return extract(cfg, plan)
+
+
 def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=None) -> ExtractResult:
     """Make sure the complete store exists; run the backbone only over shards nobody has written.
 
