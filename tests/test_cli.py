@@ -200,3 +200,18 @@ def test_a_sweep_over_timm_names(tmp_path):
     h2t(tmp_path, "probe", "-m", *TINY, "model=resnet10t,resnet14t", "model.pretrained=false", "model.input_size=32",
         "taps.include=[layer4.*,pre_logits]", "method=linear", f"hydra.sweep.dir={sweep}")
     assert sorted(results(j)[0]["model"] for j in sweep.glob("*/results.json")) == ["resnet10t", "resnet14t"]
+
+
+def test_tune_over_target_sizes_uses_one_store_per_T_grown_from_its_sibling(tmp_path):
+    out = tmp_path / "tune"
+    h2t(tmp_path, "tune", *TINY, "tune.grid.target_size=[128,64]", "tune.grid.lam=[1e-3]",
+        "tune.grid.fraction=[0.1]", "tune.grid.head_lr=[0.05]", "tune.grid.head_steps=[50]", "methods=[head2toe]",
+        f"hydra.run.dir={out}")
+    lines = (out / "candidates.csv").read_text().strip().splitlines()[1:]
+    assert sorted(int(line.split(",")[1]) for line in lines) == [64, 128]
+    (result,) = results(out / "results.json")
+    assert result["chosen"]["target_size"] in (64, 128) and result["target_size"] == result["chosen"]["target_size"]
+    stores = sorted((tmp_path / "stores").rglob("*.zarr"))
+    assert len(stores) == 2
+    layers = [json.loads((s / "zarr.json").read_text())["attributes"]["h2t"]["layers"] for s in stores]
+    assert any("reused_from" in layer for table in layers for layer in table)  # the second T copied layers
