@@ -210,6 +210,8 @@ class SweepReport(Callback):
     def on_multirun_end(self, config, **_) -> None:
         directory = Path(config.hydra.sweep.dir)
         SweepReport.directory = directory
+        if not directory.is_dir() or not _job_dirs(directory):
+            return  # a sweep of extractions: nothing to tabulate
         try:
             _text, paths, SweepReport.failed = write_report(directory)
         except Exception as exc:  # noqa: BLE001 - a report must never turn a finished sweep into a crash

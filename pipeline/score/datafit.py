@@ -32,11 +32,8 @@ class MultinomialLogistic:
         and X^T R = B^T R - offset (1^T R), so the centring costs O(D K) per pass, not a pass per block."""
         offset = getattr(matrix, "offset", None)
         b_eff = b if offset is None else (b - offset @ W).astype(np.float32)
-        loss, gW, gb = 0.0, np.zeros_like(W), np.zeros_like(b)
-        for rows, X in matrix.blocks():
-            l, gw, g = self.block_value_grad(X, rows, W, b_eff)
-            loss, gb = loss + l, gb + g
-            gW += gw
+        loss, gW, gb = matrix.reduce(self.block_value_grad, W, b_eff)
+        gW, gb = gW.astype(W.dtype, copy=False), gb.astype(b.dtype, copy=False)
         if offset is not None:
             gW -= np.outer(offset, gb).astype(W.dtype)
         return loss / self.n, gW / self.n, gb / self.n
@@ -60,15 +57,18 @@ class MultinomialLogistic:
         eig = 0.0
         offset = getattr(matrix, "offset", None)
         for _ in range(iterations):
-            out = np.zeros_like(v)
             shift = 0.0 if offset is None else float(offset @ v)
-            for _rows, X in matrix.blocks():
-                u = X @ v - shift
-                out += X.T @ u
-                if offset is not None:
-                    out -= offset * u.sum()
+            out, total = matrix.reduce(_gram_step, v, shift)
+            if offset is not None:
+                out = out - offset * total
             eig = float(np.linalg.norm(out))
             if eig == 0.0:
                 break
-            v = out / eig
+            v = (out / eig).astype(np.float32)
         return 0.5 * max(eig, 1e-12) / matrix.n * 1.05  # margin: power iteration approaches from below
+
+
+def _gram_step(X: np.ndarray, _rows, v: np.ndarray, shift: float):
+    """One block's share of (X - 1 offset)^T-free power step: X^T u and sum(u), u = X v - shift."""
+    u = X @ v - shift
+    return X.T @ u, float(u.sum())

@@ -79,6 +79,10 @@ class DenseMatrix:
     def columns(self, idx: np.ndarray) -> np.ndarray:
         return self.array[:, idx]
 
+    def reduce(self, fn, *args):
+        self.passes += 1
+        return fn(self.array, slice(0, self.n), *args)
+
 
 def block_rows_for(budget_bytes: int, D: int, itemsize: int, shard_rows: int, n: int) -> int:
     """Rows per streamed block: two float32 blocks (multiplied, prefetched) and one block of raw values fit
@@ -93,6 +97,83 @@ def block_rows_for(budget_bytes: int, D: int, itemsize: int, shard_rows: int, n:
     return min(n, rows)
 
 
+class BlockReader:
+    """Reads rows of a store's layers as float32, each layer's part of a row divided by its L2 norm. Shared by
+    the in-process matrix and by cluster workers (pipeline/score/cluster.py)."""
+
+    def __init__(self, store, splits, layers: list[dict] | None = None, threads: int | None = None):
+        self.store = store
+        self.layers = layers or store.layers
+        self.threads = threads or min(len(self.layers), os.cpu_count() or 1)
+        self.dtypes = store.layer_dtypes()
+        self.arrays = {split: [store.features(split, layer["name"]) for layer in self.layers] for split in splits}
+        self.starts = np.cumsum([0] + [layer["dim"] for layer in self.layers])
+        self.D = int(self.starts[-1])
+        self.itemsize = max(np.dtype(a.dtype).itemsize for arrays in self.arrays.values() for a in arrays)
+
+    def fill(self, out: np.ndarray, segment: Segment, norms: np.ndarray, known: bool) -> None:
+        """out[:] = the segment's rows, normalised; `norms` (rows x layers) is written, or read when `known`.
+        One Dask task per layer: the Rust pipeline decodes the layer's chunks in parallel."""
+        tasks = [dask.delayed(self._fill_layer)(out, segment, i, norms, known) for i in range(len(self.layers))]
+        dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
+
+    def _fill_layer(self, out: np.ndarray, segment: Segment, i: int, norms: np.ndarray, known: bool) -> None:
+        """Decode one layer's rows into its columns of `out` and normalise them in place, a few rows at a time
+        so that the cast and the scaling run on values still in cache."""
+        name = self.layers[i]["name"]
+        seg = out[:, self.starts[i]:self.starts[i + 1]]
+        raw = self.arrays[segment.split][i][segment.src]
+        if segment.take is not None:
+            raw = raw[segment.take]
+        step = max(1, CACHE_BYTES // (4 * max(1, seg.shape[1])))
+        for r0 in range(0, len(seg), step):
+            part = seg[r0:r0 + step]
+            cast_into(part, self.store.decode(name, raw[r0:r0 + step], self.dtypes[name]))
+            if known:
+                part *= (1.0 / norms[r0:r0 + len(part), i])[:, None]
+            else:
+                norms[r0:r0 + len(part), i] = normalise_rows_in_place(part)
+
+    def columns(self, out: np.ndarray, segment: Segment, idx: np.ndarray, norms: np.ndarray) -> None:
+        """out[:] = columns `idx` (sorted global indices) of the segment's rows, normalised by known norms:
+        only the inner chunks holding them are read, adjacent ones as one slice."""
+        layer_of = np.searchsorted(self.starts, idx, side="right") - 1
+        tasks = []
+        for i in np.unique(layer_of):
+            where = np.flatnonzero(layer_of == i)
+            cols = idx[where] - self.starts[i]
+            width = self.arrays[segment.split][i].chunks[1]  # inner chunk: the unit zarr decodes
+            chunk_of = cols // width
+            for run in np.split(np.arange(len(cols)), np.flatnonzero(np.diff(chunk_of) > 1) + 1):
+                tasks.append(dask.delayed(self._fill_columns)(out, segment, i, where[run], cols[run], width, norms))
+        dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
+
+    def _fill_columns(self, out, segment: Segment, i: int, where, cols, width: int, norms) -> None:
+        name = self.layers[i]["name"]
+        lo = int(cols[0]) // width * width
+        slab = self.arrays[segment.split][i][segment.src, lo:int(cols[-1]) + 1]
+        values = slab[:, cols - lo] if segment.take is None else slab[segment.take][:, cols - lo]
+        out[:, where] = as_float32(self.store.decode(name, values, self.dtypes[name])) / norms[:, i][:, None]
+
+
+def reduce_blocks(matrix, fn, *args):
+    """sum over the matrix's blocks of fn(block, rows, *args) (a number, an array or a tuple of them)."""
+    total = None
+    for rows, X in matrix.blocks():
+        part = fn(X, rows, *args)
+        if total is None:
+            total = [np.array(p, dtype=np.float64 if np.ndim(p) == 0 else None, copy=True) for p in part] \
+                if isinstance(part, tuple) else np.array(part, copy=True)
+        elif isinstance(part, tuple):
+            for t, p in zip(total, part):
+                t += p
+        else:
+            total += part
+    if isinstance(total, list):
+        return tuple(float(t) if np.ndim(t) == 0 else t for t in total)
+    return total
+
+
 class FeatureMatrix:
     """The rows `rows` (a split's name, or a Rows selection: folds, train + val) of every layer."""
 
@@ -100,21 +181,16 @@ class FeatureMatrix:
                  center: bool = True, threads: int | None = None):
         self.rows = Rows.of(store, rows) if isinstance(rows, str) else rows
         self.store = store
-        self.layers = layers or store.layers
+        self.reader = BlockReader(store, [split for split, _ in self.rows.parts], layers, threads)
+        self.layers = self.reader.layers
         self.n = self.rows.size(store)
-        self.D = sum(layer["dim"] for layer in self.layers)
+        self.D = self.reader.D
         if memory_budget_bytes < 1:
             raise H2TError(f"score.memory_budget_mb must be positive, got {memory_budget_bytes}")
-        self.threads = threads or min(len(self.layers), os.cpu_count() or 1)
-        self._dtypes = store.layer_dtypes()
-        self._arrays = {split: [store.features(split, layer["name"]) for layer in self.layers]
-                        for split, _ in self.rows.parts}
-        self._starts = np.cumsum([0] + [layer["dim"] for layer in self.layers])
-        itemsize = max(np.dtype(a.dtype).itemsize for arrays in self._arrays.values() for a in arrays)
         # In memory when the matrix and one block of raw values in flight fit.
         self.in_memory = self.n * self.D * 4 * 1.25 <= memory_budget_bytes
         self.shard_rows = store.meta["shard_rows"]
-        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, self.shard_rows, self.n)
+        self.block_rows = block_rows_for(memory_budget_bytes, self.D, self.reader.itemsize, self.shard_rows, self.n)
         self.norms = np.ones((self.n, len(self.layers)), np.float32)  # each layer's row norm, from the first pass
         self._norms_known = False
         self.passes = 0  # full reads of the store (or of the cache) made so far
@@ -142,29 +218,9 @@ class FeatureMatrix:
         """Whole shards of the store, at most block_rows of them at a time, and the rows kept of each."""
         return list(self.rows.segments(self.store, self.block_rows, align=self.shard_rows))
 
-    def _fill_layer(self, out: np.ndarray, segment: Segment, i: int) -> None:
-        """Decode one layer's rows into its columns of `out` (float32) and normalise them in place, a few
-        rows at a time so that the cast and the scaling run on values still in cache. The row norms are
-        computed by the first pass and kept: later passes only multiply."""
-        name = self.layers[i]["name"]
-        seg = out[:, self._starts[i]:self._starts[i + 1]]
-        raw = self._arrays[segment.split][i][segment.src]
-        if segment.take is not None:
-            raw = raw[segment.take]
-        rows = segment.dst
-        step = max(1, CACHE_BYTES // (4 * seg.shape[1]))
-        for r0 in range(0, len(seg), step):
-            part = seg[r0:r0 + step]
-            cast_into(part, self.store.decode(name, raw[r0:r0 + step], self._dtypes[name]))
-            where = slice(rows.start + r0, rows.start + r0 + len(part))
-            if self._norms_known:
-                part *= (1.0 / self.norms[where, i])[:, None]
-            else:
-                self.norms[where, i] = normalise_rows_in_place(part)
-
     def _fill(self, out: np.ndarray, segment: Segment) -> None:
-        tasks = [dask.delayed(self._fill_layer)(out, segment, i) for i in range(len(self.layers))]
-        dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
+        """The row norms are computed by the first pass and kept: later passes only multiply."""
+        self.reader.fill(out, segment, self.norms[segment.dst], self._norms_known)
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
         """Yield (row slice, block) covering all rows once; the matrix is `block - offset` (offset None: 0)."""
@@ -189,6 +245,9 @@ class FeatureMatrix:
                 yield segment.dst, block
         self._norms_known = True
 
+    def reduce(self, fn, *args):
+        return reduce_blocks(self, fn, *args)
+
     def columns(self, idx: np.ndarray) -> np.ndarray:
         """The (n, len(idx)) normalised, centred submatrix: only the chunks holding these columns are read
         (each layer's row norms come from the first pass)."""
@@ -196,30 +255,8 @@ class FeatureMatrix:
         if self._cache is not None:
             return self._cache[:, idx]
         out = np.empty((self.n, len(idx)), np.float32)
-        layer_of = np.searchsorted(self._starts, idx, side="right") - 1
-        tasks = []
-        for i in np.unique(layer_of):
-            where = np.flatnonzero(layer_of == i)
-            cols = idx[where] - self._starts[i]
-            width = next(iter(self._arrays.values()))[i].chunks[1]  # inner chunk: the unit zarr decodes
-            chunk_of = cols // width
-            for run in np.split(np.arange(len(cols)), np.flatnonzero(np.diff(chunk_of) > 1) + 1):
-                tasks.append(dask.delayed(self._fill_columns)(out, i, where[run], cols[run], width))
-        dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
+        for segment in self.rows.segments(self.store, max(1, self.n), 1):  # one per part: all its rows at once
+            self.reader.columns(out[segment.dst], segment, idx, self.norms[segment.dst])
         if self.centered:
             out -= self.mean[idx]
         return out
-
-    def _fill_columns(self, out: np.ndarray, i: int, where: np.ndarray, cols: np.ndarray, width: int) -> None:
-        """Columns of one layer lying in adjacent inner chunks: one slice read of those chunks per split (the
-        Rust pipeline decodes them in parallel), then the wanted columns and rows, normalised by the first
-        pass's norms."""
-        name = self.layers[i]["name"]
-        lo = int(cols[0]) // width * width
-        offset = 0
-        for split, idx in self.rows.parts:
-            slab = self._arrays[split][i][:, lo:int(cols[-1]) + 1]
-            values = slab[:, cols - lo] if idx is None else slab[idx][:, cols - lo]
-            dst = slice(offset, offset + len(values))
-            out[dst, where] = as_float32(self.store.decode(name, values, self._dtypes[name])) / self.norms[dst, i][:, None]
-            offset += len(values)

@@ -9,6 +9,7 @@ import numpy as np
 from ..errors import H2TError
 from ..storage.schema import canonical_json
 from .datafit import MultinomialLogistic
+from .cluster import ClusterMatrix, check_spec, client_for
 from .matrix import FeatureMatrix
 from .penalty import GroupL2Rows
 from .solvers import SOLVERS
@@ -22,6 +23,7 @@ def score_params(cfg, fit: dict, lam: float | None = None) -> dict:
         raise H2TError(f"score.lam must be > 0, got {lam}")
     if cfg.solver not in SOLVERS:
         raise H2TError(f"unknown score.solver={cfg.solver!r}; known: {', '.join(SOLVERS)}")
+    check_spec(cfg.get("cluster"))
     return {"objective": "multinomial_group_lasso", "normalisation": "per_layer_l2", "lam": lam,
             "solver": cfg.solver, "max_iter": int(cfg.max_iter), "tol": float(cfg.tol), **fit}
 
@@ -67,7 +69,7 @@ def score_path(store, cfg, rows: Rows | str, lams, progress: bool = False) -> li
     for lam in todo:
         start = time.perf_counter()
         if matrix is None:
-            matrix = FeatureMatrix(store, rows, int(float(cfg.memory_budget_mb) * 2**20))
+            matrix = open_matrix(store, rows, cfg)
             datafit = MultinomialLogistic(rows.labels(store), store.meta["num_classes"])
         solver = SOLVERS[cfg.solver](max_iter=params[lam]["max_iter"], tol=params[lam]["tol"], progress=progress)
         solution = solver.solve(matrix, datafit, GroupL2Rows(lam), W0=W, b0=b)
@@ -82,4 +84,15 @@ def score_path(store, cfg, rows: Rows | str, lams, progress: bool = False) -> li
         key = relevance_key(params[lam])
         store.save_relevance(key, arrays, {"params": params[lam], "solution": info})
         results[lam] = (arrays, {"cached": False, "key": key, **info})
+    if matrix is not None and hasattr(matrix, "close"):
+        matrix.close()
     return [results[float(lam)] for lam in lams]
+
+
+def open_matrix(store, rows: Rows, cfg):
+    """The feature matrix of `rows`: in this process (threads), or on the Dask cluster `score.cluster`."""
+    budget = int(float(cfg.memory_budget_mb) * 2**20)
+    client = client_for(cfg.get("cluster"))
+    if client is None:
+        return FeatureMatrix(store, rows, budget)
+    return ClusterMatrix(store, rows, client, budget)

@@ -39,6 +39,7 @@ class FeatureStore:
     path: str
     group: zarr.Group
     read_only: bool = False
+    options: dict | None = None  # storage options it was opened with (credentials): others can reopen it
     # opened arrays: opening one reads and parses its metadata, which cost more than writing its shard
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -172,10 +173,25 @@ class FeatureStore:
     # --- derived artefacts -----------------------------------------------------------------------------
     def save_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         """Write derived/relevance/<key>/{name} arrays; attrs (parameters, certificate) go last = committed.
+        Written once per key: under a claim, and only when not already committed (jobs of a parallel sweep
+        may race to compute the same scores; the loser keeps its own copy in memory).
 
         A read-only store (an http root) keeps nothing: the scores are recomputed next time."""
         if self.read_only:
             return
+        from .claims import Claims
+
+        claims = Claims(self.group.store, ttl_s=3600)
+        unit = f"relevance/{key}"
+        if not claims.try_claim(unit):
+            return  # another job is writing these scores now: written once, by it
+        try:
+            if self.load_relevance(key) is None:  # nobody committed them meanwhile
+                self._write_relevance(key, arrays, attrs)
+        finally:
+            claims.release(unit)
+
+    def _write_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         group = self.group.require_group(f"derived/relevance/{key}")
         for name, values in arrays.items():
             arr = group.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, overwrite=True)
@@ -240,7 +256,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             raise H2TError(location.describe_failure(path, exc)) from None
         raise H2TError(f"cannot create store at {path}: {getattr(exc, 'strerror', None) or exc}") from None
     all_reused = all(layer["name"] in reused for layer in layers)
-    store = FeatureStore(path, group)
+    store = FeatureStore(path, group, options=options)
     to_create = []
     for split, n in split_sizes.items():
         n_shards = -(-n // shard_rows)
@@ -342,7 +358,7 @@ def open_store(path: str, spec: dict | None = None, options: dict | None = None)
         raise H2TError(f"store {path} does not follow the h2t schema: {problems[0]}")
     if spec is not None and canonical_json(meta["spec"]) != canonical_json(spec):
         raise H2TError(f"store {path} was extracted with other settings (provenance differs): not reused")
-    return FeatureStore(path, group, read_only)
+    return FeatureStore(path, group, read_only, options)
 
 
 def _local_read_only(path: str) -> bool:

@@ -1,0 +1,227 @@
+"""Scoring on a Dask cluster: every pass runs where the data is read.
+
+`score.cluster=local:N` starts a `distributed.LocalCluster` of N worker processes; `tcp://HOST:PORT` joins an
+existing scheduler (`dask scheduler` + `dask worker` on any machines that can reach the store's root). Each
+pass (the column means, the loss and gradient, the power iteration, the working set's column gathers) is one
+task per row block of whole shards: the worker opens the store from its root (local path, file://, s3://),
+reads and normalises its block with the same `BlockReader` as the in-process path, and returns only the
+block's partial sums (D x K) or the requested columns. The driver holds the D x K weights and gradient, the
+labels and the working set's n x |ws| columns, never an n x D block. A block is pinned to one worker, which
+keeps its row norms, so the column gathers read only the chunks holding those columns.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import H2TError
+from ..rows import Rows, Segment
+from .matrix import BlockReader, block_rows_for
+
+_CLIENTS: dict[str, object] = {}
+
+
+def check_spec(spec) -> None:
+    """The form of `score.cluster`, checked without connecting."""
+    if spec in (None, "", "null", "none"):
+        return
+    text = str(spec)
+    if text.startswith("local:"):
+        n = text.split(":", 1)[1]
+        if n.isdigit() and int(n) >= 1:
+            return
+        raise H2TError(f"score.cluster=local:N needs N >= 1 worker processes, got {text!r}")
+    if not text.startswith(("tcp://", "tls://", "ws://")):
+        raise H2TError(f"score.cluster must be null, local:N or tcp://HOST:PORT, got {text!r}")
+
+
+def client_for(spec):
+    """The distributed Client for `score.cluster` (None: the threaded in-process path). One per spec per
+    process: a tune's many solves share it."""
+    if spec in (None, "", "null", "none"):
+        return None
+    spec = str(spec)
+    if spec in _CLIENTS:
+        return _CLIENTS[spec]
+    from distributed import Client, LocalCluster
+
+    check_spec(spec)
+    if spec.startswith("local:"):
+        n = int(spec.split(":", 1)[1])
+        threads = max(1, (os.cpu_count() or 1) // n)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+        atexit.register(cluster.close)
+    else:
+        _reachable(spec)
+        try:
+            client = Client(spec, timeout=30)
+        except OSError as exc:
+            raise H2TError(f"score.cluster={spec}: no Dask scheduler answers there ({exc})") from None
+        if not client.scheduler_info().get("workers"):
+            client.close()
+            raise H2TError(f"score.cluster={spec}: the scheduler has no workers (start `dask worker {spec}`)")
+    atexit.register(client.close)
+    _CLIENTS[spec] = client
+    return client
+
+
+def _reachable(address: str) -> None:
+    """A refused or silent address fails in seconds, not after the client's connection timeout."""
+    import socket
+
+    host, _, port = address.split("://", 1)[1].rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
+    except (OSError, ValueError) as exc:
+        raise H2TError(f"score.cluster={address}: no Dask scheduler answers there ({exc})") from None
+
+
+def close_client(spec) -> None:
+    """Disconnect (and for local:N stop the cluster) before the scheduler goes away."""
+    client = _CLIENTS.pop(str(spec), None)
+    if client is not None:
+        cluster = getattr(client, "cluster", None)
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@dataclass(frozen=True)
+class StoreRef:
+    """How a worker opens the store: its path and storage options (credentials travel with the task)."""
+    path: str
+    options: dict | None
+    splits: tuple[str, ...]
+
+
+# --- worker side: one reader per store, row norms per (matrix, block) ----------------------------------------
+_READERS: dict[tuple, BlockReader] = {}
+_NORMS: dict[tuple[str, int], np.ndarray] = {}
+
+
+def _reader(ref: StoreRef) -> BlockReader:
+    key = (ref.path, ref.splits)
+    reader = _READERS.get(key)
+    if reader is None:
+        from ..storage.store import open_store
+
+        store = open_store(ref.path, options=ref.options)
+        if store is None:
+            raise H2TError(f"worker: no store at {ref.path}")
+        reader = _READERS[key] = BlockReader(store, ref.splits)
+    return reader
+
+
+def _read_block(ref: StoreRef, token: str, block: int, segment: Segment) -> np.ndarray:
+    reader = _reader(ref)
+    rows = segment.dst.stop - segment.dst.start
+    out = np.empty((rows, reader.D), np.float32)
+    norms = np.empty((rows, len(reader.layers)), np.float32)
+    reader.fill(out, segment, norms, known=False)
+    _NORMS[(token, block)] = norms
+    return out
+
+
+def _block_task(ref: StoreRef, token: str, block: int, segment: Segment, fn, *args):
+    return fn(_read_block(ref, token, block, segment), segment.dst, *args)
+
+
+def _columns_task(ref: StoreRef, token: str, block: int, segment: Segment, idx: np.ndarray) -> np.ndarray:
+    norms = _NORMS.get((token, block))
+    if norms is None:  # this worker has not read the block yet: read it whole once
+        return np.ascontiguousarray(_read_block(ref, token, block, segment)[:, idx])
+    out = np.empty((segment.dst.stop - segment.dst.start, len(idx)), np.float32)
+    _reader(ref).columns(out, segment, idx, norms)
+    return out
+
+
+def _column_sums(X: np.ndarray, _rows) -> np.ndarray:
+    return X.sum(axis=0, dtype=np.float64)
+
+
+def _forget(token: str) -> None:
+    for key in [k for k in _NORMS if k[0] == token]:
+        del _NORMS[key]
+
+
+# --- driver side -------------------------------------------------------------------------------------------
+def _add(total, part):
+    if total is None:
+        return tuple(np.array(p, copy=True) for p in part) if isinstance(part, tuple) else np.array(part, copy=True)
+    if isinstance(part, tuple):
+        return tuple(t + p for t, p in zip(total, part))
+    total += part
+    return total
+
+
+class ClusterMatrix:
+    """The FeatureMatrix protocol (n, D, reduce, columns, passes, offset) with every pass on the cluster."""
+
+    in_memory = False
+
+    def __init__(self, store, rows: Rows | str, client, memory_budget_bytes: int, center: bool = True):
+        self.rows = Rows.of(store, rows) if isinstance(rows, str) else rows
+        self.client = client
+        self.layers = store.layers
+        self.n = self.rows.size(store)
+        self.D = sum(layer["dim"] for layer in self.layers)
+        splits = tuple(split for split, _ in self.rows.parts)
+        itemsize = max(np.dtype(store.features(s, layer["name"]).dtype).itemsize for s in splits for layer in self.layers)
+        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, store.meta["shard_rows"], self.n)
+        self.ref = StoreRef(str(store.path), store.options, splits)
+        self.token = uuid.uuid4().hex
+        self.segments = list(self.rows.segments(store, self.block_rows, align=store.meta["shard_rows"]))
+        workers = sorted(client.scheduler_info()["workers"])
+        self.placement = [workers[i % len(workers)] for i in range(len(self.segments))]
+        self.passes = 0
+        self.centered = center
+        self.mean = np.zeros(self.D, np.float32)
+        self.offset = None
+        totals = self.reduce(_column_sums)  # also leaves each block's row norms on its worker
+        if center:
+            self.mean = (totals / self.n).astype(np.float32)
+            self.offset = self.mean
+
+    def _submit(self, task, *args):
+        from distributed import as_completed
+
+        futures = [self.client.submit(task, self.ref, self.token, i, segment, *args, workers=[self.placement[i]],
+                                      allow_other_workers=True, pure=False)
+                   for i, segment in enumerate(self.segments)]
+        return as_completed(futures, with_results=True)
+
+    def reduce(self, fn, *args):
+        """sum over blocks of fn(block, rows, *args), each term computed on a worker."""
+        self.passes += 1
+        shared = self.client.scatter([fn, *args], broadcast=True, hash=False)
+        total = None
+        for future, part in self._submit(_block_task, *shared):
+            total = _add(total, part)
+            future.release()
+        return total
+
+    def columns(self, idx: np.ndarray) -> np.ndarray:
+        idx = np.asarray(idx, dtype=np.int64)
+        out = np.empty((self.n, len(idx)), np.float32)
+        futures = [self.client.submit(_columns_task, self.ref, self.token, i, segment, idx,
+                                      workers=[self.placement[i]], allow_other_workers=True, pure=False)
+                   for i, segment in enumerate(self.segments)]
+        for future, segment in zip(futures, self.segments):
+            out[segment.dst] = future.result()
+            future.release()
+        if self.centered:
+            out -= self.mean[idx]
+        return out
+
+    def close(self) -> None:
+        try:
+            self.client.run(_forget, self.token)
+        except Exception:  # noqa: BLE001 - workers that left took their caches with them
+            pass
