@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import H2TError
 from .report import pct, format_table
 
-CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parents[1] / "conf"))
+CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parent / "conf"))  # shipped in the package
 VERBS = {
     "extract": "run the backbone over a dataset once and fill the store",
     "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
@@ -362,7 +362,7 @@ def _store_command(args: list[str]) -> None:
             catalog.remove(path)
             print(f"removed {path}")
             return
-        store = open_store(path, options=catalog.options())
+        store = catalog.open_resolved(path)
         if opts.action == "info":
             info = {**catalog.summary(store), "spec": store.meta["spec"], "layers": store.layers,
                     "skipped": store.meta.get("skipped", [])}

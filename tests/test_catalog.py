@@ -90,3 +90,42 @@ def test_gc_removes_only_old_incomplete_stores(extracted, tmp_path):
 def test_resolve_errors():
     with pytest.raises(H2TError, match="not a directory"):
         catalog.find_stores("/nonexistent/root")
+
+
+@pytest.mark.parametrize("action", ["info", "verify", "rm"])
+def test_store_commands_given_the_wrong_thing_say_so_in_one_line(extracted, tmp_path, action):
+    root = tmp_path / "stores"
+    second = create_store(str(root / "m" / "d" / f"{extracted.id[:3]}fffffffffffff.zarr"), {"model": {"name": "m"}},
+                          extracted.layers, {"train": 2}, 2, ["a", "b"], 16, "float16", 64, "lz4")
+    assert second.id != extracted.id
+    cases = [
+        ([str(root)], "is not a store (no zarr.json there); for the stores under a root: h2t store ls"),
+        ([str(root / "m")], "is not a store"),
+        (["deadbeef", "--root", str(root)], "no store 'deadbeef' under"),
+        ([extracted.id[:3], "--root", str(root)], "is ambiguous"),
+        (["abc", "--root", str(tmp_path / "nowhere")], "the store root"),
+        ([str(tmp_path / "gone.zarr")], "no such store"),
+    ]
+    for args, message in cases:
+        proc = store_cli(action, *args, cwd=tmp_path)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("h2t: error")]
+        assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert open_store(extracted.path) is not None  # nothing was removed
+
+
+def test_an_all_zero_shard_is_present_and_told_from_a_deleted_one(tmp_path):
+    from tests.conftest import make_store
+
+    rng = np.random.default_rng(0)
+    X = {"train": np.abs(rng.standard_normal((48, 24))).astype(np.float32), "test": np.ones((16, 24), np.float32)}
+    X["train"][16:32, 8:16] = 0.0  # a dead tap for one whole shard (16 rows)
+    X["test"][:] = 0.0  # and a split of black images
+    y = {"train": np.arange(48) % 2, "test": np.arange(16) % 2}
+    store = make_store(tmp_path / "z.zarr", X, y, 2, spec={"widths": [8, 8, 8]})
+    assert catalog.verify(open_store(store.path)) == []
+    zero_shard = os.path.join(store.path, "train", "features", "layer1", "c", "1", "0")
+    assert os.path.isfile(zero_shard) and os.path.isfile(os.path.join(store.path, "test", "features", "layer0", "c", "0", "0"))
+    os.remove(zero_shard)
+    problems = catalog.verify(open_store(store.path))
+    assert len(problems) == 1 and "train/features/layer1 shard 1" in problems[0] and "missing" in problems[0]

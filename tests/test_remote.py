@@ -153,3 +153,12 @@ def test_two_writers_on_s3_share_the_work_and_match_a_local_run(s3, tmp_path):
         for layer in fresh.layers:
             assert remote.features(split, layer["name"])[:].tobytes() == \
                 fresh.features(split, layer["name"])[:].tobytes(), f"{split}/{layer['name']}"
+
+
+def test_store_commands_given_an_s3_root_say_so_in_one_line(s3, tmp_path):
+    root = f"s3://{BUCKET}/team"
+    for action in ("info", "verify"):
+        proc = h2t(tmp_path, s3.env(), "store", action, root)
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("h2t: error")]
+        assert proc.returncode == 2 and len(errors) == 1 and "is not a store" in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr

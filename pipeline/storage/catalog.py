@@ -56,15 +56,35 @@ def _stem(path: str) -> str:
 
 
 def resolve(ref: str, root: str) -> str:
-    """A store by path or URL, or by id (or a unique id prefix) under root."""
-    if location.is_remote(ref) or (location.local_path(ref) / "zarr.json").is_file():
+    """A store by path or URL, or by id (or a unique id prefix) under root; one line for anything else."""
+    not_a_store = (f"{ref} is not a store (no zarr.json there); for the stores under a root: "
+                   f"h2t store ls {ref}")
+    if location.is_remote(ref):
+        return ref  # checked when opened
+    local = location.local_path(ref)
+    if (local / "zarr.json").is_file():
         return ref
+    if local.is_dir():
+        raise H2TError(not_a_store)
+    if "/" in ref or ref.endswith(".zarr"):
+        raise H2TError(f"{ref}: no such store")
+    if not location.is_remote(root) and not location.local_path(root).is_dir():
+        raise H2TError(f"no store {ref!r}: the store root {root} does not exist (give --root or a path)")
     hits = [p for p in find_stores(root) if _stem(p).startswith(ref)]
     if not hits:
         raise H2TError(f"no store {ref!r} under {root} (give a path or an id from `h2t store ls`)")
     if len(hits) > 1:
         raise H2TError(f"store id prefix {ref!r} is ambiguous: {', '.join(_stem(p) for p in hits)}")
     return hits[0]
+
+
+def open_resolved(path: str) -> FeatureStore:
+    """The store at a resolved path; a root or an empty prefix is named as such."""
+    store = open_store(path, options=options())
+    if store is None:
+        raise H2TError(f"{path} is not a store (no zarr.json there); for the stores under a root: "
+                       f"h2t store ls {path}")
+    return store
 
 
 def _size_on_storage(store: FeatureStore) -> int:

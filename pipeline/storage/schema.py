@@ -80,6 +80,11 @@ def storage_dtype(dtype: str) -> str:
     return "uint16" if dtype == "bfloat16" else dtype
 
 
+# Chunks equal to the fill value are written like any other: an all-zero shard (a dead ReLU tap, a black
+# batch) is then present on storage, and `h2t store verify` can tell it from a deleted one.
+WRITE_EMPTY = {"write_empty_chunks": True}
+
+
 def feature_codecs(compression: str, itemsize: int = 2) -> list:
     """Every inner chunk carries a CRC32C (and zarr's shard index has its own): a flipped byte fails the
     read. `lz4` (default; Blosc level 1, a core Zarr v3 codec): on pooled activations 0.81-0.90x the bytes

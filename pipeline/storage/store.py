@@ -17,11 +17,11 @@ import zarr
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
-from . import location
+from . import location, python_pipeline_twin
 from ..errors import H2TError
 from .schema import (COMPRESSIONS, DTYPES, FEATURES, LABELS, LEDGER, SAMPLE_IDS, SCHEMA_VERSION, STATUS_COMPLETE,
-                     STATUS_CREATING, STATUS_WRITING, canonical_json, check_attrs, feature_codecs, from_bfloat16_bits,
-                     storage_dtype, store_id, to_bfloat16_bits)
+                     STATUS_CREATING, STATUS_WRITING, WRITE_EMPTY, canonical_json, check_attrs, feature_codecs,
+                     from_bfloat16_bits, storage_dtype, store_id, to_bfloat16_bits)
 
 
 def _slug(text: str) -> str:
@@ -46,7 +46,7 @@ class FeatureStore:
     def _array(self, key: str) -> zarr.Array:
         array = self._arrays.get(key)
         if array is None:
-            array = self._arrays[key] = self.group[key]
+            array = self._arrays[key] = self.group[key].with_config(WRITE_EMPTY)
         return array
 
     @property
@@ -145,7 +145,8 @@ class FeatureStore:
         stop = start + len(blocks[0])
         arrays = [self.features(split, layer["name"]) for layer in self.computed_layers]
         blocks = [_as_stored(block, arr.dtype) for block, arr in zip(blocks, arrays)]
-        arrays = [arr._async_array for arr in arrays]
+        # all-zero blocks (a dead tap, black images) go through zarr's own pipeline: kept on storage
+        arrays = [(self._zero_twin(arr) if not b.any() else arr)._async_array for arr, b in zip(arrays, blocks)]
 
         async def write_all():  # all taps at once on zarr's event loop: ~30 % faster than one by one
             await asyncio.gather(*(a.setitem(slice(start, stop), b) for a, b in zip(arrays, blocks)))
@@ -153,6 +154,12 @@ class FeatureStore:
         zarr_sync(write_all())
         # The ledger entry is written last: a shard marked done is fully on storage.
         self._array(LEDGER.key(split))[start // self.meta["shard_rows"]] = 1
+
+    def _zero_twin(self, array: zarr.Array) -> zarr.Array:
+        key = f"{array.path}#zero"
+        if key not in self._arrays:
+            self._arrays[key] = python_pipeline_twin(array)
+        return self._arrays[key]
 
     def _follow_widening(self) -> None:
         """Another writer may have widened a tap since this store was opened: one read of the group's

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from .schema import feature_codecs, from_bfloat16_bits, store_id
+from . import python_pipeline_twin
+from .schema import WRITE_EMPTY, feature_codecs, from_bfloat16_bits, store_id
 
 COLUMN_CHUNK = 64  # view columns per inner chunk: a prefix of k columns reads at most 63 more
 SHARD_BYTES = 64 * 2**20  # raw bytes of one row block of the view, written as one shard
@@ -96,7 +97,8 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
             block_rows = min(rows, n)
             arr = group.create_array(split, shape=(n, len(columns)), dtype=dtype, chunks=(block_rows, inner),
                                      shards=(block_rows, math.ceil(len(columns) / inner) * inner),
-                                     compressors=feature_codecs("lz4", dtype.itemsize), fill_value=0, overwrite=True)
+                                     compressors=feature_codecs("lz4", dtype.itemsize), fill_value=0, overwrite=True,
+                                     config=WRITE_EMPTY)
             for r0 in range(0, n, block_rows):
                 r1 = min(r0 + block_rows, n)
                 out = np.empty((r1 - r0, len(columns)), dtype)
@@ -106,7 +108,7 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
                     raw = store.features(split, name)[r0:r1]
                     values = raw if same else store.decode(name, raw, dtypes[name])
                     out[:, where] = values[:, columns[where] - starts[i]]
-                arr[r0:r1] = out
+                (arr if out.any() else python_pipeline_twin(arr))[r0:r1] = out  # all-zero blocks kept too
                 bar.update(r1 - r0)
     group.attrs.update({"relevance_key": relevance_key, "n_columns": int(len(columns)), "order": ORDER,
                         "dtype": str(dtype), "encoding": encoding, "complete": True})
