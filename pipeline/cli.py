@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from .errors import H2TError
 from .report import pct, format_table
+
+log = logging.getLogger("h2t")  # Hydra sends it to the terminal and to each job's <verb>.log
 
 CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parent / "conf"))  # shipped in the package
 VERBS = {
@@ -19,7 +22,7 @@ VERBS = {
     "report": "one table (markdown, CSV) and plots over a -m sweep or a tune folder: h2t report DIR",
     "store": "ls | info | verify | rm | gc: the stores under a root (h2t store -h)",
 }
-USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m]\n" + "\n".join(
+USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m] [-q]\n" + "\n".join(
     f"  {verb:8s} {text}" for verb, text in VERBS.items())
 
 
@@ -128,13 +131,13 @@ def _extract_task(cfg) -> None:
 
     plan = plan_store(cfg)
     reuse = planned_reuse(cfg, plan)
-    print(format_plan(plan, per_tap=bool(cfg.extract.plan_only), reuse=reuse))
+    log.info(format_plan(plan, per_tap=bool(cfg.extract.plan_only), reuse=reuse))
     if cfg.extract.plan_only:
         return
     result = extract(cfg, plan, reuse)
     store = result.store
     reused = len(store.layers) - len(store.computed_layers)
-    print(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps"
+    log.info(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps"
           f"{f' ({reused} copied from other stores)' if reused else ''}, splits {store.splits()}, "
           f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
 
@@ -173,7 +176,7 @@ def _probe_task(cfg) -> None:
     path = _write_results(results)
     _plot(results, layers)
     r = results[0]
-    print(f"{r['method']}: val {pct(r['val_accuracy'])}  test {pct(r['test_accuracy'])}  "
+    log.info(f"{r['method']}: val {pct(r['val_accuracy'])}  test {pct(r['test_accuracy'])}  "
           f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
     return r["val_accuracy"]  # what a sweeper (hydra/sweeper=optuna) maximises
 
@@ -183,13 +186,13 @@ def _run_task(cfg) -> None:
     path = _write_results(results)
     _plot(results, layers)
     first = results[0]
-    print(f"\n{first['model']} on {first['task']} (T={first['target_size']}, store {first['store_id']})")
-    print(format_table(results))
+    log.info(f"\n{first['model']} on {first['task']} (T={first['target_size']}, store {first['store_id']})")
+    log.info(format_table(results))
     by = {r["method"]: r for r in results}
     if "head2toe" in by and "linear" in by:
         gain = 100 * (by["head2toe"]["test_accuracy"] - by["linear"]["test_accuracy"])
-        print(f"head2toe - linear: {gain:+.1f} test points")
-    print(f"results: {path}")
+        log.info(f"head2toe - linear: {gain:+.1f} test points")
+    log.info(f"results: {path}")
 
 
 def _tune_task(cfg):
@@ -212,11 +215,11 @@ def _tune_task(cfg):
             _plot([r], [layer["name"] for layer in stores[r["store_id"]].layers])
     first = results[0]
     folds = first["folds"]
-    print(f"\n{first['model']} on {first['task']}: {len(candidates)} candidates "
+    log.info(f"\n{first['model']} on {first['task']}: {len(candidates)} candidates "
           f"({f'{folds}-fold cross-validation' if folds else 'validation split'}), winners refitted on "
           f"{'+'.join(cfg.tune.pool)}")
-    print(format_table(results, chosen=True))
-    print(f"results: {path}  (every candidate: {path.parent / 'candidates.csv'}, "
+    log.info(format_table(results, chosen=True))
+    log.info(f"results: {path}  (every candidate: {path.parent / 'candidates.csv'}, "
           f"{first['timings_s']['tune']:.1f} s)")
     return first["selection_score"]
 
@@ -408,7 +411,11 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     import hydra
 
+    quiet = [a for a in rest if a in ("-q", "--quiet")]
+    rest = [a for a in rest if a not in quiet]
     args = _rewrite_groups(rest)
+    if quiet:  # warnings and errors only, no progress bars; the job's log file keeps everything
+        args += ["hydra.job_logging.handlers.console.level=WARNING", "extract.progress=false"]
     _check_overrides(verb, args)
     sys.argv = [f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}"])
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))

@@ -1,6 +1,7 @@
 """Reports written next to results.json: the comparison table and a plot of where selected features come from."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -215,6 +216,6 @@ class SweepReport(Callback):
         try:
             _text, paths, SweepReport.failed = write_report(directory)
         except Exception as exc:  # noqa: BLE001 - a report must never turn a finished sweep into a crash
-            print(f"h2t: no sweep report for {directory}: {exc}")
+            logging.getLogger("h2t").warning(f"no sweep report for {directory}: {exc}")
             return
-        print(f"sweep report: {paths[0]} ({len(SweepReport.failed)} failed jobs)")
+        logging.getLogger("h2t").info(f"sweep report: {paths[0]} ({len(SweepReport.failed)} failed jobs)")

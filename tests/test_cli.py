@@ -245,3 +245,14 @@ def test_extraction_fans_out_over_parallel_jobs(tmp_path):
     assert sum(int(re.search(r"(\d+) images through the backbone", line).group(1)) for line in done) == 112
     verify = h2t(tmp_path, "store", "verify", done[0].split()[1], "--root", str(tmp_path / "stores"))
     assert verify.returncode == 0, verify.stderr
+
+
+def test_messages_go_to_the_job_log_and_quiet_silences_the_terminal(tmp_path):
+    loud, quiet = tmp_path / "loud", tmp_path / "quiet"
+    shown = h2t(tmp_path, "probe", *TINY, f"hydra.run.dir={loud}")
+    assert "head2toe: val" in shown.stdout
+    assert "head2toe: val" in (loud / "probe.log").read_text()  # with time and level in the job's log file
+    assert "[INFO]" in (loud / "probe.log").read_text()
+    silent = h2t(tmp_path, "probe", *TINY, "-q", f"hydra.run.dir={quiet}")
+    assert silent.stdout.strip() == "" and "score (working set)" not in silent.stderr  # no messages, no bars
+    assert "head2toe: val" in (quiet / "probe.log").read_text()

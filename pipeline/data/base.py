@@ -181,15 +181,12 @@ def register(name: str):
 
 
 def known_sources() -> dict[str, Callable[..., Dataset]]:
-    """Every registered source (importing the modules registers them)."""
-    from . import builtin, files, torchvision_sources, vtab  # noqa: F401
-
+    """Every registered source (the package's import registers them all)."""
     return DATA_SOURCES
 
 
 def build_dataset(cfg) -> Dataset:
     """Build the dataset named by `cfg.source` with the remaining keys as arguments."""
-    known_sources()
     params = dict(cfg)
     source = params.pop("source", None)
     if source not in DATA_SOURCES:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import H2TError
-from .base import SPLITS, Pool, assemble, register, to_rgb_uint8
+from .base import SPLITS, Dataset, Pool, assemble, register, to_rgb_uint8
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 

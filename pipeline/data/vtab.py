@@ -16,6 +16,8 @@ import numpy as np
 
 from ..errors import H2TError
 from .base import Dataset, Pool, Split, register
+from .files import folder, npz
+from .torchvision_sources import torchvision_dataset
 
 
 @dataclass(frozen=True)
@@ -68,18 +70,14 @@ def _dsprites_pools(path: Path, task: str, seed: int) -> dict[str, Pool]:
 def _source_pools(task: str, spec: VtabTask, format: str, root: str | None, path: str | None,
                   seed: int, on_error: str) -> tuple[dict, dict]:
     """Pools from the user's local copy, and the source description for the dataset id."""
-    from .base import known_sources
-
-    DATA_SOURCES = known_sources()
-
     if format == "torchvision":
         if spec.torchvision is None:
             raise H2TError(f"data=vtab/{task}: torchvision does not read {task}; use data.format=npz or folder")
-        inner = DATA_SOURCES["torchvision"](dataset=spec.torchvision, root=root, sizes={"val": 0}, seed=seed, on_error=on_error)
+        inner = torchvision_dataset(dataset=spec.torchvision, root=root, sizes={"val": 0}, seed=seed, on_error=on_error)
     elif format == "folder":
-        inner = DATA_SOURCES["folder"](root=root, sizes={"val": 0}, seed=seed, on_error=on_error)
+        inner = folder(root=root, sizes={"val": 0}, seed=seed, on_error=on_error)
     elif format == "npz":
-        inner = DATA_SOURCES["npz"](path=path, num_classes=spec.num_classes, sizes={"val": 0}, seed=seed, on_error=on_error)
+        inner = npz(path=path, num_classes=spec.num_classes, sizes={"val": 0}, seed=seed, on_error=on_error)
     elif format == "dsprites_npz":
         if not task.startswith("dsprites"):
             raise H2TError(f"data.format=dsprites_npz reads only the dsprites tasks, not {task}")

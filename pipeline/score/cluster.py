@@ -4,10 +4,12 @@
 existing scheduler (`dask scheduler` + `dask worker` on any machines that can reach the store's root). Each
 pass (the column means, the loss and gradient, the power iteration, the working set's column gathers) is one
 task per row block of whole shards: the worker opens the store from its root (local path, file://, s3://),
-reads and normalises its block with the same `BlockReader` as the in-process path, and returns only the
-block's partial sums (D x K) or the requested columns. The driver holds the D x K weights and gradient, the
+reads and normalises its blocks with the same `BlockReader` as the in-process path, and returns only partial
+sums (D x K) or the requested columns. The driver holds the D x K weights and gradient, the
 labels and the working set's n x |ws| columns, never an n x D block. A block is pinned to one worker, which
-keeps its row norms, so the column gathers read only the chunks holding those columns.
+keeps its row norms, so the column gathers read only the chunks holding those columns. A pass is one task
+per worker over its blocks (the next read while the current one is multiplied), whose partial sums are added
+up on the worker: the driver receives one D x K array per worker and pass, whatever n is.
 """
 from __future__ import annotations
 
@@ -129,16 +131,34 @@ def _read_block(ref: StoreRef, token: str, block: int, segment: Segment) -> np.n
     return out
 
 
-def _block_task(ref: StoreRef, token: str, block: int, segment: Segment, fn, *args):
-    return fn(_read_block(ref, token, block, segment), segment.dst, *args)
+def _reduce_task(ref: StoreRef, token: str, items: list[tuple[int, Segment]], fn, *args):
+    """This worker's share of a pass: its blocks in order, the next one read while fn runs on the current
+    one, the partial sums added up here (one D x K result per worker and pass goes back to the driver)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    total = None
+    with ThreadPoolExecutor(1, thread_name_prefix="h2t-prefetch") as prefetch:
+        pending = prefetch.submit(_read_block, ref, token, *items[0])
+        for k, (_i, segment) in enumerate(items):
+            block = pending.result()
+            if k + 1 < len(items):
+                pending = prefetch.submit(_read_block, ref, token, *items[k + 1])
+            total = _add(total, fn(block, segment.dst, *args))
+            del block
+    return total
 
 
-def _columns_task(ref: StoreRef, token: str, block: int, segment: Segment, idx: np.ndarray) -> np.ndarray:
-    norms = _NORMS.get((token, block))
-    if norms is None:  # this worker has not read the block yet: read it whole once
-        return np.ascontiguousarray(_read_block(ref, token, block, segment)[:, idx])
-    out = np.empty((segment.dst.stop - segment.dst.start, len(idx)), np.float32)
-    _reader(ref).columns(out, segment, idx, norms)
+def _columns_task(ref: StoreRef, token: str, items: list[tuple[int, Segment]], idx: np.ndarray) -> list[np.ndarray]:
+    """Columns idx of this worker's blocks; only their chunks are read where the block's norms are known."""
+    out = []
+    for block, segment in items:
+        norms = _NORMS.get((token, block))
+        if norms is None:  # the block was assigned elsewhere before (a worker left): read it whole once
+            out.append(np.ascontiguousarray(_read_block(ref, token, block, segment)[:, idx]))
+            continue
+        part = np.empty((segment.dst.stop - segment.dst.start, len(idx)), np.float32)
+        _reader(ref).columns(part, segment, idx, norms)
+        out.append(part)
     return out
 
 
@@ -180,6 +200,9 @@ class ClusterMatrix:
         self.segments = list(self.rows.segments(store, self.block_rows, align=store.meta["shard_rows"]))
         workers = sorted(client.scheduler_info()["workers"])
         self.placement = [workers[i % len(workers)] for i in range(len(self.segments))]
+        self.assignment: dict[str, list[tuple[int, Segment]]] = {}  # worker -> its blocks, in row order
+        for i, (segment, worker) in enumerate(zip(self.segments, self.placement)):
+            self.assignment.setdefault(worker, []).append((i, segment))
         self.passes = 0
         self.centered = center
         self.mean = np.zeros(self.D, np.float32)
@@ -189,33 +212,32 @@ class ClusterMatrix:
             self.mean = (totals / self.n).astype(np.float32)
             self.offset = self.mean
 
-    def _submit(self, task, *args):
+    def _per_worker(self, task, *args):
+        """One task per worker over the blocks placed on it; yields (its blocks, its result) as they finish."""
         from distributed import as_completed
 
-        futures = [self.client.submit(task, self.ref, self.token, i, segment, *args, workers=[self.placement[i]],
-                                      allow_other_workers=True, pure=False)
-                   for i, segment in enumerate(self.segments)]
-        return as_completed(futures, with_results=True)
+        futures = {self.client.submit(task, self.ref, self.token, items, *args, workers=[worker],
+                                      allow_other_workers=True, pure=False): items
+                   for worker, items in self.assignment.items()}
+        for future, result in as_completed(futures, with_results=True):
+            yield futures[future], result
+            future.release()
 
     def reduce(self, fn, *args):
-        """sum over blocks of fn(block, rows, *args), each term computed on a worker."""
+        """sum over blocks of fn(block, rows, *args): each worker adds up its own blocks' terms."""
         self.passes += 1
         shared = self.client.scatter([fn, *args], broadcast=True, hash=False)
         total = None
-        for future, part in self._submit(_block_task, *shared):
+        for _items, part in self._per_worker(_reduce_task, *shared):
             total = _add(total, part)
-            future.release()
         return total
 
     def columns(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)
         out = np.empty((self.n, len(idx)), np.float32)
-        futures = [self.client.submit(_columns_task, self.ref, self.token, i, segment, idx,
-                                      workers=[self.placement[i]], allow_other_workers=True, pure=False)
-                   for i, segment in enumerate(self.segments)]
-        for future, segment in zip(futures, self.segments):
-            out[segment.dst] = future.result()
-            future.release()
+        for items, parts in self._per_worker(_columns_task, idx):
+            for (_block, segment), part in zip(items, parts):
+                out[segment.dst] = part
         if self.centered:
             out -= self.mean[idx]
         return out
