@@ -10,6 +10,9 @@ from pathlib import Path
 from .errors import H2TError
 from .report import pct, format_table
 
+from .config import register as _register_schemas
+
+_register_schemas()  # conf/<verb>.yaml start from <verb>_schema (pipeline/config.py)
 log = logging.getLogger("h2t")  # Hydra sends it to the terminal and to each job's <verb>.log
 
 CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parent / "conf"))  # shipped in the package
@@ -103,6 +106,12 @@ def _check_overrides(verb: str, args: list[str]) -> None:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
         message = str(exc).strip().splitlines()[0]
+        cause = exc.__cause__
+        while cause is not None:  # the schema's own words: "Invalid value 'ridge', expected one of [...]"
+            if isinstance(cause, OmegaConfBaseException):
+                key = getattr(cause, "full_key", None)
+                message = f"{message}: {str(cause).strip().splitlines()[0]}" + (f" ({key})" if key else "")
+            cause = cause.__cause__
         parser = OverridesParser.create()
         for override in overrides:  # name the argument the parser rejects
             try:

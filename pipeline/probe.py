@@ -140,6 +140,7 @@ def probe_store(store, cfg, method: str, progress: bool = False, save_head_to=No
     (`store.column_views`; pipeline/storage/views.py); validation and test are read and scored in row
     blocks, so memory holds the fitted rows' selected columns and one block of another split. With
     `save_head_to` (a folder), the head and what applying it needs go to <method>.head.pt (pipeline/predict.py)."""
+    method = str(method)  # a schema enum or a plain string
     if method not in METHODS:
         raise H2TError(f"unknown method={method!r}; known: {', '.join(METHODS)}")
     if not store.complete:
@@ -186,7 +187,7 @@ def probe_store(store, cfg, method: str, progress: bool = False, save_head_to=No
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": method, "target_size": spec["pooling"]["target_size"],
         "lam": lam, "fraction": fraction, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
-        "tie_rule": cfg.select.get("tie_rule", "gradient") if method == "head2toe" else None,
+        "tie_rule": str(cfg.select.get("tie_rule", "gradient")) if method == "head2toe" else None,
         "n_features_total": store.n_features, "n_features_selected": n_selected,
         "selected_per_layer": ({layer["name"]: int(len(plan.get(layer["name"], ()))) for layer in store.layers}
                                if method == "head2toe" else {name: int(len(cols)) for name, cols in plan.items()}),

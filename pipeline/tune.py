@@ -14,13 +14,13 @@ smaller T, smaller F, larger λ, fewer steps, smaller lr (`TIE_ORDER`). It is re
 """
 from __future__ import annotations
 
+import copy
 import csv
 import itertools
 import time
 from pathlib import Path
 
 import numpy as np
-from omegaconf import OmegaConf
 
 from .errors import H2TError
 from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_head
@@ -68,7 +68,7 @@ def grid(cfg) -> dict[str, list]:
 
 def check_config(cfg) -> tuple[list[str], dict[str, list]]:
     """Every tune setting that can be checked without data."""
-    methods = list(cfg.methods)
+    methods = [str(m) for m in cfg.methods]
     for method in methods:
         if method not in METHODS:
             raise H2TError(f"unknown method {method!r} in methods; known: {', '.join(METHODS)}")
@@ -155,7 +155,7 @@ def choose(candidates: list[dict], method: str) -> tuple[dict, float, int]:
 
 def refit_config(cfg, setting: dict):
     """The probe config of the winner, fitted on `tune.pool`: what `h2t probe` would run."""
-    final = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    final = copy.deepcopy(cfg)
     final.pooling.target_size = int(setting["target_size"])
     final.head.lr = float(setting["head_lr"])
     final.head.steps = int(setting["head_steps"])
@@ -174,7 +174,7 @@ def tune(cfg, ensure_store, progress: bool = False, save_heads_to=None) -> tuple
     methods, values = check_config(cfg)
     stores, backbone_images, candidates = {}, 0, []
     for T in values["target_size"]:
-        cfg_t = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg_t = copy.deepcopy(cfg)
         cfg_t.pooling.target_size = int(T)
         stores[T], images = ensure_store(cfg_t)
         backbone_images += images

@@ -8,6 +8,29 @@ from omegaconf import OmegaConf
 
 from pipeline.storage.store import create_store
 
+TINY_OVERRIDES = ["model=resnet_tiny", "data=shapes_location", "data.num_classes=4", "data.image_size=32",
+                  "data.sizes.train=40", "data.sizes.val=8", "data.sizes.test=20", "pooling.target_size=128",
+                  "store.col_chunk=32", "extract.batch_size=16", "extract.device=cpu", "extract.progress=false",
+                  "extract.poll_s=0.1", "extract.workers=2"]
+
+
+def compose_cfg(verb: str = "extract", overrides=()):
+    """A config composed from the shipped conf/ as the CLI composes it (schema and defaults included)."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=verb, overrides=list(overrides))
+
+
+def tiny_cfg(tmp_path, verb: str = "extract", **over):
+    """The small random ResNet on a 4-class shapes task, composed from conf/; `over`: dotted key -> value."""
+    cfg = compose_cfg(verb, TINY_OVERRIDES + [f"store.root={tmp_path / 'stores'}"])
+    for key, value in over.items():
+        OmegaConf.update(cfg, key, value)
+    return cfg
+
 
 def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int,
                shard_rows: int = 16, dtype: str = "float32", spec: dict | None = None, complete: bool = True):

@@ -12,7 +12,7 @@ from pipeline.storage import catalog
 from pipeline.errors import H2TError
 from pipeline.extract import extract
 from pipeline.storage.store import create_store, open_store
-from tests.test_store import tiny_cfg
+from tests.conftest import tiny_cfg
 
 
 def store_cli(*args, cwd):

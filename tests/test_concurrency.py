@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store
 from tests.test_resume import ARGS, OVERRIDES
-from tests.test_store import tiny_cfg
+from tests.conftest import tiny_cfg
 
 
 def test_two_writers_share_the_work_and_match_a_single_run(tmp_path):

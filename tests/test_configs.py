@@ -56,3 +56,40 @@ def test_presets_compose(preset):
         assert "Joblib" in cfg.hydra.launcher._target_ and cfg.hydra.launcher.n_jobs == 2
     else:
         assert "Slurm" in cfg.hydra.launcher._target_
+
+
+GROUP_OPTIONS = sorted(f"{p.parent.name}={p.stem}" for group in ("score", "select", "head", "pooling", "store",
+                                                                   "extract", "taps")
+                       for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS)
+def test_every_group_option_composes_under_the_schema(option):
+    from omegaconf import OmegaConf
+
+    from pipeline.config import H2TConfig
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="tune", overrides=[option])
+    assert OmegaConf.get_type(cfg) is H2TConfig
+
+
+@pytest.mark.parametrize("override,key", [
+    ("method=ridge", "method"), ("methods=[head2toe,ridge]", "methods"), ("head.lr=fast", "head.lr"),
+    ("head.steps=1.5", "head.steps"), ("store.dtype=float8", "store.dtype"), ("store.compression=gzip", "store.compression"),
+    ("pooling.cls_token=first", "pooling.cls_token"), ("score.solver=adam", "score.solver"),
+    ("select.tie_rule=random", "select.tie_rule"), ("model.precision=int8", "model.precision"),
+    ("probe.on_incomplete=retry", "probe.on_incomplete"), ("tune.folds=five", "tune.folds"),
+    ("extract.workers=many", "extract.workers"), ("score.lamda=1", "lamda"),
+])
+def test_the_schema_refuses_bad_types_and_choices_when_composed(override, key):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as info:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name="tune", overrides=[override])
+    causes, exc = [], info.value
+    while exc is not None:
+        causes.append(str(exc))
+        exc = exc.__cause__
+    assert any(key in c for c in causes), causes

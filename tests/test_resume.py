@@ -9,7 +9,7 @@ import numpy as np
 
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store
-from tests.test_store import tiny_cfg
+from tests.conftest import tiny_cfg
 
 ARGS = ["model=resnet_tiny", "data=shapes_count", "data.num_classes=4", "data.image_size=48", "model.input_size=48",
         "data.sizes.train=320", "data.sizes.val=32", "data.sizes.test=128", "pooling.target_size=256",

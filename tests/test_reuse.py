@@ -9,7 +9,7 @@ from pipeline import extract as extract_module
 from pipeline.storage.catalog import remove, verify
 from pipeline.extract import extract
 from pipeline.storage.reuse import find_reuse
-from tests.test_store import tiny_cfg
+from tests.conftest import tiny_cfg
 
 EARLY_TAPS = ["act1", "layer1.**"]
 

@@ -4,6 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from pipeline.errors import H2TError
 from pipeline.extract import extract, plan_store
@@ -11,7 +13,7 @@ from pipeline.storage import catalog
 from pipeline.storage.schema import ATTRS, expected_arrays
 from pipeline.storage.store import open_store
 from tests.conftest import make_store
-from tests.test_store import tiny_cfg
+from tests.conftest import tiny_cfg
 
 
 @pytest.fixture
@@ -49,8 +51,11 @@ def test_compute_precision_is_in_the_id_only_when_not_float32(tmp_path):
     assert plan_store(tiny_cfg(tmp_path, **{"model.precision": "float32"})).spec == base.spec
     bf16 = plan_store(tiny_cfg(tmp_path, **{"model.precision": "bfloat16"}))
     assert bf16.spec["model"]["precision"] == "bfloat16" and bf16.path != base.path
-    with pytest.raises(H2TError, match="model.precision must be one of"):
-        plan_store(tiny_cfg(tmp_path, **{"model.precision": "int8"}))
+    with pytest.raises(ValidationError, match="expected one of \\[float32, bfloat16, float16\\]"):
+        tiny_cfg(tmp_path, **{"model.precision": "int8"})  # refused by the schema, when composed
+    with pytest.raises(H2TError, match="model.precision must be one of"):  # a config made by hand: by the stage
+        plan_store(OmegaConf.merge(OmegaConf.to_container(tiny_cfg(tmp_path), enum_to_str=True),
+                                   {"model": {"precision": "int8"}}))
     result = extract(tiny_cfg(tmp_path, **{"model.precision": "bfloat16", "data.sizes.train": 16,
                                             "data.sizes.val": 4, "data.sizes.test": 4}))
     assert result.store.complete and result.backbone_images == 24

@@ -5,26 +5,7 @@ from omegaconf import OmegaConf
 from pipeline.errors import H2TError
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import STATUS_WRITING, create_store, open_store
-from tests.conftest import make_store
-
-
-def tiny_cfg(tmp_path, **over):
-    cfg = OmegaConf.create({
-        "model": {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
-                  "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None,
-                  "resize": None, "crop_pct": None},
-        "data": {"source": "shapes", "task": "location", "num_classes": 4, "image_size": 32, "seed": 0,
-                 "sizes": {"train": 40, "val": 8, "test": 20}},
-        "pooling": {"rule": "head2toe", "target_size": 128, "cls_token": "pooled"},
-        "taps": {"include": ["**"], "exclude": []},
-        "store": {"root": str(tmp_path / "stores"), "dtype": "float16", "compression": "lz4", "col_chunk": 32,
-                  "on_overflow": "error"},
-        "extract": {"batch_size": 16, "device": "cpu", "channels_last": False, "progress": False, "plan_only": False,
-                    "lease_s": 300, "poll_s": 0.1, "workers": 2, "prefetch": 2, "writers": 2},
-    })
-    for key, value in over.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+from tests.conftest import make_store, tiny_cfg
 
 
 def test_extract_fills_every_split_then_reuses_the_store(tmp_path):

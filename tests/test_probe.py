@@ -1,0 +1,68 @@
+"""One probe (pipeline/probe.py): which rows it fits and validates on, settings refused before any work,
+and the order of the group lasso's exact zeros."""
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.errors import H2TError
+from pipeline.probe import check_settings, fit_rows, probe_store, rankings
+from pipeline.rows import Rows
+from tests.conftest import compose_cfg, make_store, score_cfg
+
+WIDTHS = [30, 20, 14]
+
+
+@pytest.fixture
+def store(tmp_path, rng):
+    X = {s: np.abs(rng.standard_normal((n, sum(WIDTHS)))).astype(np.float32)
+         for s, n in (("train", 96), ("val", 32), ("test", 40))}
+    y = {s: (x[:, 3] + x[:, 35] > x[:, 52] + x[:, 10]).astype(np.int64) for s, x in X.items()}
+    return make_store(tmp_path / "p.zarr", X, y, 2, spec={"widths": WIDTHS, "pooling": {"target_size": 32}})
+
+
+def cfg(**over):
+    base = compose_cfg("probe", ["select.fraction=0.2", "head.steps=60", "head.lr=0.05", "score.lam=2e-3",
+                                 "linear.layer=layer2"])
+    for key, value in over.items():
+        OmegaConf.update(base, key, value)
+    return base
+
+
+def test_the_rows_a_probe_fits_and_validates_on(store):
+    fit, validate = fit_rows(store, cfg().probe)
+    assert fit.counts(store) == {"train": 96} and validate.counts(store) == {"val": 32}
+    fit, validate = fit_rows(store, cfg(**{"probe.fit_on": ["train", "val"]}).probe)
+    assert fit.counts(store) == {"train": 96, "val": 32} and validate is None
+    result = probe_store(store, cfg(**{"probe.fit_on": ["train", "val"]}), "head2toe")
+    assert result["fit_on"]["rows"] == {"train": 96, "val": 32} and result["val_accuracy"] is None
+    assert result["test_accuracy"] is not None
+    with pytest.raises(H2TError, match="probe.fit_on must name splits of the store other than test"):
+        fit_rows(store, cfg(**{"probe.fit_on": ["train", "dev"]}).probe)
+
+
+@pytest.mark.parametrize("key,value,culprit", [
+    ("select.fraction", 0.0, "select.fraction"), ("head.lr", -1.0, "head.lr"), ("score.lam", 0.0, "score.lam"),
+    ("probe.fit_on", ["test"], "probe.fit_on"), ("store.view_fraction", 2.0, "store.view_fraction"),
+    ("score.cluster", "yarn", "score.cluster"),
+])
+def test_settings_out_of_range_are_refused_before_any_work(key, value, culprit):
+    with pytest.raises(H2TError, match=culprit.replace(".", "\\.")):
+        check_settings(cfg(**{key: value}), ["head2toe"])
+
+
+def test_entry_order_ranks_zero_rows_by_the_largest_lam_at_which_they_enter(store):
+    lam = 2e-3
+    select = OmegaConf.create({"tie_rule": "entry", "entry_steps": 3})
+    (order, info), = rankings(store, score_cfg(lam=lam), select, Rows.of(store, "train"), [lam])
+    from pipeline.score.relevance import score_path
+
+    solved = score_path(store, score_cfg(lam=lam), "train", [lam, lam / 2, lam / 4, lam / 8])
+    weight = solved[0][0]["weight_sq"]
+    entry = np.zeros(len(weight))
+    for point, (arrays, _) in sorted(zip([lam / 2, lam / 4, lam / 8], solved[1:])):
+        entry[arrays["weight_sq"] > 0] = point
+    nonzero = int((weight > 0).sum())
+    assert set(order[:nonzero]) == set(np.flatnonzero(weight > 0))  # non-zero rows first
+    rest = entry[order[nonzero:]]
+    assert (np.diff(rest) <= 0).all() and rest[0] > 0  # then by entry lam, largest first
+    assert info["entry_path"] == [lam / 2, lam / 4, lam / 8] and info["ranking_key"].endswith("-entry3")

@@ -1,0 +1,70 @@
+"""Reports (pipeline/report.py): a sweep or tune folder becomes one table with the best by validation marked
+per method, failed jobs listed, a CSV beside it and the plots."""
+import csv
+import json
+
+import pytest
+
+from pipeline.errors import H2TError
+from pipeline.report import collect, format_table, write_report
+
+
+def result(method, lam, fraction, val, test, per_layer=None):
+    return {"method": method, "task": "t", "model": "m", "target_size": 64, "lam": lam, "fraction": fraction,
+            "head_lr": 0.01, "head_steps": 100, "n_features_selected": 10, "n_features_total": 100,
+            "val_accuracy": val, "test_accuracy": test, "selected_per_layer": per_layer or {"a": 4, "b": 6}}
+
+
+def write_job(folder, *results):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"results": list(results)}))
+
+
+def test_a_sweep_folder_becomes_one_table_with_the_best_by_validation_per_method(tmp_path):
+    write_job(tmp_path / "0", result("head2toe", 1e-3, 0.1, 0.70, 0.60))
+    write_job(tmp_path / "1", result("head2toe", 1e-3, 0.2, 0.80, 0.50))  # best val, not best test
+    write_job(tmp_path / "2", result("linear", None, None, 0.40, 0.45))
+    (tmp_path / "10").mkdir()
+    (tmp_path / "10" / "failed.json").write_text(json.dumps({"error": "select.fraction must be in (0, 1]"}))
+    rows, failed = collect(tmp_path)
+    assert [r["job"] for r in rows] == ["0", "1", "2"]  # job-number order (10 after 2)
+    assert [r.get("best", False) for r in rows] == [False, True, True]
+    assert failed == [{"job": "10", "error": "select.fraction must be in (0, 1]"}]
+    text, paths, _ = write_report(tmp_path)
+    assert "Failed jobs (1)" in text and "job 10: select.fraction" in text
+    table = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert len(table) == 3 and table[1]["best"] == "True" and table[1]["val_accuracy"] == "0.8"
+    assert {p.name for p in paths} >= {"report.md", "report.csv", "report_accuracy.png", "report_layers.png"}
+    assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_a_tune_folder_averages_its_candidates_over_rounds(tmp_path):
+    tuned = result("head2toe", 1e-3, 0.1, None, 0.66)
+    tuned.update({"chosen": {"target_size": 64, "lam": 1e-3, "fraction": 0.1, "head_lr": 0.01, "head_steps": 100},
+                  "selection_score": 0.75})
+    write_job(tmp_path, tuned)
+    with open(tmp_path / "candidates.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "target_size", "lam", "fraction", "head_lr", "head_steps", "round",
+                    "n_features_selected", "train_accuracy", "val_accuracy"])
+        for rnd, (a, b) in enumerate([(0.7, 0.6), (0.8, 0.5)]):
+            w.writerow(["head2toe", 64, 1e-3, 0.1, 0.01, 100, rnd, 10, 1.0, a])
+            w.writerow(["head2toe", 64, 1e-3, 0.2, 0.01, 100, rnd, 20, 1.0, b])
+    rows, _ = collect(tmp_path)
+    candidates = [r for r in rows if r["job"].endswith(":candidate")]
+    assert [round(r["val_accuracy"], 3) for r in candidates] == [0.75, 0.55] and candidates[0].get("best")
+    refit = next(r for r in rows if r["job"].endswith(":refit"))
+    assert refit["val_accuracy"] == 0.75 and refit["test_accuracy"] == 0.66 and not refit.get("best")
+
+
+def test_nothing_to_report_is_one_line(tmp_path):
+    with pytest.raises(H2TError, match="holds no results.json"):
+        collect(tmp_path)
+    with pytest.raises(H2TError, match="is not a directory"):
+        collect(tmp_path / "missing")
+
+
+def test_the_run_table_lists_each_method():
+    text = format_table([result("head2toe", 1e-3, 0.1, 0.7, 0.6), result("linear", None, None, 0.4, None)])
+    lines = text.splitlines()
+    assert len(lines) == 3 and "70.0" in lines[1] and "n/a" in lines[2]
