@@ -254,8 +254,8 @@ def _run_stages(cfg, plan: Plan, store, runner, queue: ShardQueue, device, remai
     writer = Writer(store, queue.claims, int(cfg.extract.writers))
 
     def widen(name: str) -> None:
-        writer.drain()  # widening rewrites the tap's arrays: no write may be in flight
-        store.widen_layer(name)
+        writer.drain()  # widening rewrites the tap's arrays: none of this process's writes may be in flight
+        store.widen_layer(name, queue.claims, poll_s)
 
     stage.widen = widen
     depth = int(cfg.extract.prefetch)
@@ -270,15 +270,16 @@ def _run_stages(cfg, plan: Plan, store, runner, queue: ShardQueue, device, remai
                     if shard is None:
                         break
                     ahead.append((shard, loader.submit(shard)))
-                if not ahead:  # nothing to claim: finished, or the rest is held by other writers
+                if not ahead:  # nothing to claim: finished, the rest held by other writers, or a widening
                     writer.drain()
                     if queue.all_done():
                         break
                     time.sleep(poll_s)  # wait for them to finish, or for their claims to lapse
                     continue
                 shard, images = ahead.popleft()
+                stage.dtypes.update(store.layer_dtypes())  # taps other writers widened meanwhile
                 batch = stage(images.result())
-                writer.submit(shard, stage.to_host(batch))
+                writer.submit(shard, stage.to_host(batch), dict(stage.dtypes))
                 images_done += shard.stop - shard.start
                 bar.update(shard.stop - shard.start)
         failed = False

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .errors import H2TError
+from .storage.store import StaleShard
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ON_OVERFLOW = ("error", "widen")
@@ -60,6 +61,9 @@ class ShardQueue:
         return sum(s.stop - s.start for s in self._unwritten())
 
     def claim_next(self) -> Shard | None:
+        """None also while another writer widens a tap: it waits for the shards in flight to drain."""
+        if self.store.widening():
+            return None
         for refresh in (False, True):
             if refresh:
                 self._candidates = deque(self._unwritten())
@@ -266,15 +270,21 @@ class Writer:
         self.store, self.claims, self.limit = store, claims, writers + 1
         self._pool = ThreadPoolExecutor(writers, thread_name_prefix="h2t-write")
         self._inflight: deque[Future] = deque()
+        self.stale = 0  # shards written across another writer's widening
 
-    def submit(self, shard: Shard, blocks: list[np.ndarray]) -> None:
+    def submit(self, shard: Shard, blocks: list[np.ndarray], dtypes: dict | None = None) -> None:
+        """`dtypes`: what each block was cast to (a shard cast before another writer widened a tap is stale)."""
         while len(self._inflight) >= self.limit:
             self._inflight.popleft().result()
-        self._inflight.append(self._pool.submit(self._write, shard, blocks))
+        self._inflight.append(self._pool.submit(self._write, shard, blocks, dtypes))
 
-    def _write(self, shard: Shard, blocks: list[np.ndarray]) -> None:
-        self.store.write_rows(shard.split, shard.start, blocks)
-        self.claims.release(f"{shard.split}/{shard.index}")
+    def _write(self, shard: Shard, blocks: list[np.ndarray], dtypes: dict | None) -> None:
+        try:
+            self.store.write_rows(shard.split, shard.start, blocks, dtypes)
+        except StaleShard:
+            self.stale += 1  # not marked done: claimed and computed again, with the new dtypes
+        finally:
+            self.claims.release(f"{shard.split}/{shard.index}")
 
     def drain(self) -> None:
         """Wait for every write in flight (errors surface here)."""

@@ -28,7 +28,7 @@ def tiny_cfg(tmp_path, verb: str = "extract", **over):
     """The small random ResNet on a 4-class shapes task, composed from conf/; `over`: dotted key -> value."""
     cfg = compose_cfg(verb, TINY_OVERRIDES + [f"store.root={tmp_path / 'stores'}"])
     for key, value in over.items():
-        OmegaConf.update(cfg, key, value)
+        OmegaConf.update(cfg, key, value, force_add=True)
     return cfg
 
 

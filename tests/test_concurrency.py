@@ -2,8 +2,10 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store
@@ -52,3 +54,86 @@ def test_claims_are_exclusive_and_lapse(tmp_path):
     assert dead.try_claim("train/1")
     assert a.try_claim("train/1")  # its owner is gone: no need to wait for the lease
     assert a._read("claims/train/1")["owner"] == a.owner and "train/1" in a.held
+
+
+WIDEN_SCRIPT = """
+import sys, torch
+from pipeline.extract import extract, plan_store
+from tests.conftest import tiny_cfg
+from tests.test_concurrency import overflowing_forward
+cfg = tiny_cfg(__import__('pathlib').Path(sys.argv[1]), **{"store.on_overflow": "widen", "extract.poll_s": 0.05,
+               "extract.writers": 1, "extract.lease_s": 60})
+plan = plan_store(cfg)
+result = extract(cfg, plan, forward=overflowing_forward([l["dim"] for l in plan.layers]))
+print("images", result.backbone_images)
+"""
+
+
+def overflowing_forward(dims: list[int], tap: int = 2):
+    """A stand-in backbone: per-image values that float16 holds exactly, except tap `tap`, which reaches 1e6
+    on a third of the images (those whose mean pixel is high): the first such batch widens that tap."""
+    import torch
+
+    def forward(x):
+        base = torch.round(x.flatten(1) * 8) / 8
+        out = [base[:, :d].repeat(1, -(-d // base.shape[1]))[:, :d].float() for d in dims]
+        hot = x.flatten(1).mean(1) > x.flatten(1).mean(1).quantile(0.66)
+        out[tap][hot, 0] = 1e6
+        return out
+    return forward
+
+
+def test_two_writers_widen_a_tap_safely_and_match_a_single_run(tmp_path):
+    import os
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reference = subprocess.run([sys.executable, "-c", WIDEN_SCRIPT, str(tmp_path / "ref")], env=env,
+                               capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr
+    procs = [subprocess.Popen([sys.executable, "-c", WIDEN_SCRIPT, str(tmp_path / "two")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
+    ref = open_store(str(next((tmp_path / "ref" / "stores").glob("*/*/*.zarr"))))
+    two = open_store(str(next((tmp_path / "two" / "stores").glob("*/*/*.zarr"))))
+    tap = ref.layers[2]["name"]
+    assert ref.layer_dtypes()[tap] == two.layer_dtypes()[tap] == "float32" and two.meta.get("widening") is None
+    assert two.meta["widened"] == [tap] and two.complete
+    for split in ref.splits():
+        for layer in ref.layers:
+            a, b = ref.features(split, layer["name"])[:], two.features(split, layer["name"])[:]
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (split, layer["name"])
+
+
+def test_a_write_that_overlaps_a_widening_is_not_marked_done(tmp_path):
+    import threading
+    import time
+
+    from pipeline.storage.claims import Claims
+    from pipeline.storage.store import StaleShard, create_store
+
+    layers = [{"name": "t0", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0},
+              {"name": "t1", "role": "t", "raw_shape": [4], "dim": 4, "offset": 4}]
+    store = create_store(str(tmp_path / "w.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers,
+                         {"train": 32}, 2, ["a", "b"], 8, "float16", 4, "lz4")
+    blocks = [np.ones((8, 4), np.float16), np.full((8, 4), 2, np.float16)]
+    store.write_rows("train", 0, blocks, {"t0": "float16", "t1": "float16"})
+    other = Claims(store.group.store, ttl_s=60)  # another writer, busy with shard 1
+    assert other.try_claim("train/1")
+    widener = open_store(store.path)
+    started = time.monotonic()
+    thread = threading.Thread(target=widener.widen_layer, args=("t1",), kwargs={"poll_s": 0.05})
+    thread.start()
+    time.sleep(0.3)
+    assert store.widening() and thread.is_alive()  # announced, and waiting for shard 1's writer
+    with pytest.raises(StaleShard):  # that writer's shard, cast as float16 during the widening
+        store.write_rows("train", 8, blocks, {"t0": "float16", "t1": "float16"})
+    assert not store.ledger_entry("train", 1)
+    other.release("train/1")
+    thread.join(timeout=30)
+    assert time.monotonic() - started >= 0.3 and not store.widening()
+    assert store.layer_dtypes()["t1"] == "float32" and store.features("train", "t1")[0:8].tolist() == blocks[1].tolist()
+    with pytest.raises(StaleShard):  # cast before the widening: computed again with the new dtypes
+        store.write_rows("train", 8, blocks, {"t0": "float16", "t1": "float16"})
+    store.write_rows("train", 8, [blocks[0], blocks[1].astype(np.float32)], {"t0": "float16", "t1": "float32"})
+    assert store.ledger_entry("train", 1)

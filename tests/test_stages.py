@@ -78,12 +78,12 @@ def test_writer_keeps_at_most_writers_plus_one_batches_in_flight(tmp_path, rng):
                          {"train": 80}, 2, ["a", "b"], 8, "float16", 4, "zstd")
     real, lock, state = store.write_rows, threading.Lock(), {"now": 0, "peak": 0}
 
-    def slow_write(split, start, blocks):
+    def slow_write(split, start, blocks, dtypes=None):
         with lock:
             state["now"] += 1
             state["peak"] = max(state["peak"], state["now"])
         time.sleep(0.05)
-        real(split, start, blocks)
+        real(split, start, blocks, dtypes)
         with lock:
             state["now"] -= 1
 

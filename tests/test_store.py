@@ -163,9 +163,13 @@ def test_probe_policy_on_a_store_being_written(tmp_path):
         wait_for_store(cfg, plan, clock=lambda: next(ticks), sleep=lambda _s: None)
     extract(tiny_cfg(tmp_path), plan)  # someone finishes it
     wait_for_store(cfg, plan)  # returns at once: complete
-    cfg.probe.on_incomplete = "maybe"
-    with pytest.raises(H2TError, match="probe.on_incomplete"):
-        wait_for_store(cfg, plan)
+    from omegaconf.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="expected one of \\[extract, wait, error\\]"):
+        cfg.probe.on_incomplete = "maybe"  # the schema refuses it
+    hand_made = OmegaConf.merge(OmegaConf.to_container(cfg, enum_to_str=True), {"probe": {"on_incomplete": "maybe"}})
+    with pytest.raises(H2TError, match="probe.on_incomplete"):  # a config not made from conf/: the stage
+        wait_for_store(hand_made, plan)
     assert store.path == plan.path
 
 

@@ -68,6 +68,21 @@ class Claims:
             return True
         return True
 
+    def held_by_others(self, pattern) -> list[str]:
+        """Units matching `pattern` (a compiled regex) on which another live process holds a claim."""
+        async def units():
+            return [key.removeprefix("claims/") async for key in self.store.list_prefix("claims/")]
+
+        out = []
+        for unit in zarr_sync(units()):
+            if unit in self.held or not pattern.match(unit):
+                continue
+            claim = self._read(f"claims/{unit}")
+            if claim is not None and claim.get("owner") != self.owner and claim.get("expires", 0.0) > time.time() \
+                    and self._owner_alive(claim):
+                out.append(unit)
+        return out
+
     def release_all(self) -> None:
         for unit in list(self.held):
             self.release(unit)

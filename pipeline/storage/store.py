@@ -5,6 +5,8 @@ The layout is declared in pipeline/storage/schema.py; this module creates, opens
 from __future__ import annotations
 
 import asyncio
+import re
+import time
 import datetime as _dt
 import getpass
 import os
@@ -31,6 +33,13 @@ def _slug(text: str) -> str:
 def store_path(root: str, spec: dict) -> str:
     return location.join(str(root), _slug(spec["model"]["name"]), _slug(spec["dataset"]["name"]),
                          f"{store_id(spec)}.zarr")
+
+
+SHARD_CLAIM = re.compile(r"^(?!views/|relevance/)[^/]+/\d+$")  # claims/<split>/<shard>
+
+
+class StaleShard(Exception):
+    """A shard written across another writer's widening of a tap: not marked done, it is computed again."""
 
 
 @dataclass
@@ -119,29 +128,55 @@ class FeatureStore:
         return from_bfloat16_bits(block) if dtype == "bfloat16" else block
 
     # --- writing ---------------------------------------------------------------------------------------
-    def widen_layer(self, layer: str) -> None:
+    def widen_layer(self, layer: str, claims=None, poll_s: float = 0.2) -> None:
         """Re-create one tap's arrays as float32 (its activations overflow float16), keeping written rows.
 
-        Recorded in the layer table (`dtype`) and in attrs["widened"]; the spec (and so the id) keeps the
-        store dtype asked for, since the same request always widens the same taps."""
-        if self.layer_dtypes()[layer] == "float32":
-            return
-        for split in self.splits():
-            old = self.features(split, layer)
-            data = self.decode(layer, old[:]).astype(np.float32)
-            new = self.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
-                                          shards=old.shards, compressors=old.compressors, fill_value=0,
-                                          overwrite=True)
-            new[:] = data
-        self._arrays.clear()
-        layers = [dict(l, dtype="float32") if l["name"] == layer else l for l in self.layers]
-        self._update_meta(layers=layers, widened=sorted(set(self.meta.get("widened", [])) | {layer}))
+        Safe under concurrent writers: the widening runs under the store's `widen` claim (one at a time, and
+        the attributes' read-modify-write is only ever done under it); it first announces itself
+        (attrs["widening"]), after which no writer claims a shard, waits until no other process holds a
+        shard claim, then copies the tap's arrays and records the new dtype. A shard whose write overlapped
+        the widening, or that was cast with the old dtypes, is not marked done (`StaleShard`) and is
+        computed again. The layer table records the dtype and attrs["widened"] the tap; the spec (and so the
+        id) keeps the store dtype asked for."""
+        from .claims import Claims
 
-    def write_rows(self, split: str, start: int, blocks: list[np.ndarray]) -> None:
-        """Write one shard of rows for every computed layer, then mark the shard done in the ledger."""
+        claims = claims or Claims(self.group.store, ttl_s=3600)
+        while not claims.try_claim("widen"):
+            time.sleep(poll_s)
+        try:
+            self._refresh()
+            if self.layer_dtypes()[layer] == "float32":
+                return  # another writer widened it meanwhile
+            self._update_meta(widening=layer)
+            while claims.held_by_others(SHARD_CLAIM):
+                time.sleep(poll_s)  # writes in flight elsewhere finish (and are found stale) first
+            for split in self.splits():
+                old = self.features(split, layer)
+                data = self.decode(layer, old[:]).astype(np.float32)
+                new = self.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
+                                              shards=old.shards, compressors=old.compressors, fill_value=0,
+                                              overwrite=True)
+                new.with_config(WRITE_EMPTY)[:] = data
+            self._arrays.clear()
+            layers = [dict(l, dtype="float32") if l["name"] == layer else l for l in self.layers]
+            self._update_meta(layers=layers, widened=sorted(set(self.meta.get("widened", [])) | {layer}),
+                              widening=None)
+        finally:
+            claims.release("widen")
+
+    def widening(self) -> bool:
+        """True while another writer widens a tap (fresh attributes: one small read)."""
+        self._follow_widening()
+        return bool(self.meta.get("widening"))
+
+    def write_rows(self, split: str, start: int, blocks: list[np.ndarray], dtypes: dict | None = None) -> None:
+        """Write one shard of rows for every computed layer, then mark the shard done in the ledger.
+
+        `dtypes`: the storage dtype each block was cast to; when a tap was widened since (or is being
+        widened while this shard is written), `StaleShard` is raised and the shard is not marked done."""
         if self.complete:
             raise H2TError(f"store {self.path} is complete and immutable")
-        self._follow_widening()
+        self._check_current(split, start, dtypes)
         stop = start + len(blocks[0])
         arrays = [self.features(split, layer["name"]) for layer in self.computed_layers]
         blocks = [_as_stored(block, arr.dtype) for block, arr in zip(blocks, arrays)]
@@ -152,8 +187,17 @@ class FeatureStore:
             await asyncio.gather(*(a.setitem(slice(start, stop), b) for a, b in zip(arrays, blocks)))
 
         zarr_sync(write_all())
+        self._check_current(split, start, dtypes)  # a widening began or ended while this shard was written
         # The ledger entry is written last: a shard marked done is fully on storage.
         self._array(LEDGER.key(split))[start // self.meta["shard_rows"]] = 1
+
+    def _check_current(self, split: str, start: int, dtypes: dict | None) -> None:
+        self._follow_widening()
+        current = self.layer_dtypes()
+        if self.meta.get("widening") or (dtypes is not None and any(
+                dtypes.get(layer["name"], current[layer["name"]]) != current[layer["name"]]
+                for layer in self.computed_layers)):
+            raise StaleShard(f"{split} rows {start}..: a tap is being or was widened; computed again")
 
     def _zero_twin(self, array: zarr.Array) -> zarr.Array:
         key = f"{array.path}#zero"
@@ -162,12 +206,17 @@ class FeatureStore:
         return self._arrays[key]
 
     def _follow_widening(self) -> None:
-        """Another writer may have widened a tap since this store was opened: one read of the group's
-        attributes per shard tells, and then the arrays are opened again."""
+        """Another writer may be widening, or have widened, a tap since this store was opened: one read of
+        the group's attributes tells, and then the arrays are opened again."""
         fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+", zarr_format=3)
-        if fresh.attrs["h2t"].get("widened") != self.meta.get("widened"):
+        meta = fresh.attrs["h2t"]
+        if (meta.get("widened"), meta.get("widening")) != (self.meta.get("widened"), self.meta.get("widening")):
             self.group = fresh
             self._arrays.clear()
+
+    def _refresh(self) -> None:
+        self.group = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+", zarr_format=3)
+        self._arrays.clear()
 
     def mark_complete(self) -> None:
         for split in self.splits():
