@@ -79,16 +79,35 @@ def _load_state_dict(path: Path) -> dict:
     return state
 
 
+def _load_checkpoint(model: torch.nn.Module, path: Path, name: str) -> None:
+    """timm's own loader: .safetensors or .pth, a bare state dict or one under 'state_dict' / 'model' (EMA
+    weights preferred), 'module.' prefixes dropped; every key must fit."""
+    from timm.models import load_checkpoint
+
+    try:
+        load_checkpoint(model, str(path), strict=True, weights_only=True)
+    except RuntimeError as exc:
+        text = str(exc).strip()
+        if "state_dict" in text or "size mismatch" in text or "Missing key" in text or "Unexpected key" in text:
+            raise H2TError(f"model.checkpoint={path} does not fit {name}: {' '.join(text.splitlines()[0:2])}") from None
+        raise H2TError(f"model.checkpoint={path}: cannot read weights ({type(exc).__name__}: "
+                       f"{text.splitlines()[0] if text else ''})") from None
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise H2TError(f"model.checkpoint={path}: cannot read weights ({type(exc).__name__}: {exc})") from None
+
+
 def _load_by_position(model: torch.nn.Module, source: dict, what: str) -> None:
-    """Map a state dict with foreign key names onto the model by tensor order, checking every shape."""
+    """Map a state dict with foreign key names onto the model by tensor order (timm's remap_state_dict),
+    refusing a different tensor count or any shape that differs."""
+    from timm.models import remap_state_dict
+
     target = model.state_dict()
     if len(source) != len(target):
         raise H2TError(f"{what}: {len(source)} tensors but {type(model).__name__} expects {len(target)}")
-    mapped = {}
-    for (key, dst), (src_key, src) in zip(target.items(), source.items()):
-        if tuple(dst.shape) != tuple(src.shape):
-            raise H2TError(f"{what}: tensor {src_key} has shape {tuple(src.shape)}, model's {key} has {tuple(dst.shape)}")
-        mapped[key] = src
+    try:
+        mapped = remap_state_dict(source, model, allow_reshape=False)
+    except AssertionError as exc:
+        raise H2TError(f"{what}: {exc}") from None
     model.load_state_dict(mapped)
 
 
@@ -106,12 +125,7 @@ def build_model(cfg) -> torch.nn.Module:
         if not path.is_file():
             raise H2TError(f"model.checkpoint={path}: no such file")
         model = create(cfg.name, kwargs)
-        state = _load_state_dict(path)
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0:2]
-            raise H2TError(f"model.checkpoint={path} does not fit {cfg.name}: {' '.join(first)}") from None
+        _load_checkpoint(model, path, cfg.name)
     elif cfg.get("pretrained"):
         model = _create_pretrained(cfg.name, kwargs, bool(cfg.get("download", False)))
     else:

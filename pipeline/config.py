@@ -34,7 +34,7 @@ Compression = Choice("Compression", {s: s for s in ("lz4", "zstd", "none")})
 PoolingRule = Choice("PoolingRule", {"head2toe": "head2toe"})
 ClsToken = Choice("ClsToken", {s: s for s in ("pooled", "only", "separate")})
 Precision = Choice("Precision", {s: s for s in ("float32", "bfloat16", "float16")})
-Resize = Choice("Resize", {s: s for s in ("center_crop", "squash")})
+Resize = Choice("Resize", {s: s for s in ("center_crop", "squash", "border")})
 OnIncomplete = Choice("OnIncomplete", {s: s for s in ("extract", "wait", "error")})
 
 
@@ -54,6 +54,7 @@ class ModelConfig:
     std: Optional[List[float]] = None
     kwargs: Dict[str, Any] = field(default_factory=dict)
     precision: Precision = Precision.float32
+    use_test_size: bool = False
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """Preprocessing: uint8 RGB images -> the normalised tensor the backbone expects, on the device.
 
 Defaults come from the model's timm pretrained config (input size, interpolation, crop, mean/std); each is
-overridable. Two resize modes: `center_crop` (timm's eval transform: shorter side to floor(S / crop_pct),
-then a centred S x S crop) and `squash` (the Head2Toe reference: resize to S x S, aspect ratio not kept,
-nothing cropped). The whole transform is part of the store id.
+overridable; timm's `resolve_data_config` resolves them (`model.use_test_size` takes the model's
+test_input_size). Three resize modes: `center_crop` (timm's eval transform: shorter side to
+floor(S / crop_pct), then a centred S x S crop), `border` (timm's crop_mode border: the longer side to
+floor(S / crop_pct), then centred crop or pad to S x S, padding with the mean colour) and `squash` (the
+Head2Toe reference: resize to S x S, aspect ratio not kept, nothing cropped). The whole transform is part
+of the store id.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from .errors import H2TError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-RESIZE_MODES = ("center_crop", "squash")
+RESIZE_MODES = ("center_crop", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class Preprocess:
     def as_dict(self) -> dict:
         out = {"input_size": self.input_size, "interpolation": self.interpolation, "mean": list(self.mean),
                "std": list(self.std), "resize": self.resize}
-        if self.resize == "center_crop":
+        if self.resize in ("center_crop", "border"):
             out["crop_pct"] = self.crop_pct
         return out
 
@@ -63,12 +66,30 @@ class Preprocess:
         if self.resize == "squash":
             return self._interpolate(x, (S, S)).clamp_(0.0, 1.0)
         height, width = x.shape[-2:]
+        if self.resize == "border":
+            return self._border(x, S)
         short = math.floor(S / self.crop_pct)
         scale = short / min(height, width)
         new = (max(S, round(height * scale)), max(S, round(width * scale)))
         x = self._interpolate(x, new)
         top, left = (new[0] - S) // 2, (new[1] - S) // 2
         return x[..., top:top + S, left:left + S].clamp_(0.0, 1.0)
+
+
+    def _border(self, x: torch.Tensor, S: int) -> torch.Tensor:
+        """timm's ResizeKeepRatio(longest side) + CenterCropOrPad, padding with the mean colour."""
+        height, width = x.shape[-2:]
+        scale = math.floor(S / self.crop_pct) / max(height, width)
+        x = self._interpolate(x, (max(1, round(height * scale)), max(1, round(width * scale)))).clamp_(0.0, 1.0)
+        fill = torch.tensor([round(255 * m) / 255 for m in self.mean], dtype=x.dtype, device=x.device)
+        out = fill.view(1, 3, 1, 1).expand(x.shape[0], 3, S, S).clone()
+        h, w = x.shape[-2:]
+        src_top, src_left = max(0, round((h - S) / 2)), max(0, round((w - S) / 2))
+        dst_top, dst_left = max(0, (S - h) // 2), max(0, (S - w) // 2)
+        rows, cols = min(S, h), min(S, w)
+        out[..., dst_top:dst_top + rows, dst_left:dst_left + cols] = x[..., src_top:src_top + rows,
+                                                                       src_left:src_left + cols]
+        return out
 
 
 def build_preprocess(cfg) -> Preprocess:
@@ -78,13 +99,17 @@ def build_preprocess(cfg) -> Preprocess:
     from .backbone import check_model_name
 
     check_model_name(cfg.name)
+    from timm.data import resolve_data_config
+
     pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
-    defaults = pretrained_cfg.to_dict() if pretrained_cfg is not None else {}
+    # timm's own resolution of the model's data config (test_input_size when model.use_test_size)
+    defaults = resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict(),
+                                   use_test_size=bool(cfg.get("use_test_size", False))) if pretrained_cfg else {}
     input_size = cfg.get("input_size") or defaults.get("input_size", (3, 224, 224))[-1]
     interpolation = cfg.get("interpolation") or defaults.get("interpolation", "bilinear")
     mean = tuple(float(v) for v in (cfg.get("mean") or defaults.get("mean", IMAGENET_MEAN)))
     std = tuple(float(v) for v in (cfg.get("std") or defaults.get("std", IMAGENET_STD)))
-    default_resize = "squash" if defaults.get("crop_mode") == "squash" else "center_crop"
+    default_resize = {"squash": "squash", "border": "border"}.get(defaults.get("crop_mode"), "center_crop")
     resize = cfg.get("resize") or default_resize
     crop_pct = cfg.get("crop_pct") or defaults.get("crop_pct", 0.875)
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:

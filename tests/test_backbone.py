@@ -10,7 +10,7 @@ from pipeline.errors import H2TError
 def model_cfg(**kw):
     base = {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
             "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None, "resize": None,
-            "crop_pct": None}
+            "crop_pct": None, "use_test_size": False}
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -47,6 +47,23 @@ def test_local_checkpoint_loads_exactly(tmp_path, suffix):
     for (k, v), w in zip(source.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(v, w), k
     assert weights_fingerprint(model_cfg(checkpoint=str(path))).startswith("file:sha256:")
+
+
+def test_checkpoints_load_through_timm_whatever_their_wrapping(tmp_path):
+    """timm's load_checkpoint: a state dict under 'state_dict' with 'module.' prefixes (a DDP training
+    checkpoint) or a .safetensors file load the same weights."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    source = build_model(model_cfg(seed=3))
+    wrapped = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}, "epoch": 7}, wrapped)
+    flat = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(flat))
+    for path in (wrapped, flat):
+        loaded = build_model(model_cfg(checkpoint=str(path)))
+        for (k, v), w in zip(source.state_dict().items(), loaded.state_dict().values()):
+            assert torch.equal(v, w), (path.name, k)
 
 
 def test_checkpoint_errors_name_the_file(tmp_path):

@@ -39,6 +39,31 @@ def test_defaults_come_from_the_pretrained_config():
     assert pre.mean == (0.485, 0.456, 0.406)
 
 
+def test_timm_resolves_the_data_config_border_crop_and_test_size_included():
+    """timm.data.resolve_data_config decides the defaults: a model whose crop_mode is `border` keeps it (it
+    used to become a centre crop), and model.use_test_size takes the model's test_input_size."""
+    from timm.data import resolve_data_config
+    from timm.models import get_pretrained_cfg
+
+    border = build_preprocess(model_cfg(name="deepseek_vit_412m", input_size=None))
+    assert border.resize == "border"
+    expected = resolve_data_config({}, pretrained_cfg=get_pretrained_cfg("convnext_atto").to_dict(), use_test_size=True)
+    tested = build_preprocess(model_cfg(name="convnext_atto", input_size=None, use_test_size=True))
+    assert tested.input_size == expected["input_size"][-1] == 288
+    assert build_preprocess(model_cfg(name="convnext_atto", input_size=None)).input_size == 224
+
+
+def test_border_keeps_the_whole_image_and_pads_with_the_mean_colour():
+    pre = build_preprocess(model_cfg(input_size=32, mean=[0.5, 0.5, 0.5], std=[1, 1, 1], resize="border",
+                                     crop_pct=1.0, interpolation="nearest"))
+    img = np.full((1, 16, 64, 3), 255, np.uint8)  # wide: longer side -> 32, height 8, padded to 32
+    x = pre(img, CPU)
+    assert x.shape == (1, 3, 32, 32)
+    assert torch.allclose(x[0, :, 12:20, :], torch.full((3, 8, 32), 0.5))  # the image: 1.0 - mean
+    pad = round(255 * 0.5) / 255 - 0.5
+    assert torch.allclose(x[0, :, :12, :], torch.full((3, 12, 32), pad)) and torch.allclose(x[0, :, 20:, :], torch.full((3, 12, 32), pad))
+
+
 @pytest.mark.parametrize("key,value", [("input_size", 3), ("interpolation", "lanczos"), ("std", [1, 0, 1]),
                                        ("resize", "pad"), ("crop_pct", 1.5)])
 def test_bad_preprocessing_values_are_named(key, value):
