@@ -5,8 +5,9 @@ A layer's columns are fixed by its name, raw shape and `column_recipe` (pooling 
 a layer whose key is found in a complete sibling store (same `<root>/<model>/<dataset>/` folder) is copied
 from it byte for byte instead of being computed: asking for more taps or another target size computes only
 the layers that are new. Copies are hard links on a local disk (no extra space; complete stores are never
-written again) and object copies elsewhere. The new store keeps the siblings' shard size so its ledger and
-arrays line up, and records `reused_from` per layer.
+written again), server-side copies within one S3 endpoint (no bytes through this machine), and object copies
+elsewhere. The new store keeps the siblings' shard size so its ledger and arrays line up, and records
+`reused_from` per layer.
 """
 from __future__ import annotations
 

@@ -347,12 +347,19 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
 
 
 def _copy_array(source: FeatureStore, target_path: str, target_group: zarr.Group, key: str) -> None:
-    """Copy one array (metadata and every chunk object) of a complete store into a store being laid out."""
+    """Copy one array (metadata and every chunk object) of a complete store into a store being laid out:
+    hard links on a local disk, server-side copies within one S3 endpoint, else through this process."""
     if not location.is_remote(source.path) and not location.is_remote(target_path):
         _link_tree(location.local_path(source.path) / key, location.local_path(target_path) / key)
         return
     src, dst = source.group.store, target_group.store
     prototype = default_buffer_prototype()
+    src_fs, dst_fs = getattr(src, "fs", None), getattr(dst, "fs", None)
+    if src_fs is not None and dst_fs is not None and "s3" in src_fs.protocol and \
+            src_fs.storage_options == dst_fs.storage_options:
+        # one object store: server-side copies (CopyObject), no bytes through this machine
+        zarr_sync(src_fs._copy(f"{src.path}/{key}", f"{dst.path}/{key}", recursive=True))
+        return
 
     async def copy_all():
         keys = [k async for k in src.list_prefix(f"{key}/")]
