@@ -318,7 +318,6 @@ def _store_command(args: list[str]) -> None:
     import argparse
 
     from .storage import catalog
-    from .storage.store import open_store
 
     parser = argparse.ArgumentParser(prog="h2t store", description="The stores under a root.")
     sub = parser.add_subparsers(dest="action", required=True)

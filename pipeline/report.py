@@ -162,27 +162,27 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
                     xs, ys = zip(*points)
                     ax.plot(xs, [100 * y for y in ys], style, label=f"λ={lam:g} {key.split('_')[0]}")
         ax.set_xscale("log")
-        ax.set_xlabel("kept fraction F")
-        ax.set_ylabel("accuracy %")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(out / "report_accuracy.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_finish(fig, ax, "kept fraction F", "accuracy %", out / "report_accuracy.png"))
     per_layer = [r for r in h2t if r.get("selected_per_layer")]
     if per_layer:
         fig, ax = plt.subplots(figsize=(7, 3.5))
         for r in per_layer[:12]:
             counts = list(r["selected_per_layer"].values())
             ax.plot(range(len(counts)), counts, marker=".", label=f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}")
-        ax.set_xlabel("tap (network depth)")
-        ax.set_ylabel("selected features")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths.append(out / "report_layers.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_finish(fig, ax, "tap (network depth)", "selected features", out / "report_layers.png"))
     return paths
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def write_report(root: str | Path) -> tuple[str, list[Path], list[dict]]:

@@ -68,3 +68,19 @@ def score_cfg(**overrides):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def model_cfg(**kw):
+    base = {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
+            "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None, "resize": None,
+            "crop_pct": None, "use_test_size": False}
+    base.update(kw)
+    return OmegaConf.create(base)
+
+
+# A store big enough for several writers to share (tests of resume and concurrency).
+ARGS = ["model=resnet_tiny", "data=shapes_count", "data.num_classes=4", "data.image_size=48", "model.input_size=48",
+        "data.sizes.train=320", "data.sizes.val=32", "data.sizes.test=128", "pooling.target_size=256",
+        "extract.batch_size=16", "extract.progress=false"]
+OVERRIDES = {"data.task": "count", "data.image_size": 48, "model.input_size": 48, "pooling.target_size": 256,
+             "data.sizes": {"train": 320, "val": 32, "test": 128}}

@@ -5,14 +5,7 @@ from omegaconf import OmegaConf
 from pipeline.backbone import build_model, weights_fingerprint
 from pipeline.preprocess import build_preprocess
 from pipeline.errors import H2TError
-
-
-def model_cfg(**kw):
-    base = {"name": "resnet10t", "pretrained": False, "weights": None, "checkpoint": None, "download": False,
-            "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None, "resize": None,
-            "crop_pct": None, "use_test_size": False}
-    base.update(kw)
-    return OmegaConf.create(base)
+from tests.conftest import model_cfg
 
 
 def test_packaged_efficientnet_lite0_weights_classify_a_known_image():

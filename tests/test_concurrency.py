@@ -9,8 +9,7 @@ import pytest
 
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store
-from tests.test_resume import ARGS, OVERRIDES
-from tests.conftest import tiny_cfg
+from tests.conftest import ARGS, OVERRIDES, tiny_cfg
 
 
 def test_two_writers_share_the_work_and_match_a_single_run(tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from pipeline.errors import H2TError
 from pipeline.preprocess import build_preprocess
-from tests.test_backbone import model_cfg
+from tests.conftest import model_cfg
 
 CPU = torch.device("cpu")
 

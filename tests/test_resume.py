@@ -9,13 +9,8 @@ import numpy as np
 
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store
-from tests.conftest import tiny_cfg
+from tests.conftest import ARGS, OVERRIDES, tiny_cfg
 
-ARGS = ["model=resnet_tiny", "data=shapes_count", "data.num_classes=4", "data.image_size=48", "model.input_size=48",
-        "data.sizes.train=320", "data.sizes.val=32", "data.sizes.test=128", "pooling.target_size=256",
-        "extract.batch_size=16", "extract.progress=false"]
-OVERRIDES = {"data.task": "count", "data.image_size": 48, "model.input_size": 48, "pooling.target_size": 256,
-             "data.sizes": {"train": 320, "val": 32, "test": 128}}
 
 
 def cli_extract(root, cwd):

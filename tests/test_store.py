@@ -146,7 +146,6 @@ def test_float16_overflow_is_named_or_widened(tmp_path):
 
 
 def test_probe_policy_on_a_store_being_written(tmp_path):
-    from omegaconf import OmegaConf
 
     from pipeline.probe import wait_for_store
 
