@@ -110,8 +110,8 @@ def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
                          "n_features_selected": r["n_features_selected"],
                          "val_accuracy": r.get("selection_score") if chosen else r.get("val_accuracy"),
                          "test_accuracy": r["test_accuracy"], "selected_per_layer": r.get("selected_per_layer", {})})
-    for method in {r["method"] for r in rows}:  # best by validation, per method
-        scored = [r for r in rows if r["method"] == method and r["val_accuracy"] is not None
+    for group in {(r["method"], r["task"], r["model"]) for r in rows}:  # best by validation, per method and task
+        scored = [r for r in rows if (r["method"], r["task"], r["model"]) == group and r["val_accuracy"] is not None
                   and not r["job"].endswith(":refit")]
         if scored:
             max(scored, key=lambda r: r["val_accuracy"])["best"] = True
