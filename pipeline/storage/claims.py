@@ -6,8 +6,8 @@ A claim is an object `claims/<unit>` inside the store holding its owner and expi
 then anyone may take it over, which is how a dead writer's shard is finished.
 Two writers can both take over the same expired claim: at most that one shard is computed twice, and as
 extraction is deterministic both write the same bytes. On s3:// the create is a conditional put
-(`If-None-Match: *`, refused by the server when the object exists), after an existence check, so a server
-that ignores the condition degrades to check-then-put with the same bound.
+(`If-None-Match: *` through obstore's atomic create, refused by the server when the object exists), after
+an existence check, so a server that ignores the condition degrades to check-then-put with the same bound.
 """
 from __future__ import annotations
 
@@ -106,12 +106,40 @@ async def create_if_absent(store, key: str, body: bytes) -> None:
 
 
 async def put_if_absent(fs, path: str, body: bytes) -> bool:
-    """One S3 PUT with `If-None-Match: *`: True if this call created the object, False if it existed."""
+    """One S3 PUT with `If-None-Match: *` through obstore's atomic create (`mode="create"`, a public API):
+    True if this call created the object, False if it existed."""
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    bucket, _, key = path.partition("/")
     try:
-        await fs._pipe_file(path, body, mode="create")
+        await obstore.put_async(_object_store(fs, bucket), key, body, mode="create")
         return True
-    except OSError as exc:  # s3fs maps 412 PreconditionFailed / 409 ConditionalRequestConflict to OSError
-        text = str(exc).lower().replace("-", "")
-        if "precondition" in text or "conditional" in text:
-            return False
-        raise
+    except AlreadyExistsError:
+        return False
+
+
+_OBJECT_STORES: dict[tuple, object] = {}
+
+
+def _object_store(fs, bucket: str):
+    """An obstore S3Store for the bucket, configured like the fsspec filesystem zarr uses."""
+    from obstore.store import S3Store
+
+    options = dict(getattr(fs, "storage_options", {}) or {})
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") \
+        or os.environ.get("AWS_ENDPOINT_URL")
+    key = options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = options.get("secret") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    region = (options.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") \
+        or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    cache_key = (bucket, endpoint, key, region)
+    if cache_key not in _OBJECT_STORES:
+        config = {"region": region}
+        if endpoint:
+            config["endpoint"] = endpoint
+        if key and secret:
+            config.update(access_key_id=key, secret_access_key=secret)
+        _OBJECT_STORES[cache_key] = S3Store(bucket, config=config,
+                                            client_options={"allow_http": str(endpoint or "").startswith("http://")})
+    return _OBJECT_STORES[cache_key]
