@@ -55,8 +55,7 @@ def check_settings(cfg, methods) -> None:
         kept(1, cfg.select.fraction)
         if cfg.select.get("tie_rule", "gradient") not in TIE_RULES:
             raise H2TError(f"select.tie_rule must be one of {', '.join(TIE_RULES)}, got {cfg.select.tie_rule!r}")
-    fit_on = cfg.get("probe", {}).get("fit_on", ["train"])
-    fit_on = [fit_on] if isinstance(fit_on, str) else list(fit_on or [])
+    fit_on = fit_on_names(cfg.get("probe", {}))
     if not fit_on or "test" in fit_on or len(set(fit_on)) != len(fit_on):
         raise H2TError(f"probe.fit_on must list distinct splits other than test, e.g. [train] or [train, val]; "
                        f"got {fit_on}")
@@ -75,12 +74,16 @@ def view_fraction(store_cfg) -> float:
     return fraction
 
 
+def fit_on_names(probe_cfg) -> list[str]:
+    """`probe.fit_on` as a list of split names (a single name is accepted)."""
+    value = probe_cfg.get("fit_on", ["train"])
+    return [value] if isinstance(value, str) else list(value or [])
+
+
 def fit_rows(store, probe_cfg) -> tuple[Rows, Rows | None]:
     """The rows a probe fits on (`probe.fit_on`: [train] for train800, [train, val] for the final run of the
     protocol, train800val200) and the rows it validates on: the store's `val` split unless it is fitted on."""
-    names = list(probe_cfg.get("fit_on", ["train"]) or [])
-    if isinstance(probe_cfg.get("fit_on"), str):
-        names = [probe_cfg.get("fit_on")]
+    names = fit_on_names(probe_cfg)
     unknown = [n for n in names if n not in store.splits()]
     if not names or unknown or "test" in names:
         raise H2TError(f"probe.fit_on must name splits of the store other than test "

@@ -58,10 +58,6 @@ class Rows:
     def labels(self, store) -> np.ndarray:
         return np.concatenate([store.labels(s) if idx is None else store.labels(s)[idx] for s, idx in self.parts])
 
-    def sample_ids(self, store) -> np.ndarray:
-        return np.concatenate([store.sample_ids(s) if idx is None else store.sample_ids(s)[idx]
-                               for s, idx in self.parts])
-
     def digest(self, store) -> str:
         """Identifies the rows (not their values): split names and row indices."""
         h = hashlib.sha256()

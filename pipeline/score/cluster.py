@@ -24,7 +24,7 @@ import numpy as np
 
 from ..errors import H2TError
 from ..rows import Rows, Segment
-from .matrix import BlockReader, block_rows_for
+from .matrix import BlockReader, add_partials, as_sums, block_rows_for
 
 _CLIENTS: dict[str, object] = {}
 
@@ -144,7 +144,7 @@ def _reduce_task(ref: StoreRef, token: str, items: list[tuple[int, Segment]], fn
             block = pending.result()
             if k + 1 < len(items):
                 pending = prefetch.submit(_read_block, ref, token, *items[k + 1])
-            total = _add(total, fn(block, segment.dst, *args))
+            total = add_partials(total, fn(block, segment.dst, *args))
             del block
     return total
 
@@ -173,17 +173,8 @@ def _forget(token: str) -> None:
 
 
 # --- driver side -------------------------------------------------------------------------------------------
-def _add(total, part):
-    if total is None:
-        return tuple(np.array(p, copy=True) for p in part) if isinstance(part, tuple) else np.array(part, copy=True)
-    if isinstance(part, tuple):
-        return tuple(t + p for t, p in zip(total, part))
-    total += part
-    return total
-
-
 def _add_pair(a, b):
-    return _add(_add(None, a), b)
+    return add_partials(add_partials(None, a), b)
 
 
 class ClusterMatrix:
@@ -243,7 +234,7 @@ class ClusterMatrix:
                      for pair in pairs]
         total = level[0].result()
         level[0].release()
-        return total
+        return as_sums(total)
 
     def columns(self, idx: np.ndarray) -> np.ndarray:
         idx = np.asarray(idx, dtype=np.int64)

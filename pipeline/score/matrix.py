@@ -156,22 +156,30 @@ class BlockReader:
         out[:, where] = as_float32(self.store.decode(name, values, self.dtypes[name])) / norms[:, i][:, None]
 
 
+def add_partials(total, part):
+    """total + part for partial sums that are numbers, arrays or tuples of them; total None starts a sum
+    (a copy of part, numbers as float64). Shared by the in-process and the cluster reductions."""
+    if isinstance(part, tuple):
+        return tuple(add_partials(t, p) for t, p in zip(total or (None,) * len(part), part))
+    if total is None:
+        return np.array(part, dtype=np.float64 if np.ndim(part) == 0 else None, copy=True)
+    total += part
+    return total
+
+
+def as_sums(total):
+    """A reduction's result with its numbers as Python floats."""
+    if isinstance(total, tuple):
+        return tuple(as_sums(t) for t in total)
+    return float(total) if np.ndim(total) == 0 else total
+
+
 def reduce_blocks(matrix, fn, *args):
     """sum over the matrix's blocks of fn(block, rows, *args) (a number, an array or a tuple of them)."""
     total = None
     for rows, X in matrix.blocks():
-        part = fn(X, rows, *args)
-        if total is None:
-            total = [np.array(p, dtype=np.float64 if np.ndim(p) == 0 else None, copy=True) for p in part] \
-                if isinstance(part, tuple) else np.array(part, copy=True)
-        elif isinstance(part, tuple):
-            for t, p in zip(total, part):
-                t += p
-        else:
-            total += part
-    if isinstance(total, list):
-        return tuple(float(t) if np.ndim(t) == 0 else t for t in total)
-    return total
+        total = add_partials(total, fn(X, rows, *args))
+    return as_sums(total)
 
 
 class FeatureMatrix:
