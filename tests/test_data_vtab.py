@@ -25,6 +25,9 @@ def test_each_sample_is_held_once_and_the_protocol_is_chosen_at_probe_time(tmp_p
     assert {s: len(v) for s, v in data.splits.items()} == {"train": 800, "val": 200, "test": 40}
     assert not set(data.splits["train"].ids) & set(data.splits["val"].ids)
     assert data.splits["train"].load(0, 2)[0].shape == (8, 8, 3)
+    # described as `protocol=train800` was: stores extracted before the protocol moved keep their ids
+    assert {k: data.source[k] for k in ("source", "task", "protocol", "format")} == {
+        "source": "vtab", "task": "smallnorb_elevation", "protocol": "train800", "format": "npz"}
     with pytest.raises(H2TError, match="data.protocol=train800val200 is chosen at probe time.*probe.fit_on=.train,val."):
         vtab(task="smallnorb_elevation", format="npz", path=str(tmp_path / "norb.npz"), protocol="train800val200")
 

@@ -121,7 +121,9 @@ def vtab(task: str | None = None, format: str = "npz", root: str | None = None, 
         if len(bad):
             raise H2TError(f"data=vtab/{task}: sample {split.ids[bad[0]]} has label {split.labels[bad[0]]}, "
                            f"outside 0..{spec.num_classes - 1} ({spec.label})")
-    full_source = {"source": "vtab", "task": task, "splits": "train800+val200", "format": format, "inner": source}
+    # Every VTAB store now has the layout `protocol=train800` used to give (train800 + val200 + test): the same
+    # description keeps the ids of stores extracted that way, so they are found and read, not re-extracted.
+    full_source = {"source": "vtab", "task": task, "protocol": "train800", "format": format, "inner": source}
     return Dataset(name or f"vtab_{task}", spec.num_classes, splits, full_source,
                    [str(c) for c in range(spec.num_classes)])
 
