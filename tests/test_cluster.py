@@ -151,6 +151,13 @@ def test_scheduler_and_workers_score_a_store_on_the_s3_server(tmp_path, data, sc
         theirs, info = score_store(remote, score_cfg(lam=3e-3, memory_budget_mb=STREAMED, cluster=scheduler), "train")
         assert_same_selection(mine, theirs)
         assert remote.load_relevance(info["key"]) is not None  # the driver wrote the scores into the s3 store
+        for key in list(remote.group["derived/relevance"].group_keys()):
+            del remote.group[f"derived/relevance/{key}"]  # solve again, on a LocalCluster of processes
+        local_cluster, again = score_store(remote, score_cfg(lam=3e-3, memory_budget_mb=STREAMED, cluster="local:2"),
+                                           "train")
+        assert not again["cached"]
+        assert_same_selection(mine, local_cluster)
+        close_client("local:2")
     finally:
         server.stop()
 

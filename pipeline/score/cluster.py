@@ -57,7 +57,7 @@ def client_for(spec):
     if spec.startswith("local:"):
         n = int(spec.split(":", 1)[1])
         threads = max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=None,
+        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
                                silence_logs=logging.ERROR)
         client = Client(cluster)
         atexit.register(cluster.close)
