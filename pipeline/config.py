@@ -28,13 +28,14 @@ class Choice(str, Enum):
 Method = Choice("Method", {m: m for m in ("head2toe", "linear")})
 Solver = Choice("Solver", {s: s for s in ("working_set", "fista")})
 TieRule = Choice("TieRule", {s: s for s in ("gradient", "entry")})
-StoreDtype = Choice("StoreDtype", {s: s for s in ("float16", "bfloat16", "float32")})
+StoreDtype = Choice("StoreDtype", {s: s for s in ("float16", "bfloat16", "float32", "int8")})
 OnOverflow = Choice("OnOverflow", {s: s for s in ("error", "widen")})
 Compression = Choice("Compression", {s: s for s in ("lz4", "zstd", "none")})
 PoolingRule = Choice("PoolingRule", {"head2toe": "head2toe"})
 ClsToken = Choice("ClsToken", {s: s for s in ("pooled", "only", "separate")})
 Precision = Choice("Precision", {s: s for s in ("float32", "bfloat16", "float16")})
 Resize = Choice("Resize", {s: s for s in ("center_crop", "squash", "border")})
+Decode = Choice("Decode", {s: s for s in ("auto", "cpu", "device")})
 OnIncomplete = Choice("OnIncomplete", {s: s for s in ("extract", "wait", "error")})
 
 
@@ -102,6 +103,7 @@ class ExtractConfig:
     prefetch: int = 2
     writers: int = 2
     replica: int = 0
+    decode: Decode = Decode.auto
 
 
 @dataclass

@@ -81,6 +81,16 @@ def precision(model_cfg) -> str:
     return value
 
 
+def decodes_on_device(extract_cfg, dataset: Dataset) -> bool:
+    """Whether image files decode on the extraction device (`extract.decode`; auto: when it is CUDA)."""
+    mode = str(extract_cfg.get("decode", "auto"))
+    if mode not in ("auto", "cpu", "device"):
+        raise H2TError(f"extract.decode must be one of auto, cpu, device, got {mode!r}")
+    if mode == "cpu" or not any(split.read_bytes is not None for split in dataset.splits.values()):
+        return False
+    return mode == "device" or resolve_device(extract_cfg.device).type == "cuda"
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -250,7 +260,8 @@ def _run_stages(cfg, plan: Plan, store, runner, queue: ShardQueue, device, remai
     images computed here."""
     stage = DeviceStage(runner, plan.preprocess, device, store.computed_layers, store.layer_dtypes(),
                         bool(cfg.extract.channels_last), cfg.store.on_overflow, precision(cfg.model))
-    loader = Loader(plan.dataset, int(cfg.extract.workers), pin=device.type == "cuda")
+    loader = Loader(plan.dataset, int(cfg.extract.workers), pin=device.type == "cuda", device=device,
+                    device_decode=decodes_on_device(cfg.extract, plan.dataset))
     writer = Writer(store, queue.claims, int(cfg.extract.writers))
 
     def widen(name: str) -> None:

@@ -109,8 +109,10 @@ class Predictor:
         pooling = spec["pooling"]
         self.runner = TappedForward(model, taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
         ordered = [artefact["layers"][i] for i in self.order]
+        # int8 stores quantise per shard of rows: a single image has no shard, its values stay float32
         self.stage = DeviceStage(self.runner, self.preprocess, self.device, ordered,
-                                 {layer["name"]: layer["dtype"] for layer in ordered},
+                                 {layer["name"]: "float32" if layer["dtype"] == "int8" else layer["dtype"]
+                                  for layer in ordered},
                                  precision=spec["model"].get("precision", "float32"))
         self.head = torch.nn.Linear(artefact["weight"].shape[1], artefact["weight"].shape[0])
         with torch.no_grad():

@@ -42,11 +42,16 @@ class Preprocess:
 
     def __call__(self, images, device: torch.device) -> torch.Tensor:
         """uint8 (B, H, W, 3) array or tensor (pinned: copied without blocking), or a list of (H, W, 3)
-        arrays of any sizes -> (B, 3, S, S) float on the device."""
+        arrays or of (3, H, W) tensors (decoded on the device) of any sizes -> (B, 3, S, S) float on the device."""
         if isinstance(images, torch.Tensor):
             batch = self._resize(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
         elif isinstance(images, list):
-            batch = torch.cat([self._resize(torch.from_numpy(im).to(device).permute(2, 0, 1)[None]) for im in images])
+            chw = [im.to(device) if isinstance(im, torch.Tensor) else torch.from_numpy(im).to(device).permute(2, 0, 1)
+                   for im in images]
+            if chw and all(im.shape == chw[0].shape for im in chw):
+                batch = self._resize(torch.stack(chw))  # one size: one resize call (the same values as one by one)
+            else:
+                batch = torch.cat([self._resize(im[None]) for im in chw])
         else:
             batch = self._resize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2))
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)

@@ -16,15 +16,18 @@ from __future__ import annotations
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
+from .decode import decode_file, decode_jpegs, device_decodable
 from .errors import H2TError
+from .storage.quant import LEVELS, QuantizedBlock
 from .storage.store import StaleShard
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 ON_OVERFLOW = ("error", "widen")
 PRECISIONS = ("float32", "bfloat16", "float16")  # model.precision: the backbone's compute dtype
 
@@ -105,17 +108,24 @@ class Loader:
 
     Image files are decoded in `workers` forked processes (PIL holds the GIL for much of a decode, so
     threads stopped scaling at ~1,100 JPEGs/s on 16 cores); in-memory pixels are sliced in threads.
-    Same-sized images come back as one uint8 tensor, pinned for a non-blocking copy to a GPU."""
+    Same-sized images come back as one uint8 tensor, pinned for a non-blocking copy to a GPU.
 
-    def __init__(self, dataset, workers: int, pin: bool):
+    With `device_decode`, image files are only read here (threads) and their JPEGs decoded in one batch on
+    `device` (nvJPEG on CUDA; on the CPU it is the same call): a batch is then a list of (3, H, W) uint8
+    tensors on the device, files it cannot take decoded on the CPU (`decode_file`) and copied there."""
+
+    def __init__(self, dataset, workers: int, pin: bool, device: torch.device | str = "cpu",
+                 device_decode: bool = False):
         global _DECODE_DATASET
         if workers < 1:
             raise H2TError(f"extract.workers must be >= 1, got {workers}")
         self.dataset, self.workers, self.pin = dataset, workers, pin
+        self.device, self.device_decode = torch.device(device), device_decode
         self._batches = ThreadPoolExecutor(2, thread_name_prefix="h2t-batch")
         self._decoders = ThreadPoolExecutor(workers, thread_name_prefix="h2t-decode")
         self._processes = None
-        if workers > 1 and any(_decodes_files(split) for split in dataset.splits.values()):
+        if workers > 1 and any(_decodes_files(split) and not self._on_device(split)
+                               for split in dataset.splits.values()):
             import multiprocessing
 
             from PIL import Image
@@ -133,6 +143,8 @@ class Loader:
         n = shard.stop - shard.start
         pieces = max(1, min(self.workers, n // 8))  # ranges of at least 8 images
         bounds = [shard.start + n * i // pieces for i in range(pieces + 1)]
+        if self._on_device(split):
+            return self._decode_on_device(split, list(zip(bounds[:-1], bounds[1:])))
         if self._processes is not None and _decodes_files(split):
             parts = list(self._processes.map(_decode_range, [shard.split] * pieces, bounds[:-1], bounds[1:]))
         else:
@@ -143,6 +155,20 @@ class Loader:
             if self.pin:
                 images = images.pin_memory()
         return images
+
+    def _on_device(self, split) -> bool:
+        return self.device_decode and split.read_bytes is not None
+
+    def _decode_on_device(self, split, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """Files read in threads; JPEGs decoded in one batch on the device, the rest (not JPEG, CMYK, rotated,
+        ...) on the CPU as PIL decodes them, then copied there."""
+        files = [file for part in self._decoders.map(lambda ab: split.read_bytes(*ab), ranges) for file in part]
+        jpegs = [i for i, (_, data) in enumerate(files) if device_decodable(data)]
+        images = dict(zip(jpegs, decode_jpegs([files[i][1] for i in jpegs], self.device, [files[i][0] for i in jpegs])))
+        rest = [i for i in range(len(files)) if i not in images]
+        arrays = self._decoders.map(lambda i: decode_file(Path(files[i][0]), files[i][1]), rest)
+        images.update((i, torch.tensor(array, device=self.device).permute(2, 0, 1)) for i, array in zip(rest, arrays))
+        return [images[i] for i in range(len(files))]
 
     def close(self) -> None:
         self._batches.shutdown(wait=True, cancel_futures=True)
@@ -162,6 +188,7 @@ class DeviceBatch:
     flats: dict[str, torch.Tensor]  # store dtype -> every tap of that dtype cast into one flat buffer
     members: dict[str, list[int]]  # store dtype -> the taps (indices) in its buffer, in order
     sizes: list[int]  # elements of each tap
+    params: torch.Tensor | None = None  # int8 taps: each one's scales then offsets (2 * dim), float32, in order
 
 
 class DeviceStage:
@@ -192,9 +219,11 @@ class DeviceStage:
             batch = self._cast(pooled)
             # A value beyond a dtype's range casts to inf, so the extremes of each buffer (NaN propagates)
             # check NaN, inf and overflow at once (aminmax: ~30x cheaper than isfinite on a CPU); the culprit
-            # tap is looked for only when something is wrong.
-            extremes = torch.stack([torch.stack(torch.aminmax(flat)).float() for flat in batch.flats.values()
-                                    if flat.numel()])
+            # tap is looked for only when something is wrong. int8 taps: their scales and offsets are finite
+            # exactly when the values are.
+            checked = [flat for dtype, flat in batch.flats.items() if dtype != "int8"] + [batch.params]
+            extremes = torch.stack([torch.stack(torch.aminmax(flat)).float() for flat in checked
+                                    if flat is not None and flat.numel()])
             if not bool(torch.isfinite(extremes).all()):
                 if self._culprits(pooled):
                     batch = self._cast(pooled)
@@ -205,15 +234,23 @@ class DeviceStage:
         for i, layer in enumerate(self.layers):
             members.setdefault(self.dtypes[layer["name"]], []).append(i)
         sizes = [p.numel() for p in pooled]
-        flats = {}
+        flats, params = {}, None
         for dtype, taps in members.items():
             flat = torch.empty(sum(sizes[i] for i in taps), dtype=TORCH_DTYPES[dtype], device=self.device)
-            offset = 0
+            if dtype == "int8":
+                params = torch.empty(sum(2 * pooled[i].shape[1] for i in taps), dtype=torch.float32, device=self.device)
+            offset = poffset = 0
             for i in taps:
-                flat[offset:offset + sizes[i]].view(pooled[i].shape).copy_(pooled[i])  # cast in place
+                target = flat[offset:offset + sizes[i]].view(pooled[i].shape)
+                if dtype == "int8":
+                    dim = pooled[i].shape[1]
+                    quantize_into(pooled[i], target, params[poffset:poffset + 2 * dim])
+                    poffset += 2 * dim
+                else:
+                    target.copy_(pooled[i])  # cast in place
                 offset += sizes[i]
             flats[dtype] = flat
-        return DeviceBatch(pooled[0].shape[0], flats, members, sizes)
+        return DeviceBatch(pooled[0].shape[0], flats, members, sizes, params)
 
     def _culprits(self, pooled: list[torch.Tensor]) -> bool:
         """Per tap: NaN / inf stop the run; values beyond the tap's dtype stop it, or with
@@ -224,7 +261,7 @@ class DeviceStage:
             if not bool(torch.isfinite(p).all()):
                 raise H2TError(f"tap {name}: activations contain NaN or inf; not stored")
             dtype = self.dtypes[name]
-            if dtype != "float32" and not torch.isfinite(p.to(TORCH_DTYPES[dtype])).all():
+            if dtype not in ("float32", "int8") and not torch.isfinite(p.to(TORCH_DTYPES[dtype])).all():
                 if self.on_overflow != "widen":
                     raise H2TError(f"tap {name}: activations reach {float(p.abs().max()):.3g}, beyond {dtype}; "
                                    f"use store.dtype=float32 or store.on_overflow=widen")
@@ -237,17 +274,22 @@ class DeviceStage:
     def to_host(self, batch: DeviceBatch) -> list[np.ndarray]:
         """One copy to the host per dtype buffer (normally one in all); each tap's rows are a contiguous
         view of it; bfloat16 comes back as its bit pattern (uint16)."""
-        blocks: list[np.ndarray | None] = [None] * len(self.layers)
+        blocks: list = [None] * len(self.layers)
+        params = None if batch.params is None else _to_host(batch.params).numpy()
         for dtype, flat in batch.flats.items():
             if dtype == "bfloat16":
                 flat = flat.view(torch.int16)
             array = _to_host(flat).numpy()
             if dtype == "bfloat16":
                 array = array.view(np.uint16)
-            offset = 0
+            offset = poffset = 0
             for i in batch.members[dtype]:
                 blocks[i] = array[offset:offset + batch.sizes[i]].reshape(batch.rows, -1)
                 offset += batch.sizes[i]
+                if dtype == "int8":
+                    dim = blocks[i].shape[1]
+                    blocks[i] = QuantizedBlock(blocks[i], params[poffset:poffset + 2 * dim])
+                    poffset += 2 * dim
         return blocks
 
 
@@ -258,6 +300,18 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     host.copy_(tensor, non_blocking=True)
     torch.cuda.current_stream(tensor.device).synchronize()
     return host
+
+
+def quantize_into(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor) -> None:
+    """x (rows, dim) float32 -> int8 codes and (scales, offsets) per column, on x's device: the same
+    arithmetic as pipeline/storage/quant.py's reference `quantize`."""
+    lo, hi = torch.aminmax(x, dim=0)
+    dim = x.shape[1]
+    scale, offset = params[:dim], params[dim:]
+    torch.sub(hi, lo, out=scale).div_(LEVELS)
+    scale.masked_fill_(scale <= 0, 1.0)
+    torch.add(lo, scale, alpha=128, out=offset)
+    codes.copy_((x - lo).div_(scale).round_().clamp_(0, LEVELS).sub_(128))
 
 
 class Writer:

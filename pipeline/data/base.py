@@ -4,16 +4,20 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from ..decode import read_file
 from ..errors import H2TError
 
 SPLITS = ("train", "val", "test")
 
 # (start, stop) -> uint8 images: an (B, H, W, 3) array, or a list of (H, W, 3) arrays of varying size.
 ImageLoader = Callable[[int, int], "np.ndarray | list[np.ndarray]"]
+# (start, stop) -> (path, encoded bytes) of each file, undecoded: for decoders elsewhere (pipeline/decode.py)
+BytesReader = Callable[[int, int], "list[tuple[str, bytes]]"]
 
 
 @dataclass
@@ -23,6 +27,7 @@ class Split:
     ids: np.ndarray  # str (n,): stable sample identifiers (index in the source, or file path)
     load: ImageLoader
     content_digest: str = ""  # hash of the pixels when they are in memory (files are fingerprinted by stat)
+    read_bytes: BytesReader | None = None  # set when the samples are image files
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -56,6 +61,7 @@ class Pool:
     labels: np.ndarray
     read: Callable[[int], np.ndarray]  # index -> uint8 (H, W, 3)
     array: np.ndarray | None = None  # set when all images are one in-memory (n, H, W, 3) array
+    path_of: Callable[[int], Path] | None = None  # set when sample i is an image file: its path
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -128,7 +134,13 @@ def _pool_split(name: str, pool: Pool, order: np.ndarray) -> Split:
     if pool.array is not None:
         images = np.ascontiguousarray(pool.array[order])
         return Split(name, labels, ids, lambda start, stop: images[start:stop], hashlib.sha256(images.data).hexdigest())
-    return Split(name, labels, ids, lambda start, stop: [pool.read(int(i)) for i in order[start:stop]])
+    read_bytes = None
+    if pool.path_of is not None:
+        def read_bytes(start: int, stop: int) -> list[tuple[str, bytes]]:
+            paths = [pool.path_of(int(i)) for i in order[start:stop]]
+            return [(str(path), read_file(path)) for path in paths]
+    return Split(name, labels, ids, lambda start, stop: [pool.read(int(i)) for i in order[start:stop]],
+                 read_bytes=read_bytes)
 
 
 def in_memory_split(name: str, images: np.ndarray, labels: np.ndarray, ids: Sequence[str]) -> Split:

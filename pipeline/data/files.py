@@ -11,44 +11,23 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
 
+from ..decode import decode_file, to_rgb_array  # noqa: F401 - to_rgb_array: imported from here by other sources
 from ..errors import H2TError
 from .base import SPLITS, Dataset, Pool, assemble, register, to_rgb_uint8
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 
 
-def to_rgb_array(img: Image.Image, what: str) -> np.ndarray:
-    """A PIL image in any mode as uint8 (H, W, 3): 16-bit and 32-bit values scaled, palette expanded."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        wide = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or wide.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(wide / top * 255.0, 0, 255).round().astype(np.uint8))
-    elif img.mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-    out = np.asarray(img.convert("RGB"))
-    if out.ndim != 3 or out.shape[0] < 1 or out.shape[1] < 1:
-        raise H2TError(f"image {what} has no pixels (shape {out.shape})")
-    return out
-
-
 def load_image(path: Path) -> np.ndarray:
-    """Any PIL-readable image file as uint8 (H, W, 3); a broken or missing file is an error naming it."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return to_rgb_array(img, str(path))
-    except FileNotFoundError:
-        raise H2TError(f"missing image file {path}") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise H2TError(f"cannot read image {path}: {exc}") from None
+    """Any PIL-readable image file as uint8 (H, W, 3), JPEGs through the fastest decoder with PIL's pixels
+    (pipeline/decode.py); a broken or missing file is an error naming it."""
+    return decode_file(path)
 
 
 def _file_pool(root: Path, paths: list[Path], labels: list[int]) -> Pool:
     return Pool([str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths],
-                np.asarray(labels, dtype=np.int64), lambda i: load_image(paths[i]))
+                np.asarray(labels, dtype=np.int64), lambda i: load_image(paths[i]), path_of=paths.__getitem__)
 
 
 def _file_stats(root: Path, pools: dict[str, Pool]) -> list:

@@ -33,15 +33,6 @@ def use_codec_pipeline(name: str | None = None) -> str:
     return name
 
 
-def python_pipeline_twin(array: zarr.Array) -> zarr.Array:
-    """The same array opened with zarr's own codec pipeline and `write_empty_chunks`: the Rust pipeline
-    drops a shard whose inner chunks all equal the fill value even then, so all-zero blocks are written
-    through this one and stay on storage (verify tells them from deleted shards)."""
-    with zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES["zarr"]}):
-        twin = zarr.open_array(store=array.store, path=array.path, mode="r+", zarr_format=3)
-        return twin.with_config({"write_empty_chunks": True})
-
-
 def widen_io_executor(threads: int = 256) -> None:
     """Give zarr's event loop a thread pool large enough that small metadata reads and writes (ledger
     entries, shard claims) never queue behind the long shard encodes that writers hand it: with zarr's

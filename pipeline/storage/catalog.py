@@ -170,6 +170,8 @@ def _verify_views(store: FeatureStore) -> list[str]:
                     problems.append(f"{where}/{split}: shape {group[split].shape}, expected {(n, len(columns))}")
                     continue
                 group[split][:]
+                if f"{split}_quant" in group:
+                    group[f"{split}_quant"][:]
         except Exception as exc:  # noqa: BLE001 - any decode failure is corruption
             problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     return problems

@@ -4,8 +4,10 @@ attributes against it, `h2t store verify` checks every array against it.
     <root>/<model>/<dataset>/<store_id>.zarr/
         attrs["h2t"]             the ATTRS below
         <split>/features/<tap>   (n, dim)  float16 | float32, or bfloat16 kept as its bit pattern in uint16
-                                 (array attrs h2t_encoding=bfloat16); shard = (shard_rows, dim), inner chunk
-                                 = (shard_rows, col_chunk), lz4 (or zstd, or none) + CRC32C per inner chunk
+                                 (array attrs h2t_encoding=bfloat16), or int8 codes; shard = (shard_rows, dim),
+                                 inner chunk = (shard_rows, col_chunk), lz4 (or zstd, or none) + CRC32C each
+        <split>/quant/<tap>      int8 taps only: (n_shards, 2 * dim) float32, per shard the scale of every
+                                 column then its offset: value = code * scale + offset (pipeline/storage/quant.py)
         <split>/labels           (n,)      int64
         <split>/sample_ids       (n,)      str
         <split>/shards_done      (n_shards,) uint8 ledger, one chunk per shard: 1 = shard fully written
@@ -24,7 +26,7 @@ import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 SCHEMA_VERSION = 1
-DTYPES = ("float16", "bfloat16", "float32")
+DTYPES = ("float16", "bfloat16", "float32", "int8")
 COMPRESSIONS = ("lz4", "zstd", "none")
 FLOAT_MAX = {"float16": float(np.finfo(np.float16).max), "bfloat16": 3.3895313892515355e38,
              "float32": float(np.finfo(np.float32).max)}
@@ -71,6 +73,7 @@ class ArraySchema:
 FEATURES = ArraySchema("{split}/features/{layer}", "pooled activations of one tap, (n, dim)")
 LABELS = ArraySchema("{split}/labels", "integer class of each sample, (n,) int64")
 SAMPLE_IDS = ArraySchema("{split}/sample_ids", "stable id of each sample, (n,) str")
+QUANT = ArraySchema("{split}/quant/{layer}", "scale and offset per (shard, column) of an int8 tap, (n_shards, 2 dim)")
 LEDGER = ArraySchema("{split}/shards_done", "completion ledger, (n_shards,) uint8, one chunk per shard")
 SPLIT_ARRAYS = (LABELS, SAMPLE_IDS, LEDGER)
 
@@ -104,7 +107,10 @@ def expected_arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     out = {}
     for split, n in meta["splits"].items():
         for layer in meta["layers"]:
-            out[FEATURES.key(split, layer["name"])] = ((n, layer["dim"]), storage_dtype(layer.get("dtype") or dtype))
+            layer_dtype = layer.get("dtype") or dtype
+            out[FEATURES.key(split, layer["name"])] = ((n, layer["dim"]), storage_dtype(layer_dtype))
+            if layer_dtype == "int8":
+                out[QUANT.key(split, layer["name"])] = ((-(-n // shard_rows), 2 * layer["dim"]), "float32")
         out[LABELS.key(split)] = ((n,), "int64")
         out[SAMPLE_IDS.key(split)] = ((n,), "str")
         out[LEDGER.key(split)] = ((-(-n // shard_rows),), "uint8")

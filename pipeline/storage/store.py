@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import zarr
-from zarr.core.buffer import default_buffer_prototype
+from zarr.core.buffer import cpu, default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 
-from . import location, python_pipeline_twin
+from . import location, shards
 from ..errors import H2TError
-from .schema import (COMPRESSIONS, DTYPES, FEATURES, LABELS, LEDGER, SAMPLE_IDS, SCHEMA_VERSION, STATUS_COMPLETE,
+from .quant import DequantizedArray, QuantizedBlock
+from .schema import (COMPRESSIONS, DTYPES, FEATURES, LABELS, LEDGER, QUANT, SAMPLE_IDS, SCHEMA_VERSION, STATUS_COMPLETE,
                      STATUS_CREATING, STATUS_WRITING, WRITE_EMPTY, canonical_json, check_attrs, feature_codecs,
                      from_bfloat16_bits, storage_dtype, store_id, to_bfloat16_bits)
 
@@ -51,6 +52,7 @@ class FeatureStore:
     options: dict | None = None  # storage options it was opened with (credentials): others can reopen it
     # opened arrays: opening one reads and parses its metadata, which cost more than writing its shard
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)
+    _encoders: dict = field(default_factory=dict, repr=False, compare=False)  # array path -> ShardEncoder
 
     def _array(self, key: str) -> zarr.Array:
         array = self._arrays.get(key)
@@ -86,7 +88,18 @@ class FeatureStore:
     def splits(self) -> dict[str, int]:
         return dict(self.meta["splits"])
 
-    def features(self, split: str, layer: str) -> zarr.Array:
+    def features(self, split: str, layer: str):
+        """A tap's values: its zarr array, or for an int8 tap the codes read as float32 (quant.py)."""
+        if self.layer_dtypes()[layer] != "int8":
+            return self._array(FEATURES.key(split, layer))
+        key = f"{FEATURES.key(split, layer)}#values"
+        if key not in self._arrays:
+            self._arrays[key] = DequantizedArray(self._array(FEATURES.key(split, layer)),
+                                                 self._array(QUANT.key(split, layer)), self.meta["shard_rows"])
+        return self._arrays[key]
+
+    def stored_features(self, split: str, layer: str) -> zarr.Array:
+        """A tap's array as stored (int8 codes for an int8 tap)."""
         return self._array(FEATURES.key(split, layer))
 
     def labels(self, split: str) -> np.ndarray:
@@ -104,7 +117,11 @@ class FeatureStore:
 
     def shard_exists(self, split: str, layer: str, shard: int) -> bool:
         """Whether the shard object is on storage (a missing one would read as zeros)."""
-        return bool(zarr_sync(self.group.store.exists(f"{self.features(split, layer).path}/c/{shard}/0")))
+        arrays = [self.stored_features(split, layer)]
+        if self.layer_dtypes()[layer] == "int8":
+            arrays.append(self._array(QUANT.key(split, layer)))
+        return all(zarr_sync(self.group.store.exists(f"{array.path}/{array.metadata.encode_chunk_key((shard, 0))}"))
+                   for array in arrays)
 
     def _update_meta(self, **changes) -> None:
         meta = dict(self.meta)
@@ -123,7 +140,8 @@ class FeatureStore:
         return to_bfloat16_bits(block) if dtype == "bfloat16" else block.astype(dtype, copy=False)
 
     def decode(self, layer: str, block: np.ndarray, dtype: str | None = None) -> np.ndarray:
-        """Values read from the tap's array as numbers (bfloat16 bits become float32; others as stored)."""
+        """Values read from the tap's array as numbers (bfloat16 bits become float32; others as stored; an int8
+        tap's `features` are already float32)."""
         dtype = dtype or self.layer_dtypes()[layer]
         return from_bfloat16_bits(block) if dtype == "bfloat16" else block
 
@@ -156,8 +174,12 @@ class FeatureStore:
                 new = self.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
                                               shards=old.shards, compressors=old.compressors, fill_value=0,
                                               overwrite=True)
-                new.with_config(WRITE_EMPTY)[:] = data
-            self._arrays.clear()
+                self._forget_arrays()  # the encoder of the old dtype
+                rows, done = old.chunks[0], self.shards_done(split)
+                for shard, r0 in enumerate(range(0, len(data), rows)):
+                    if done[shard]:  # shards not yet written stay absent
+                        self.write_shard(new, shard, data[r0:r0 + rows])
+            self._forget_arrays()
             layers = [dict(l, dtype="float32") if l["name"] == layer else l for l in self.layers]
             self._update_meta(layers=layers, widened=sorted(set(self.meta.get("widened", [])) | {layer}),
                               widening=None)
@@ -177,16 +199,13 @@ class FeatureStore:
         if self.complete:
             raise H2TError(f"store {self.path} is complete and immutable")
         self._check_current(split, start, dtypes)
-        stop = start + len(blocks[0])
-        arrays = [self.features(split, layer["name"]) for layer in self.computed_layers]
-        blocks = [_as_stored(block, arr.dtype) for block, arr in zip(blocks, arrays)]
-        # all-zero blocks (a dead tap, black images) go through zarr's own pipeline: kept on storage
-        arrays = [(self._zero_twin(arr) if not b.any() else arr)._async_array for arr, b in zip(arrays, blocks)]
-
-        async def write_all():  # all taps at once on zarr's event loop: ~30 % faster than one by one
-            await asyncio.gather(*(a.setitem(slice(start, stop), b) for a, b in zip(arrays, blocks)))
-
-        zarr_sync(write_all())
+        shard = start // self.meta["shard_rows"]
+        for layer, block in zip(self.computed_layers, blocks):
+            array = self.stored_features(split, layer["name"])
+            if isinstance(block, QuantizedBlock):  # its scales and offsets first: codes never lack them
+                self.write_shard(self._array(QUANT.key(split, layer["name"])), shard, block.params[None])
+                block = block.codes
+            self.write_shard(array, shard, _as_stored(block, array.dtype))
         self._check_current(split, start, dtypes)  # a widening began or ended while this shard was written
         # The ledger entry is written last: a shard marked done is fully on storage.
         self._array(LEDGER.key(split))[start // self.meta["shard_rows"]] = 1
@@ -199,11 +218,23 @@ class FeatureStore:
                 for layer in self.computed_layers)):
             raise StaleShard(f"{split} rows {start}..: a tap is being or was widened; computed again")
 
-    def _zero_twin(self, array: zarr.Array) -> zarr.Array:
-        key = f"{array.path}#zero"
-        if key not in self._arrays:
-            self._arrays[key] = python_pipeline_twin(array)
-        return self._arrays[key]
+    def write_shard(self, array: zarr.Array, shard: int, block: np.ndarray) -> None:
+        """Rows [shard * shard_rows, ...) of `array`, every column, as one object (pipeline/storage/shards.py):
+        encoded in this thread with the array's codecs, all-zero blocks included; arrays of another layout
+        go through zarr (and its codec pipeline's handling of empty chunks)."""
+        key = array.path
+        encoder = self._encoders.get(key)
+        if encoder is None:
+            encoder = self._encoders[key] = shards.encoder_for(array) or False
+        if encoder is False:
+            rows = array.chunks[0]
+            array[shard * rows:shard * rows + len(block)] = block
+            return
+        chunk_key, parts = encoder.encode(shard, block)
+        if location.is_remote(self.path):
+            zarr_sync(self.group.store.set(f"{key}/{chunk_key}", cpu.Buffer.from_bytes(shards.as_bytes(parts))))
+        else:
+            shards.write_local(str(location.local_path(self.path)), f"{key}/{chunk_key}", parts)
 
     def _follow_widening(self) -> None:
         """Another writer may be widening, or have widened, a tap since this store was opened: one read of
@@ -212,11 +243,15 @@ class FeatureStore:
         meta = fresh.attrs["h2t"]
         if (meta.get("widened"), meta.get("widening")) != (self.meta.get("widened"), self.meta.get("widening")):
             self.group = fresh
-            self._arrays.clear()
+            self._forget_arrays()
+
+    def _forget_arrays(self) -> None:
+        self._arrays.clear()
+        self._encoders.clear()
 
     def _refresh(self) -> None:
         self.group = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+", zarr_format=3)
-        self._arrays.clear()
+        self._forget_arrays()
 
     def mark_complete(self) -> None:
         for split in self.splits():
@@ -317,15 +352,23 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     for split, n in split_sizes.items():
         n_shards = -(-n // shard_rows)
         group.require_group(f"{split}/features")
+        if dtype == "int8":
+            group.require_group(f"{split}/quant")
         for layer in layers:
             if layer["name"] in reused:
                 _copy_array(reused[layer["name"]], path, group, FEATURES.key(split, layer["name"]))
+                if dtype == "int8":
+                    _copy_array(reused[layer["name"]], path, group, QUANT.key(split, layer["name"]))
                 continue
             inner = min(col_chunk, layer["dim"])
             to_create.append((FEATURES.key(split, layer["name"]), dict(
                 shape=(n, layer["dim"]), dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
                 shards=(shard_rows, -(-layer["dim"] // inner) * inner), compressors=compressors, fill_value=0,
                 attributes={"h2t_encoding": "bfloat16"} if dtype == "bfloat16" else None)))
+            if dtype == "int8":  # one row of scales and offsets per shard, one chunk each
+                to_create.append((QUANT.key(split, layer["name"]), dict(
+                    shape=(n_shards, 2 * layer["dim"]), dtype="float32", chunks=(1, 2 * layer["dim"]),
+                    compressors=feature_codecs(compression, 4), fill_value=0)))
         label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True)
         id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True)

@@ -6,6 +6,8 @@ the head's read of any kept fraction F is a prefix of one array and costs about 
         columns      (K,) int64: global feature index of each view column, most relevant first
         <split>      (n, K) the store's raw values (its storage dtype; float32 when taps differ);
                      shard = (rows, K), inner chunk = (rows, COLUMN_CHUNK), lz4 + CRC32C per chunk
+        <split>_quant  int8 stores: (n_shards, 2 K) float32, each store shard's scales then offsets of the
+                     view's columns (pipeline/storage/quant.py): the view keeps one byte per value too
 
 A view is a cache, never needed for correctness: missing, incomplete, too narrow or on a read-only store,
 the head reads the feature arrays directly and gets the same numbers. `key` is a hash of the relevance key,
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import zarr
 
-from . import python_pipeline_twin
-from .schema import WRITE_EMPTY, feature_codecs, from_bfloat16_bits, store_id
+from .quant import DequantizedArray
+from .schema import QUANT, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, store_id
 
 COLUMN_CHUNK = 64  # view columns per inner chunk: a prefix of k columns reads at most 63 more
 SHARD_BYTES = 64 * 2**20  # raw bytes of one row block of the view, written as one shard
@@ -38,7 +40,8 @@ class ColumnView:
     key: str
     group: zarr.Group
     columns: np.ndarray  # (K,) global indices, most relevant first
-    encoding: str  # "bfloat16" when the values are bfloat16 bit patterns, else ""
+    encoding: str  # "bfloat16" when the values are bfloat16 bit patterns, "int8" for codes, else ""
+    shard_rows: int = 0  # int8 views: rows per store shard (the unit of their scales and offsets)
 
     @property
     def width(self) -> int:
@@ -46,6 +49,8 @@ class ColumnView:
 
     def read(self, split: str, k: int, rows: slice = slice(None)) -> np.ndarray:
         """The first k view columns of `rows` as numbers (float32 or the stored float type)."""
+        if self.encoding == "int8":
+            return DequantizedArray(self.group[split], self.group[f"{split}_quant"], self.shard_rows)[rows, :k]
         block = self.group[split][rows, :k]
         return from_bfloat16_bits(block) if self.encoding == "bfloat16" else block
 
@@ -64,7 +69,8 @@ def find_view(store, relevance_key: str, k: int) -> ColumnView | None:
                 best = group
     if best is None:
         return None
-    return ColumnView(best.basename, best, best["columns"][:], best.attrs.get("encoding", ""))
+    return ColumnView(best.basename, best, best["columns"][:], best.attrs.get("encoding", ""),
+                      best.attrs.get("shard_rows", 0))
 
 
 def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, budget_bytes: int = SHARD_BYTES,
@@ -79,10 +85,10 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
     starts = np.cumsum([0] + [layer["dim"] for layer in layers])
     layer_of = np.searchsorted(starts, columns, side="right") - 1
     dtypes = store.layer_dtypes()
-    stored = {store.features(next(iter(store.splits())), layer["name"]).dtype for layer in layers}
+    stored = {store.stored_features(next(iter(store.splits())), layer["name"]).dtype for layer in layers}
     same = len(stored) == 1 and len(set(dtypes.values())) == 1
     dtype = np.dtype(next(iter(stored))) if same else np.dtype("float32")
-    encoding = "bfloat16" if same and next(iter(dtypes.values())) == "bfloat16" else ""
+    encoding = next(iter(dtypes.values())) if same and next(iter(dtypes.values())) in ("bfloat16", "int8") else ""
     shard_rows = store.meta["shard_rows"]
     rows = max(shard_rows, budget_bytes // max(1, len(columns) * dtype.itemsize) // shard_rows * shard_rows)
     group = store.group.require_group(f"{ROOT}/{key}")
@@ -99,20 +105,37 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
                                      shards=(block_rows, math.ceil(len(columns) / inner) * inner),
                                      compressors=feature_codecs("lz4", dtype.itemsize), fill_value=0, overwrite=True,
                                      config=WRITE_EMPTY)
+            quant = None
+            if encoding == "int8":
+                quant = group.create_array(f"{split}_quant", shape=(-(-n // shard_rows), 2 * len(columns)),
+                                           dtype="float32", chunks=(1, 2 * len(columns)),
+                                           compressors=feature_codecs("lz4", 4), fill_value=0, overwrite=True)
             for r0 in range(0, n, block_rows):
                 r1 = min(r0 + block_rows, n)
                 out = np.empty((r1 - r0, len(columns)), dtype)
+                out_params = np.empty((-(-(r1 - r0) // shard_rows), 2 * len(columns)), np.float32)
                 for i in np.unique(layer_of):
                     where = np.flatnonzero(layer_of == i)
                     name = layers[i]["name"]
-                    raw = store.features(split, name)[r0:r1]
+                    cols = columns[where] - starts[i]
+                    if encoding == "int8":  # codes as stored, and their shards' scales and offsets
+                        out[:, where] = store.stored_features(split, name)[r0:r1][:, cols]
+                        params = store.group[QUANT.key(split, name)][r0 // shard_rows:-(-r1 // shard_rows)]
+                        dim = layers[i]["dim"]
+                        out_params[:, where] = params[:, cols]
+                        out_params[:, len(columns) + where] = params[:, dim + cols]
+                        continue
+                    raw = (store.stored_features if same else store.features)(split, name)[r0:r1]
                     values = raw if same else store.decode(name, raw, dtypes[name])
-                    out[:, where] = values[:, columns[where] - starts[i]]
-                (arr if out.any() else python_pipeline_twin(arr))[r0:r1] = out  # all-zero blocks kept too
+                    out[:, where] = values[:, cols]
+                if quant is not None:
+                    for s, row in enumerate(out_params):
+                        store.write_shard(quant, r0 // shard_rows + s, row[None])
+                store.write_shard(arr, r0 // block_rows, out)  # all-zero blocks kept too
                 bar.update(r1 - r0)
     group.attrs.update({"relevance_key": relevance_key, "n_columns": int(len(columns)), "order": ORDER,
-                        "dtype": str(dtype), "encoding": encoding, "complete": True})
-    return ColumnView(key, group, columns, encoding)
+                        "dtype": str(dtype), "encoding": encoding, "shard_rows": shard_rows, "complete": True})
+    return ColumnView(key, group, columns, encoding, shard_rows)
 
 
 def list_views(store) -> list[dict]:

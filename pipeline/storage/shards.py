@@ -1,0 +1,159 @@
+"""Whole shards encoded and written in one step: the store path of extraction at the speed of its codec.
+
+A row shard of a feature array (rows x every column) is one object in Zarr v3's sharding format: the
+inner chunks, each encoded by the array's own codecs (bytes little-endian, then Blosc / zstd, then
+CRC32C), followed by the shard index ((offset, nbytes) per inner chunk, uint64 little-endian, with its own
+CRC32C). `ShardEncoder` builds those bytes from the array's metadata with the same C libraries zarr calls
+(numcodecs' Blosc and Zstd, google-crc32c): one native call per inner chunk, no event loop, no
+process-wide setting; the object is then written with one `put`. Every inner chunk is written, all-zero ones
+included, so `h2t store verify` tells a zero shard from a deleted one.
+
+The bytes are plain Zarr v3: zarr-python (either codec pipeline) and tensorstore read them
+(tests/test_shards.py compares them with zarr's own writer). An array whose codecs this module does not
+know is written through zarr instead (`encoder_for` returns None).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import google_crc32c
+import numpy as np
+from numcodecs import Blosc, Zstd
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
+from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+EMPTY = np.uint64(2**64 - 1)
+BLOSC_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
+
+
+CRC32C = object()  # appended as a separate part: the chunk's bytes are not copied to add 4
+
+
+def _bytes_codec(codec) -> Callable[[np.ndarray], bytes] | None:
+    """One bytes-to-bytes codec as a function of the chunk (as an array of its dtype: Blosc takes its
+    typesize from it, as zarr's BloscCodec does), or None when unknown."""
+    if isinstance(codec, BloscCodec):
+        blosc = Blosc(cname=codec.cname.name, clevel=codec.clevel, shuffle=BLOSC_SHUFFLE[codec.shuffle.name],
+                      blocksize=codec.blocksize, typesize=codec.typesize)
+        return blosc.encode
+    if isinstance(codec, ZstdCodec):
+        zstd = Zstd(level=codec.level, checksum=codec.checksum)
+        return zstd.encode
+    if isinstance(codec, Crc32cCodec):
+        return CRC32C
+    return None
+
+
+def _pipeline(codecs) -> list | None:
+    """The chunk codecs as functions: bytes (little-endian) first, then bytes-to-bytes codecs; a CRC32C
+    only as the last one (as feature_codecs lays it out)."""
+    if not codecs or not isinstance(codecs[0], BytesCodec) or (codecs[0].endian and codecs[0].endian.value != "little"):
+        return None
+    steps = [_bytes_codec(codec) for codec in codecs[1:]]
+    if any(step is None for step in steps) or CRC32C in steps[:-1]:
+        return None
+    return steps
+
+
+def _run(steps: list, chunk: np.ndarray, parts: list) -> int:
+    """Append the chunk's encoded bytes to `parts` (one or two pieces); returns their length."""
+    data = chunk if chunk.dtype.byteorder in "<|=" or chunk.dtype.itemsize == 1 else chunk.astype(chunk.dtype.newbyteorder("<"))
+    checksum = bool(steps) and steps[-1] is CRC32C
+    for step in steps[:-1] if checksum else steps:
+        data = step(data)
+    if isinstance(data, np.ndarray):  # no compression: the chunk's own memory, as bytes
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+    parts.append(data)
+    if checksum:
+        parts.append(np.uint32(google_crc32c.value(data)).tobytes())  # little-endian, as zarr's
+        return len(data) + 4
+    return len(data)
+
+
+@dataclass
+class ShardEncoder:
+    """Encodes row shards of one 2-D array whose shard spans all its columns (or, unsharded, whose chunk
+    does): `encode(block)` -> (key, bytes) of the object holding rows [shard * rows, ...)."""
+    key_of: Callable[[int], str]
+    dtype: np.dtype
+    shard_shape: tuple[int, int]
+    inner_cols: int  # columns per inner chunk (the shard's width when unsharded)
+    steps: list[Callable]  # the inner chunk's codecs
+    index_steps: list[Callable] | None  # the shard index's codecs; None: the array is not sharded
+
+    def encode(self, shard: int, block: np.ndarray) -> tuple[str, list]:
+        """The object's key and its bytes as a list of pieces (written in order; nothing is joined)."""
+        rows, cols = self.shard_shape
+        if block.dtype != self.dtype:
+            block = block.astype(self.dtype)
+        parts: list = []
+        if self.index_steps is None:
+            _run(self.steps, self._chunk(block, 0, cols), parts)
+            return self.key_of(shard), parts
+        index = np.empty((cols // self.inner_cols, 2), np.uint64)
+        offset = 0
+        for i, c0 in enumerate(range(0, cols, self.inner_cols)):
+            size = _run(self.steps, self._chunk(block, c0, self.inner_cols), parts)
+            index[i] = (offset, size)
+            offset += size
+        _run(self.index_steps, index, parts)
+        return self.key_of(shard), parts
+
+    def _chunk(self, block: np.ndarray, c0: int, width: int) -> np.ndarray:
+        """Columns [c0, c0 + width) of the block as one contiguous chunk of the full chunk shape: zarr pads
+        the last rows and columns with the fill value (0 here)."""
+        piece = block[:, c0:c0 + width]
+        if piece.shape != (self.shard_shape[0], width):
+            padded = np.zeros((self.shard_shape[0], width), self.dtype)
+            padded[:piece.shape[0], :piece.shape[1]] = piece
+            return padded
+        return np.ascontiguousarray(piece)
+
+
+def encoder_for(array) -> ShardEncoder | None:
+    """The encoder of a zarr v3 2-D array with one shard (or chunk) across all its columns, or None when its
+    layout or codecs are not the ones this module writes."""
+    meta = array.metadata
+    if getattr(meta, "zarr_format", None) != 3 or len(array.shape) != 2:
+        return None
+    codecs = list(meta.codecs)
+    grid_rows, grid_cols = meta.chunk_grid.chunk_shape
+    if grid_cols < array.shape[1]:
+        return None
+    dtype = np.dtype(array.dtype)
+    key_of = lambda shard: meta.encode_chunk_key((shard, 0))  # noqa: E731
+    if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
+        sharding = codecs[0]
+        inner_rows, inner_cols = sharding.chunk_shape
+        if inner_rows != grid_rows or grid_cols % inner_cols or sharding.index_location != ShardingCodecIndexLocation.end:
+            return None
+        steps, index_steps = _pipeline(list(sharding.codecs)), _pipeline(list(sharding.index_codecs))
+        if steps is None or index_steps is None:
+            return None
+        return ShardEncoder(key_of, dtype, (grid_rows, grid_cols), inner_cols, steps, index_steps)
+    steps = _pipeline(codecs)
+    if steps is None:
+        return None
+    return ShardEncoder(key_of, dtype, (grid_rows, grid_cols), grid_cols, steps, None)
+
+
+def write_local(root: str, key: str, parts: list) -> None:
+    """One object of a local store, written beside its final name and renamed, so that a reader (or a
+    killed writer) never finds a half-written shard under the name."""
+    path = os.path.join(root, key)
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident():x}.tmp"
+    try:
+        fh = open(tmp, "wb")
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fh = open(tmp, "wb")
+    with fh:
+        fh.writelines(parts)
+    os.replace(tmp, path)
+
+
+def as_bytes(parts: list) -> bytes:
+    return b"".join(parts)

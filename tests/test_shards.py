@@ -1,0 +1,78 @@
+"""Whole-shard writes (pipeline/storage/shards.py): the bytes are the ones zarr's own writer makes, and
+zarr-python (both codec pipelines) and tensorstore read them back bit-equal."""
+import os
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.storage import CODEC_PIPELINES, shards
+from pipeline.storage.schema import feature_codecs, storage_dtype
+
+LAYOUTS = [("float16", "lz4"), ("float16", "zstd"), ("float32", "none"), ("bfloat16", "lz4"), ("int8", "lz4")]
+
+
+def _array(root, dtype: str, compression: str, n: int = 100, dim: int = 300, rows: int = 32, inner: int = 64):
+    zdtype = np.dtype(storage_dtype(dtype))
+    return zarr.create_array(store=str(root), shape=(n, dim), dtype=zdtype, chunks=(rows, inner),
+                             shards=(rows, -(-dim // inner) * inner), fill_value=0,
+                             compressors=feature_codecs(compression, zdtype.itemsize), zarr_format=3)
+
+
+def _values(rng, shape, dtype):
+    if np.dtype(dtype).kind == "f":
+        return np.maximum(rng.standard_normal(shape), 0).astype(dtype)
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, endpoint=True).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype,compression", LAYOUTS)
+def test_a_shard_is_byte_for_byte_what_zarrs_own_writer_makes(tmp_path, rng, dtype, compression):
+    ours, theirs = _array(tmp_path / "ours", dtype, compression), _array(tmp_path / "theirs", dtype, compression)
+    data = _values(rng, ours.shape, ours.dtype)
+    data[32:64] = 0  # an all-zero shard: written, not dropped
+    encoder = shards.encoder_for(ours)
+    assert encoder is not None
+    for shard, r0 in enumerate(range(0, len(data), 32)):
+        key, parts = encoder.encode(shard, data[r0:r0 + 32])
+        shards.write_local(str(tmp_path / "ours"), key, parts)
+    with zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES["zarr"]}):
+        theirs.with_config({"write_empty_chunks": True})[:] = data
+    names = sorted(os.listdir(tmp_path / "ours" / "c"))
+    assert names == sorted(os.listdir(tmp_path / "theirs" / "c")) == ["0", "1", "2", "3"]
+    for shard in names:
+        assert (tmp_path / "ours" / "c" / shard / "0").read_bytes() == (tmp_path / "theirs" / "c" / shard / "0").read_bytes()
+    assert not [name for name in os.listdir(tmp_path / "ours" / "c" / "0") if name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("pipeline", sorted(CODEC_PIPELINES))
+def test_zarr_reads_the_shards_back_with_either_codec_pipeline(tmp_path, rng, pipeline):
+    array = _array(tmp_path / "a", "float16", "lz4", n=70)
+    data = _values(rng, array.shape, array.dtype)
+    encoder = shards.encoder_for(array)
+    for shard, r0 in enumerate(range(0, 70, 32)):
+        shards.write_local(str(tmp_path / "a"), *encoder.encode(shard, data[r0:r0 + 32]))
+    with zarr.config.set({"codec_pipeline.path": CODEC_PIPELINES[pipeline]}):
+        back = zarr.open_array(str(tmp_path / "a"), mode="r")
+        np.testing.assert_array_equal(back[:], data)
+        np.testing.assert_array_equal(back[5:40, 70:200], data[5:40, 70:200])
+
+
+def test_tensorstore_reads_the_shards_bit_equal(tmp_path, rng):
+    ts = pytest.importorskip("tensorstore")
+    array = _array(tmp_path / "a", "float16", "lz4")
+    data = _values(rng, array.shape, array.dtype)
+    encoder = shards.encoder_for(array)
+    for shard, r0 in enumerate(range(0, 100, 32)):
+        shards.write_local(str(tmp_path / "a"), *encoder.encode(shard, data[r0:r0 + 32]))
+    opened = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}}).result()
+    np.testing.assert_array_equal(opened.read().result(), data)
+
+
+def test_arrays_of_other_layouts_are_left_to_zarr(tmp_path):
+    two_shards = zarr.create_array(store=str(tmp_path / "b"), shape=(10, 300), dtype="float16", chunks=(10, 50),
+                                   shards=(10, 150), zarr_format=3)
+    assert shards.encoder_for(two_shards) is None  # more than one shard across the columns
+    three_d = zarr.create_array(store=str(tmp_path / "c"), shape=(2, 2, 2), dtype="float32", chunks=(1, 2, 2),
+                                zarr_format=3)
+    assert shards.encoder_for(three_d) is None
