@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# On a machine with a CUDA device: h2t extract against the bare bf16 forward on the same batches
-# (benchmarks/gpu_extract.py: resnet50 @ 224, T = 8192, a generated folder of JPEGs), then the store
-# path's ceiling there (benchmarks/extract_ceiling.py). Run from a checkout whose dependencies are
-# installed (pip install -e .), or set H2T_WHEELS to a folder of wheels to install into /tmp first.
+# On a machine with a CUDA device: extraction against its roofline (the slowest of the bare bf16 forward,
+# the decode and raw writes of the same bytes), then JPEG decode per core and on the device. Run from a
+# checkout whose dependencies are installed (pip install -e .), or set H2T_WHEELS to a folder of wheels to
+# install into /tmp first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -13,5 +13,7 @@ else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-python3 benchmarks/gpu_extract.py "$@"
-python3 benchmarks/extract_ceiling.py --device cuda --images 2048 --writers 2,4,8 --workers 8 --case "resnet50@224 T=8192"
+# The roofline (benchmarks/roofline.py): forward, decode, raw writes, the store path and h2t extract on the
+# same images and bytes, for ResNet-50 @ 224 at T = 8192 and 1024 and the embedded default (~5 min on an H200).
+python3 benchmarks/roofline.py --device cuda "$@"
+python3 benchmarks/decode.py --images 512 --rounds 3

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..errors import H2TError
+from ..storage.quant import DequantizedArray
 from ..rows import Rows, Segment
 
 CACHE_BYTES = 2**20  # float32 values cast, measured and scaled at once: they stay in a core's cache
@@ -122,13 +123,18 @@ class BlockReader:
         so that the cast and the scaling run on values still in cache."""
         name = self.layers[i]["name"]
         seg = out[:, self.starts[i]:self.starts[i + 1]]
-        raw = self.arrays[segment.split][i][segment.src]
-        if segment.take is not None:
-            raw = raw[segment.take]
+        array = self.arrays[segment.split][i]
+        dequantized = segment.take is None and isinstance(array, DequantizedArray)
+        if dequantized:  # an int8 tap: its codes dequantised straight into the block
+            array.read_into(seg, segment.src)
+        else:
+            raw = array[segment.src]
+            raw = raw if segment.take is None else raw[segment.take]
         step = max(1, CACHE_BYTES // (4 * max(1, seg.shape[1])))
         for r0 in range(0, len(seg), step):
             part = seg[r0:r0 + step]
-            cast_into(part, self.store.decode(name, raw[r0:r0 + step], self.dtypes[name]))
+            if not dequantized:
+                cast_into(part, self.store.decode(name, raw[r0:r0 + step], self.dtypes[name]))
             if known:
                 part *= (1.0 / norms[r0:r0 + len(part), i])[:, None]
             else:

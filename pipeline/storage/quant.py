@@ -63,10 +63,16 @@ class DequantizedArray:
     def _decode(self, rows, cols, codes: np.ndarray) -> np.ndarray:
         if isinstance(rows, (int, np.integer)):
             return self._decode(slice(int(rows), int(rows) + 1), cols, codes[None])[0]
+        return self._dequantize(np.empty(codes.shape, np.float32), rows, cols, codes)
+
+    def read_into(self, out: np.ndarray, rows: slice, cols=slice(None)) -> np.ndarray:
+        """out[:] = the values of rows x cols, dequantised straight into `out` (no float32 copy between)."""
+        return self._dequantize(out, rows, cols, self.codes[rows, cols])
+
+    def _dequantize(self, out: np.ndarray, rows: slice, cols, codes: np.ndarray) -> np.ndarray:
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise IndexError("int8 feature arrays are read by contiguous row ranges")
-        out = np.empty(codes.shape, np.float32)
         if stop <= start:
             return out
         first, last = start // self.shard_rows, (stop - 1) // self.shard_rows

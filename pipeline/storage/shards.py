@@ -91,7 +91,12 @@ class ShardEncoder:
             block = block.astype(self.dtype)
         parts: list = []
         if self.index_steps is None:
-            _run(self.steps, self._chunk(block, 0, cols), parts)
+            if block.ndim == 1:  # a 1-D array (the ledger): one chunk of `rows` values
+                chunk = np.zeros(rows, self.dtype)
+                chunk[:len(block)] = block
+                _run(self.steps, chunk, parts)
+            else:
+                _run(self.steps, self._chunk(block, 0, cols), parts)
             return self.key_of(shard), parts
         index = np.empty((cols // self.inner_cols, 2), np.uint64)
         offset = 0
@@ -117,9 +122,16 @@ def encoder_for(array) -> ShardEncoder | None:
     """The encoder of a zarr v3 2-D array with one shard (or chunk) across all its columns, or None when its
     layout or codecs are not the ones this module writes."""
     meta = array.metadata
-    if getattr(meta, "zarr_format", None) != 3 or len(array.shape) != 2:
+    if getattr(meta, "zarr_format", None) != 3 or len(array.shape) not in (1, 2):
         return None
     codecs = list(meta.codecs)
+    if len(array.shape) == 1:  # unsharded 1-D: the ledger
+        steps = None if isinstance(codecs[0], ShardingCodec) else _pipeline(codecs)
+        if steps is None:
+            return None
+        rows = meta.chunk_grid.chunk_shape[0]
+        return ShardEncoder(lambda shard: meta.encode_chunk_key((shard,)), np.dtype(array.dtype), (rows, 1), 1,
+                            steps, None)
     grid_rows, grid_cols = meta.chunk_grid.chunk_shape
     if grid_cols < array.shape[1]:
         return None

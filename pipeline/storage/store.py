@@ -53,6 +53,7 @@ class FeatureStore:
     # opened arrays: opening one reads and parses its metadata, which cost more than writing its shard
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)
     _encoders: dict = field(default_factory=dict, repr=False, compare=False)  # array path -> ShardEncoder
+    _attrs_stat: tuple = field(default=(), repr=False, compare=False)  # (mtime, size) of the attributes followed
 
     def _array(self, key: str) -> zarr.Array:
         array = self._arrays.get(key)
@@ -113,7 +114,18 @@ class FeatureStore:
 
     def ledger_entry(self, split: str, shard: int) -> bool:
         """Whether one shard is marked written (one chunk read)."""
-        return bool(self._array(LEDGER.key(split))[shard])
+        array = self._array(LEDGER.key(split))
+        root = self._local_root()
+        encoder = self._encoder(array)
+        if root is not None and encoder and not encoder.steps:  # one raw byte per entry: read in this thread
+            try:
+                return (root / array.path / array.metadata.encode_chunk_key((shard,))).read_bytes() != b"\x00"
+            except FileNotFoundError:
+                return bool(array.fill_value)
+        return bool(array[shard])
+
+    def _local_root(self):
+        return None if location.is_remote(self.path) else location.local_path(self.path)
 
     def shard_exists(self, split: str, layer: str, shard: int) -> bool:
         """Whether the shard object is on storage (a missing one would read as zeros)."""
@@ -208,7 +220,7 @@ class FeatureStore:
             self.write_shard(array, shard, _as_stored(block, array.dtype))
         self._check_current(split, start, dtypes)  # a widening began or ended while this shard was written
         # The ledger entry is written last: a shard marked done is fully on storage.
-        self._array(LEDGER.key(split))[start // self.meta["shard_rows"]] = 1
+        self.write_shard(self._array(LEDGER.key(split)), shard, np.ones(1, np.uint8))
 
     def _check_current(self, split: str, start: int, dtypes: dict | None) -> None:
         self._follow_widening()
@@ -218,15 +230,18 @@ class FeatureStore:
                 for layer in self.computed_layers)):
             raise StaleShard(f"{split} rows {start}..: a tap is being or was widened; computed again")
 
+    def _encoder(self, array: zarr.Array) -> shards.ShardEncoder | None:
+        if array.path not in self._encoders:
+            self._encoders[array.path] = shards.encoder_for(array)
+        return self._encoders[array.path]
+
     def write_shard(self, array: zarr.Array, shard: int, block: np.ndarray) -> None:
         """Rows [shard * shard_rows, ...) of `array`, every column, as one object (pipeline/storage/shards.py):
         encoded in this thread with the array's codecs, all-zero blocks included; arrays of another layout
         go through zarr (and its codec pipeline's handling of empty chunks)."""
         key = array.path
-        encoder = self._encoders.get(key)
+        encoder = self._encoder(array)
         if encoder is None:
-            encoder = self._encoders[key] = shards.encoder_for(array) or False
-        if encoder is False:
             rows = array.chunks[0]
             array[shard * rows:shard * rows + len(block)] = block
             return
@@ -239,6 +254,12 @@ class FeatureStore:
     def _follow_widening(self) -> None:
         """Another writer may be widening, or have widened, a tap since this store was opened: one read of
         the group's attributes tells, and then the arrays are opened again."""
+        root = self._local_root()
+        if root is not None:  # the attributes' file unchanged since it was read: nothing to follow
+            stat = os.stat(root / self.group.path / "zarr.json")
+            if (stat.st_ino, stat.st_mtime_ns, stat.st_size) == self._attrs_stat:
+                return
+            self._attrs_stat = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         fresh = zarr.open_group(store=self.group.store, path=self.group.path, mode="r+", zarr_format=3)
         meta = fresh.attrs["h2t"]
         if (meta.get("widened"), meta.get("widening")) != (self.meta.get("widened"), self.meta.get("widening")):

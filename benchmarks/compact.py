@@ -1,0 +1,106 @@
+"""Compact stores: bytes, accuracy and read speed of `store.dtype=int8` against float16, side by side.
+
+    python benchmarks/compact.py [--tasks shapes_location,...] [--skip-tune] [--target-size 1024]
+
+For each task of the built-in suite (and a folder of JPEG photos, for bytes only) the embedded default's
+model is extracted into a float16 and an int8 store. Printed per task and dtype:
+  bytes/feature  bytes on disk of the feature arrays (and, for int8, their scales and offsets) per stored
+                 value (rows x D), every split
+  tune test %    `h2t tune` (the default grid, val split) on that store: Head2Toe's test accuracy of the
+                 chosen setting, refitted on train + val (the floor: int8 within 0.5 points of float16)
+  pass s         one streamed datafit pass (loss + gradient) over the train split under a 64 MiB budget
+  read s         the head's read of the top 10 % columns of the train split, directly from the features
+Speed figures are the fastest of three.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+from hydra import compose, initialize_config_dir
+
+from pipeline.cli import CONF_DIR
+from pipeline.extract import ensure_store
+from pipeline.head import read_columns
+from pipeline.score import FeatureMatrix, MultinomialLogistic
+from pipeline.tune import tune
+
+SUITE = "shapes_location,shapes_orientation,shapes_count,digits,mnist5k"
+
+
+def feature_bytes(store) -> int:
+    root = Path(store.path)
+    return sum(f.stat().st_size for split in store.splits() for part in ("features", "quant")
+               for f in (root / split / part).rglob("*") if f.is_file())
+
+
+def fastest(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def speeds(store) -> tuple[float, float]:
+    matrix = FeatureMatrix(store, "train", 64 * 2**20)
+    datafit = MultinomialLogistic(store.labels("train"), store.meta["num_classes"])
+    W = np.zeros((store.n_features, store.meta["num_classes"]), np.float32)
+    b = np.zeros(store.meta["num_classes"], np.float32)
+    t_pass = fastest(lambda: datafit.value_grad(matrix, W, b))
+    rng = np.random.default_rng(0)
+    plan = {}
+    for layer in store.layers:  # a top-10 % selection's shape: a sorted subset of every layer
+        k = max(1, layer["dim"] // 10)
+        plan[layer["name"]] = np.sort(rng.choice(layer["dim"], k, replace=False))
+    t_read = fastest(lambda: read_columns(store, "train", plan))
+    return t_pass, t_read
+
+
+def compose_cfg(name: str, overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", default=SUITE)
+    parser.add_argument("--target-size", type=int, default=1024)
+    parser.add_argument("--skip-tune", action="store_true", help="bytes and speed only")
+    parser.add_argument("--photos", type=int, default=512, help="JPEG photos for the natural-image bytes row")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="h2t-compact-")
+    tasks = [[f"data={task}"] for task in args.tasks.split(",")]
+    if args.photos:
+        from roofline import make_folder
+
+        make_folder(Path(root) / "photos", args.photos)
+        tasks.append(["data=folder", f"data.root={Path(root) / 'photos'}"])
+    print(f"{'task':20s} {'dtype':8s} {'bytes/feature':>13s} {'tune test %':>11s} {'pass s':>7s} {'read s':>7s}")
+    for overrides in tasks:
+        task = overrides[0].removeprefix("data=")
+        for dtype in ("float16", "int8"):
+            common = [*overrides, f"store.dtype={dtype}", f"pooling.target_size={args.target_size}",
+                      f"store.root={root}/stores", "extract.progress=false"]
+            cfg = compose_cfg("tune", common)
+            store = ensure_store(cfg).store
+            per_value = feature_bytes(store) / (sum(store.splits().values()) * store.n_features)
+            t_pass, t_read = speeds(store)
+            accuracy = "-"
+            if not args.skip_tune and task != "folder":
+                results, _ = tune(cfg, lambda c: (lambda r: (r.store, r.backbone_images))(ensure_store(c)))
+                accuracy = f"{100 * next(r for r in results if r['method'] == 'head2toe')['test_accuracy']:.1f}"
+            print(f"{task:20s} {dtype:8s} {per_value:13.3f} {accuracy:>11s} {t_pass:7.2f} {t_read:7.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

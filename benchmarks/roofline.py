@@ -1,0 +1,294 @@
+"""Extraction against its roofline: the slowest of the forward, the decode and the disk, all in one run.
+
+    python benchmarks/roofline.py [--images N] [--device auto] [--case NAME] [--writers 1,2]
+
+On one folder of JPEG photos (256 px, quality 90) and the same feature bytes, for each case it prints:
+  forward      the bare backbone forward on batches already on the device (bf16 autocast and channels-last
+               on CUDA, as extraction runs there; float32 on a CPU), no taps: what the device can do
+  decode       the JPEGs decoded through the loader extraction uses (on the device when it is CUDA)
+  raw write    `np.save` of the same feature bytes, one file per tap and shard, `writers` threads
+  baseline     the loop without the store (in-memory images, preprocessing, tensors of the real tap shapes)
+               plus the store's unavoidable work in the writer threads: cast to float16, each inner chunk
+               encoded with the store's codec through numcodecs, CRC32C, one file write per tap and shard
+  store path   `extract` with the forward replaced by those tensors (claims, checks, casts, shard writes,
+               ledger): the store path's ceiling, and its ratio to the baseline and to the raw write
+  extract      the whole `h2t extract` of the folder with the real model
+The store path and the extraction are steady rates: a run over all images minus a run over half of them,
+so that what a run does once (building the model, laying out ~150 arrays) drops out.
+  roofline     extract / min(forward, decode, raw write)
+Cases: ResNet-50 @ 224 at T = 8192 and T = 1024 (random weights: the numbers do not matter here), and the
+embedded default (EfficientNet-Lite0 @ 160, T = 1024). On a CPU the forward of a 224 px ResNet-50 takes
+~0.1 s an image, so the forward and whole-extraction images there are capped (`--forward-images`).
+benchmarks/gpu_check.sh runs it on a CUDA machine; figures in benchmarks/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import google_crc32c
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from numcodecs import Blosc
+from PIL import Image
+
+from decode import photos
+from extract_ceiling import SyntheticForward
+from pipeline.backbone import build_model
+from pipeline.cli import CONF_DIR
+from pipeline.extract import decodes_on_device, extract, plan_store, resolve_device
+from pipeline.stages import Loader, Shard
+
+RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
+CASES = {
+    "resnet50@224 T=8192": [*RESNET, "pooling.target_size=8192"],
+    "resnet50@224 T=1024": [*RESNET, "pooling.target_size=1024"],
+    "efficientnet_lite0@160 T=1024 (default)": ["model=efficientnet_lite0", "pooling.target_size=1024"],
+}
+
+
+def make_folder(root: Path, n: int, size: int = 256) -> None:
+    """n JPEG photos in root/train/<class>/ and a few in root/test/<class>/ (the folder source needs both)."""
+    for i, pixels in enumerate(photos(n + 8, size)):
+        split = "train" if i < n else "test"
+        folder = root / split / f"class{i % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:06d}.jpg", quality=90)
+
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="extract", overrides=overrides)
+
+
+def steady_rate(run, cfg, plan, half_cfg, half_plan, repeats: int = 2) -> float:
+    """Images/s of `run(cfg, plan)` once started: the difference between a run over every image and one
+    over half of them, so that building the model and laying the store out (once per run) drop out."""
+    rows = [sum(len(split) for split in p.dataset.splits.values()) for p in (plan, half_plan)]
+    full = timed(lambda: run(cfg, plan), repeats)
+    half = timed(lambda: run(half_cfg, half_plan), repeats)
+    return (rows[0] - rows[1]) / max(full - half, 1e-9)
+
+
+def timed(fn, repeats: int = 2) -> float:
+    """The fastest of `repeats` runs after a warm-up (none when repeats is 1: one run, as a user's)."""
+    if repeats > 1:
+        fn()
+    return min(_clock(fn) for _ in range(repeats))
+
+
+def _clock(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+class PlainWriter:
+    """The store's unavoidable work and nothing else: float16 blocks, each inner chunk Blosc-lz4 encoded
+    (numcodecs, as the store's codec) with its CRC32C, one file per tap and shard; `writers` threads, at
+    most writers + 1 batches in flight."""
+
+    def __init__(self, root: str, writers: int, inner: int):
+        self.root, self.inner, self.limit = root, inner, writers + 1
+        self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, typesize=2)
+        self.pool = ThreadPoolExecutor(writers)
+        self.inflight: list = []
+
+    def submit(self, shard: int, blocks: list[np.ndarray]) -> None:
+        while len(self.inflight) >= self.limit:
+            self.inflight.pop(0).result()
+        self.inflight.append(self.pool.submit(self._write, shard, blocks))
+
+    def _write(self, shard: int, blocks: list[np.ndarray]) -> None:
+        for t, block in enumerate(blocks):
+            parts = []
+            for c0 in range(0, block.shape[1], self.inner):
+                encoded = self.codec.encode(np.ascontiguousarray(block[:, c0:c0 + self.inner]))
+                parts += [encoded, np.uint32(google_crc32c.value(encoded)).tobytes()]
+            with open(os.path.join(self.root, f"{t}-{shard}"), "wb") as fh:
+                fh.writelines(parts)
+
+    def close(self) -> None:
+        for future in self.inflight:
+            future.result()
+        self.pool.shutdown()
+
+
+def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    batch = 256 if cuda else 64
+    common = [*overrides, f"store.root={work / 'stores'}", "extract.progress=false", f"extract.device={device}",
+              f"extract.batch_size={batch}", f"extract.workers={args.workers}"]
+    if cuda:
+        common += ["model.precision=bfloat16", "extract.channels_last=true"]
+    files_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=1"])
+    plan = plan_store(files_cfg)
+    train = plan.dataset.splits["train"]
+    n = len(train)
+    D = sum(layer["dim"] for layer in plan.layers)
+    mib_per_image = D * 2 / 2**20
+    out = {"case": name, "taps": len(plan.layers), "D": D, "images": n}
+
+    # decode: the loader extraction uses, over the training files
+    shards = [Shard("train", s, min(s + batch, n), i) for i, s in enumerate(range(0, n, batch))]
+
+    def decode() -> None:
+        loader = Loader(plan.dataset, args.workers, pin=cuda, device=device,
+                        device_decode=decodes_on_device(files_cfg.extract, plan.dataset))
+        try:
+            for future in [loader.submit(shard) for shard in shards]:
+                future.result()
+            if cuda:
+                torch.cuda.synchronize()
+        finally:
+            loader.close()
+
+    out["decode"] = n / timed(decode)
+
+    # forward: the bare model on batches already on the device
+    forward_n = n if cuda else min(n, args.forward_images)
+    model = build_model(files_cfg.model).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    pixels = [train.load(s, min(s + batch, forward_n)) for s in range(0, forward_n, batch)]
+    inputs = [plan.preprocess(p, device) for p in pixels]
+    if cuda:
+        inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
+
+    def forward() -> None:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            for x in inputs:
+                model(x)
+        if cuda:
+            torch.cuda.synchronize()
+
+    out["forward"] = forward_n / timed(forward)
+    del inputs, model
+    if cuda:
+        torch.cuda.empty_cache()
+
+    # the same feature bytes: raw files, the plain baseline, the store path (in-memory images: no decode)
+    synthetic = SyntheticForward(plan.layers, batch, device)
+    host = [b.to(torch.float16).cpu().numpy() for b in synthetic.blocks]
+    memory_cfg = compose_cfg([*common, "data=shapes_location", f"data.sizes.train={n}", "data.sizes.val=1",
+                              "data.sizes.test=1", "data.image_size=64"])
+    memory_plan = plan_store(memory_cfg)
+    half_cfg = compose_cfg([*common, "data=shapes_location", f"data.sizes.train={n // 2}", "data.sizes.val=1",
+                            "data.sizes.test=1", "data.image_size=64"])
+    half_plan = plan_store(half_cfg)
+    memory_train = memory_plan.dataset.splits["train"]
+    raw_root = work / "raw"
+    for writers in args.writers:
+        def raw() -> None:
+            shutil.rmtree(raw_root, ignore_errors=True)
+            raw_root.mkdir(parents=True)
+
+            def save(shard: int) -> None:
+                rows = min(batch, n - shard * batch)
+                for t, block in enumerate(host):
+                    np.save(raw_root / f"{t}-{shard}.npy", block[:rows])
+            with ThreadPoolExecutor(writers) as pool:
+                list(pool.map(save, range(len(shards))))
+
+        def baseline() -> None:
+            shutil.rmtree(raw_root, ignore_errors=True)
+            raw_root.mkdir(parents=True)
+            writer = PlainWriter(str(raw_root), writers, int(memory_cfg.store.col_chunk))
+            for shard, s in enumerate(range(0, n, batch)):
+                x = memory_plan.preprocess(memory_train.load(s, min(s + batch, n)), device)
+                pooled = synthetic(x)
+                flat = torch.cat([p.to(torch.float16).flatten() for p in pooled])
+                flat = flat.cpu().numpy() if cuda else flat.numpy()
+                blocks, offset = [], 0
+                for p in pooled:
+                    blocks.append(flat[offset:offset + p.numel()].reshape(p.shape[0], -1))
+                    offset += p.numel()
+                writer.submit(shard, blocks)
+            writer.close()
+
+        def store_path(cfg, plan) -> None:
+            shutil.rmtree(work / "stores", ignore_errors=True)
+            cfg.extract.writers = writers
+            extract(cfg, plan, forward=synthetic)
+
+        out[f"raw_w{writers}"] = n / timed(raw)
+        out[f"baseline_w{writers}"] = n / timed(baseline)
+        out[f"store_w{writers}"] = steady_rate(store_path, memory_cfg, memory_plan, half_cfg, half_plan)
+    shutil.rmtree(raw_root, ignore_errors=True)
+
+    # the whole extraction of the files with the real model (fewer images on a CPU)
+    extract_n = n if cuda else min(n, 2 * args.forward_images)
+    plans = []
+    for rows in (extract_n, extract_n // 2):
+        whole_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=1",
+                                 f"+data.sizes.train={rows}", f"extract.writers={max(args.writers)}"])
+        plans += [whole_cfg, plan_store(whole_cfg)]
+
+    def whole(cfg, plan) -> None:
+        shutil.rmtree(work / "stores", ignore_errors=True)
+        extract(cfg, plan)
+
+    out["extract"] = steady_rate(whole, *plans, repeats=2 if cuda else 1)
+    shutil.rmtree(work / "stores", ignore_errors=True)
+    out["mib_per_image"] = mib_per_image
+    return out
+
+
+def report(r: dict, writers: list[int]) -> None:
+    mib = r["mib_per_image"]
+    best_raw = max(r[f"raw_w{w}"] for w in writers)
+    limit = min(r["forward"], r["decode"], best_raw)
+    print(f"{r['case']}: {r['taps']} taps, D = {r['D']:,} ({mib:.2f} MiB of float16 per image), {r['images']} images")
+    print(f"  forward (bare)       {r['forward']:9,.0f} img/s")
+    print(f"  decode (loader)      {r['decode']:9,.0f} img/s")
+    for w in writers:
+        raw, base, store = r[f"raw_w{w}"], r[f"baseline_w{w}"], r[f"store_w{w}"]
+        print(f"  {w} writer(s): raw np.save {raw:8,.0f} img/s ({raw * mib:7,.0f} MiB/s)   baseline {base:7,.0f} img/s"
+              f"   store path {store:7,.0f} img/s ({store * mib:6,.0f} MiB/s)   store/baseline {store / base:4.2f}"
+              f"   store/raw {store / raw:4.2f}")
+    print(f"  h2t extract          {r['extract']:9,.0f} img/s")
+    print(f"  roofline: extract / min(forward, decode, raw write) = {r['extract']:,.0f} / {limit:,.0f} = "
+          f"{r['extract'] / limit:.2f}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=None, help="JPEGs (default: 2048 on CUDA, 256 on a CPU)")
+    parser.add_argument("--forward-images", type=int, default=64, help="CPU only: images through the real model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--case", action="append", help="a key of CASES (repeatable); default: all")
+    parser.add_argument("--writers", default=None, help="comma-separated (default: 4,8 on CUDA, 1,2 on a CPU)")
+    parser.add_argument("--workers", type=int, default=None)
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.images = args.images or (2048 if cuda else 256)
+    args.writers = [int(w) for w in (args.writers or ("4,8" if cuda else "1,2")).split(",")]
+    args.workers = args.workers or max(2, (os.cpu_count() or 2) - 4 if cuda else 2)
+    work = Path(tempfile.mkdtemp(prefix="h2t-roofline-"))
+    try:
+        folder = work / "images"
+        make_folder(folder, args.images)
+        print(f"{args.images} JPEGs (256 px), device {device}"
+              f"{' (' + torch.cuda.get_device_name() + ')' if cuda else ''}, {os.cpu_count()} CPUs, "
+              f"{args.workers} decode workers", flush=True)
+        for name, overrides in CASES.items():
+            if args.case and name not in args.case:
+                continue
+            report(run_case(name, overrides, args, folder, work, device), args.writers)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

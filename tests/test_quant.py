@@ -1,0 +1,296 @@
+"""int8 stores (store.dtype=int8; pipeline/storage/quant.py): codes and a scale and offset per (shard,
+column), quantised on the device exactly as the numpy reference does, read back as float32 within half a
+step everywhere, exact zeros kept; views keep the codes, verify checks the params, probes run on them, and
+they take fewer bytes than float16."""
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import H2TError
+from pipeline.extract import extract, plan_store
+from pipeline.head import read_columns
+from pipeline.probe import probe_store
+from pipeline.select import column_plan, ranking
+from pipeline.stages import DeviceStage, quantize_into
+from pipeline.storage import catalog, quant, views
+from pipeline.storage.schema import QUANT
+from pipeline.storage.store import open_store
+from tests.conftest import compose_cfg, tiny_cfg
+
+EPS = np.finfo(np.float32).eps
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def relu_like(rng, rows: int = 50, dim: int = 40) -> np.ndarray:
+    """ReLU outputs (exact zeros), a dead column, a constant column, negative values, a wide range."""
+    x = np.maximum(rng.standard_normal((rows, dim)), 0).astype(np.float32)
+    x[:, 3] = 2.5  # constant
+    x[:, 5] = 0.0  # dead unit
+    x[:, 7] = rng.standard_normal(rows).astype(np.float32) - 3.0  # negative values (not a ReLU tap)
+    x[:, 9] *= 1e4
+    x[:, 11] *= 1e-4
+    return x
+
+
+def decode(block: quant.QuantizedBlock) -> np.ndarray:
+    dim = block.codes.shape[1]
+    return quant.dequantize_into(np.empty(block.codes.shape, np.float32), block.codes, block.params[:dim],
+                                 block.params[dim:])
+
+
+def half_step(params: np.ndarray, dim: int) -> np.ndarray:
+    """The largest error a decoded value may have: half a step, plus float32 rounding of the decode."""
+    scale, offset = params[..., :dim], params[..., dim:]
+    return scale / 2 + 4 * EPS * (np.abs(offset) + 128 * scale)
+
+
+# --- the quantiser ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_quantiser_gives_the_reference_codes_and_params_bit_for_bit(rng, device):
+    x = relu_like(rng)
+    ref = quant.quantize(x)
+    codes = torch.empty(x.shape, dtype=torch.int8, device=device)
+    params = torch.empty(2 * x.shape[1], dtype=torch.float32, device=device)
+    quantize_into(torch.from_numpy(x).to(device), codes, params)
+    np.testing.assert_array_equal(codes.cpu().numpy(), ref.codes)
+    assert params.cpu().numpy().tobytes() == ref.params.tobytes()
+    assert ref.codes.dtype == np.int8 and ref.params.dtype == np.float32
+
+
+def test_reference_codes_span_int8_and_decode_within_half_a_step(rng):
+    x = relu_like(rng)
+    dim = x.shape[1]
+    block = quant.quantize(x)
+    lo, hi = x.min(axis=0), x.max(axis=0)
+    varying = hi > lo
+    # the column's minimum is code -128 and its maximum 127: all 256 levels are used
+    assert (block.codes.min(axis=0) == -128).all()
+    assert (block.codes.max(axis=0)[varying] == 127).all() and (block.codes.max(axis=0)[~varying] == -128).all()
+    values = decode(block)
+    assert (np.abs(values - x) <= half_step(block.params, dim)).all()
+    np.testing.assert_array_equal(block.params[:dim][varying], ((hi - lo) / np.float32(255))[varying])
+    zero_min = lo == 0  # ReLU columns: every exact zero comes back exactly zero
+    assert zero_min[0] and zero_min[5]
+    assert not values[:, zero_min][x[:, zero_min] == 0].any()
+    np.testing.assert_array_equal(values[:, 3], x[:, 3])  # constant columns decode exactly
+    np.testing.assert_array_equal(values[:, 5], x[:, 5])
+
+
+@pytest.mark.parametrize("value", [0.0, 2.5, 0.3, 1e-3, -7.1])
+def test_a_constant_column_decodes_to_its_value_exactly(value):
+    x = np.full((16, 2), value, np.float32)
+    x[:, 1] = np.linspace(0, 1, 16, dtype=np.float32)
+    values = decode(quant.quantize(x))
+    np.testing.assert_array_equal(values[:, 0], x[:, 0])
+
+
+def test_device_stage_casts_int8_taps_with_their_own_params_beside_other_dtypes(rng):
+    pooled = [torch.from_numpy(relu_like(rng, 8, d)) for d in (16, 12, 20)]
+    layers = [{"name": n, "dim": p.shape[1]} for n, p in zip("abc", pooled)]
+    stage = DeviceStage(lambda x: x, lambda images, device: images, torch.device("cpu"), layers,
+                        {"a": "int8", "b": "float16", "c": "int8"})
+    blocks = stage.to_host(stage(pooled))
+    for i in (0, 2):
+        ref = quant.quantize(pooled[i].numpy())
+        assert isinstance(blocks[i], quant.QuantizedBlock)
+        np.testing.assert_array_equal(blocks[i].codes, ref.codes)
+        assert blocks[i].params.tobytes() == ref.params.tobytes()
+    assert blocks[1].dtype == np.float16
+    np.testing.assert_array_equal(blocks[1], pooled[1].numpy().astype(np.float16))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_values_in_an_int8_tap_are_named(rng, bad):
+    pooled = [torch.from_numpy(relu_like(rng, 8, 6)), torch.ones(8, 4)]
+    pooled[0][3, 2] = bad
+    stage = DeviceStage(lambda x: x, lambda images, device: images, torch.device("cpu"),
+                        [{"name": "a", "dim": 6}, {"name": "b", "dim": 4}], {"a": "int8", "b": "int8"})
+    with pytest.raises(H2TError, match="tap a: activations contain NaN or inf"):
+        stage(pooled)
+
+
+# --- an extracted int8 store -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    """The tiny config extracted as int8 and as float32 (40 / 8 / 20 rows, shards of 16)."""
+    root = tmp_path_factory.mktemp("int8")
+    return {dtype: extract(tiny_cfg(root, **{"store.dtype": dtype})).store for dtype in ("int8", "float32")}
+
+
+@pytest.fixture
+def int8_copy(stores, tmp_path):
+    """A private copy of the int8 store, to damage or add views to."""
+    path = shutil.copytree(stores["int8"].path, tmp_path / "copy.zarr")
+    return open_store(str(path))
+
+
+def test_int8_store_has_its_own_id_and_its_quant_arrays(stores, tmp_path):
+    store = stores["int8"]
+    ids = {dtype: plan_store(tiny_cfg(tmp_path, **{"store.dtype": dtype})).spec for dtype in ("float16", "float32")}
+    assert store.id != stores["float32"].id and store.path != plan_store(tiny_cfg(tmp_path)).path
+    assert store.meta["spec"]["dtype"] == "int8" and all(spec["dtype"] != "int8" for spec in ids.values())
+    assert store.complete and catalog.verify(store) == []
+    shard_rows = store.meta["shard_rows"]
+    for split, n in store.splits().items():
+        n_shards = -(-n // shard_rows)
+        for layer in store.layers:
+            params = store.group[QUANT.key(split, layer["name"])]
+            assert params.shape == (n_shards, 2 * layer["dim"]) and params.dtype == np.float32
+            assert store.stored_features(split, layer["name"]).dtype == np.int8
+            assert store.features(split, layer["name"]).dtype == np.float32
+            assert all(store.shard_exists(split, layer["name"], s) for s in range(n_shards))
+            assert (params[:][:, :layer["dim"]] > 0).all()  # every shard's scales written
+
+
+def test_int8_values_are_within_half_a_step_of_float32(stores):
+    int8, exact = stores["int8"], stores["float32"]
+    shard_rows = int8.meta["shard_rows"]
+    for split in int8.splits():
+        for layer in int8.layers:
+            name, dim = layer["name"], layer["dim"]
+            values = int8.features(split, name)[:]
+            want = exact.features(split, name)[:]
+            params = np.repeat(int8.group[QUANT.key(split, name)][:], shard_rows, axis=0)[:len(want)]
+            assert values.dtype == np.float32 and values.shape == want.shape
+            assert (np.abs(values - want) <= half_step(params, dim)).all(), (split, name)
+            # an exact zero stays zero where its shard's column has minimum 0 (ReLU taps: almost everywhere)
+            for s in range(0, len(want), shard_rows):
+                block, got = want[s:s + shard_rows], values[s:s + shard_rows]
+                zero_min = block.min(axis=0) == 0
+                assert not got[:, zero_min][block[:, zero_min] == 0].any(), (split, name, s)
+
+
+def test_int8_reads_by_rows_columns_and_selections_agree_with_the_full_read(stores):
+    store = stores["int8"]
+    for layer in store.layers:
+        name, dim = layer["name"], layer["dim"]
+        for split, n in store.splits().items():
+            array = store.features(split, name)
+            full = array[:]
+            cols = np.array([dim - 1, 0, dim // 2, 3])
+            for rows in (slice(None), slice(0, n), slice(5, n - 3), slice(16, 32), slice(n - 1, n), slice(2, 2)):
+                np.testing.assert_array_equal(array[rows], full[rows])
+                np.testing.assert_array_equal(array[rows, 2:9], full[rows, 2:9])
+                np.testing.assert_array_equal(array.get_orthogonal_selection((rows, cols)), full[rows][:, cols])
+                np.testing.assert_array_equal(array.get_orthogonal_selection((rows, slice(1, dim, 1))),
+                                              full[rows, 1:])
+            for row in (0, 17, n - 1, -1, -n):
+                np.testing.assert_array_equal(array[row], full[row])
+                np.testing.assert_array_equal(array[row, 2:9], full[row, 2:9])
+                np.testing.assert_array_equal(array.get_orthogonal_selection((row, cols)), full[row, cols])
+
+
+@pytest.mark.parametrize("budget", [views.SHARD_BYTES, 1])  # one view shard per split, or one per store shard
+def test_a_column_view_of_an_int8_store_reads_exactly_the_same_values(int8_copy, rng, budget):
+    store = int8_copy
+    order = ranking(rng.random(store.n_features))
+    view = views.build_view(store, "k0", order, 300, budget_bytes=budget)
+    assert view.encoding == "int8"
+    for split, n in store.splits().items():
+        assert view.group[split].dtype == np.int8 and view.group[split].shape == (n, 300)
+        assert view.group[f"{split}_quant"].dtype == np.float32
+        assert view.group[f"{split}_quant"].shape == (-(-n // store.meta["shard_rows"]), 600)
+    for k in (1, 37, 300):
+        plan = column_plan(order[:k], store.layers)
+        for split in store.splits():
+            for normalise in (True, False):
+                direct = read_columns(store, split, plan, normalise=normalise)
+                assert np.array_equal(read_columns(store, split, plan, view, normalise=normalise), direct)
+                assert np.array_equal(read_columns(store, split, plan, view, slice(3, 19), normalise=normalise),
+                                      direct[3:19])
+    # the view's values are the store's, column for column (a prefix of the view is the top columns)
+    starts = np.cumsum([0] + [layer["dim"] for layer in store.layers])
+    for split in store.splits():
+        through = view.read(split, 300)
+        for j, column in enumerate(order[:300]):
+            i = int(np.searchsorted(starts, column, side="right") - 1)
+            values = store.features(split, store.layers[i]["name"])[:, int(column - starts[i])]
+            assert through[:, j].tobytes() == values.tobytes(), (split, j)
+    assert catalog.verify(store) == []
+    assert views.view_for(store, "k0", order, 200).key == view.key  # found again, not rebuilt
+
+
+def test_verify_reports_a_deleted_quant_shard(int8_copy):
+    store = int8_copy
+    name = store.layers[4]["name"]
+    chunk = Path(store.path) / QUANT.key("train", name) / "c" / "1" / "0"
+    assert chunk.is_file() and catalog.verify(store) == []
+    os.remove(chunk)
+    reopened = open_store(store.path)
+    assert not reopened.shard_exists("train", name, 1)
+    problems = catalog.verify(reopened)
+    assert len(problems) == 1, problems
+    assert f"/{name} shard 1 " in problems[0] and problems[0].startswith("train/") and "missing" in problems[0]
+
+
+def test_verify_names_the_quant_array_of_a_deleted_quant_shard(int8_copy):
+    store = int8_copy
+    name = store.layers[4]["name"]
+    os.remove(Path(store.path) / QUANT.key("train", name) / "c" / "1" / "0")
+    problems = catalog.verify(open_store(store.path))
+    assert len(problems) == 1 and QUANT.key("train", name) in problems[0], problems
+
+
+def test_verify_reports_a_corrupted_quant_shard(int8_copy):
+    store = int8_copy
+    name = store.layers[2]["name"]
+    chunk = Path(store.path) / QUANT.key("test", name) / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    chunk.write_bytes(bytes(data))
+    problems = catalog.verify(open_store(store.path))
+    assert len(problems) == 1 and f"test/features/{name} shard 0" in problems[0], problems
+
+
+# --- probes and bytes at realistic sizes -----------------------------------------------------------------
+
+SIZED = {"data.sizes": {"train": 256, "val": 64, "test": 128}, "extract.batch_size": 64}
+
+
+@pytest.fixture(scope="module")
+def sized_stores(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sized")
+    return {dtype: extract(tiny_cfg(root, **SIZED, **{"store.dtype": dtype})).store for dtype in ("int8", "float16")}
+
+
+def probe_cfg():
+    return compose_cfg("probe", ["select.fraction=0.1", "head.steps=200", "head.lr=0.05", "score.lam=1e-3",
+                                 "linear.layer=pre_logits"])
+
+
+@pytest.mark.parametrize("method", ["head2toe", "linear"])
+def test_a_probe_on_an_int8_store_scores_like_float16(sized_stores, method):
+    int8 = probe_store(sized_stores["int8"], probe_cfg(), method)
+    half = probe_store(sized_stores["float16"], probe_cfg(), method)
+    assert int8["store_id"] == sized_stores["int8"].id and int8["n_features_selected"] == half["n_features_selected"]
+    if method == "head2toe":
+        assert int8["column_view"] is not None  # the head read the int8 view
+    for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
+        assert abs(int8[key] - half[key]) <= 0.05, (key, int8[key], half[key])
+    assert int8["test_accuracy"] > 0.5  # 4 classes: the probe learned something
+
+
+def feature_bytes(store) -> int:
+    """Bytes on disk of every split's feature arrays and, for int8, their scales and offsets."""
+    total = 0
+    for split in store.splits():
+        for folder in ("features", "quant"):
+            total += sum(f.stat().st_size for f in (Path(store.path) / split / folder).rglob("*") if f.is_file())
+    return total
+
+
+def test_int8_takes_fewer_bytes_per_value_than_float16(sized_stores):
+    per_value = {}
+    for dtype, store in sized_stores.items():
+        values = sum(store.splits().values()) * store.n_features
+        per_value[dtype] = feature_bytes(store) / values
+    quant_bytes = sum(f.stat().st_size for split in sized_stores["int8"].splits()
+                      for f in (Path(sized_stores["int8"].path) / split / "quant").rglob("*") if f.is_file())
+    assert quant_bytes > 0  # the scales and offsets are counted
+    assert per_value["int8"] < per_value["float16"], per_value
