@@ -309,9 +309,9 @@ def quantize_into(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor) ->
     dim = x.shape[1]
     scale, offset = params[:dim], params[dim:]
     torch.sub(hi, lo, out=scale).div_(LEVELS)
-    scale.masked_fill_(scale <= 0, 1.0)
     torch.add(lo, scale, alpha=128, out=offset)
-    codes.copy_((x - lo).div_(scale).round_().clamp_(0, LEVELS).sub_(128))
+    divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes.copy_((x - lo).div_(divisor).round_().clamp_(0, LEVELS).sub_(128))
 
 
 class Writer:

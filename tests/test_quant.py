@@ -106,10 +106,10 @@ def test_device_stage_casts_int8_taps_with_their_own_params_beside_other_dtypes(
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_values_in_an_int8_tap_are_named(rng, bad):
-    pooled = [torch.from_numpy(relu_like(rng, 8, 6)), torch.ones(8, 4)]
+    pooled = [torch.from_numpy(relu_like(rng, 8, 16)), torch.ones(8, 4)]
     pooled[0][3, 2] = bad
     stage = DeviceStage(lambda x: x, lambda images, device: images, torch.device("cpu"),
-                        [{"name": "a", "dim": 6}, {"name": "b", "dim": 4}], {"a": "int8", "b": "int8"})
+                        [{"name": "a", "dim": 16}, {"name": "b", "dim": 4}], {"a": "int8", "b": "int8"})
     with pytest.raises(H2TError, match="tap a: activations contain NaN or inf"):
         stage(pooled)
 
@@ -132,9 +132,10 @@ def int8_copy(stores, tmp_path):
 
 def test_int8_store_has_its_own_id_and_its_quant_arrays(stores, tmp_path):
     store = stores["int8"]
-    ids = {dtype: plan_store(tiny_cfg(tmp_path, **{"store.dtype": dtype})).spec for dtype in ("float16", "float32")}
-    assert store.id != stores["float32"].id and store.path != plan_store(tiny_cfg(tmp_path)).path
-    assert store.meta["spec"]["dtype"] == "int8" and all(spec["dtype"] != "int8" for spec in ids.values())
+    float16 = plan_store(tiny_cfg(tmp_path, **{"store.dtype": "float16"}))
+    float16_id = os.path.basename(float16.path).removesuffix(".zarr")
+    assert float16.spec["dtype"] == "float16" and store.meta["spec"]["dtype"] == "int8"
+    assert len({store.id, stores["float32"].id, float16_id}) == 3
     assert store.complete and catalog.verify(store) == []
     shard_rows = store.meta["shard_rows"]
     for split, n in store.splits().items():
@@ -145,7 +146,8 @@ def test_int8_store_has_its_own_id_and_its_quant_arrays(stores, tmp_path):
             assert store.stored_features(split, layer["name"]).dtype == np.int8
             assert store.features(split, layer["name"]).dtype == np.float32
             assert all(store.shard_exists(split, layer["name"], s) for s in range(n_shards))
-            assert (params[:][:, :layer["dim"]] > 0).all()  # every shard's scales written
+            written = params[:]
+            assert np.isfinite(written).all() and (written[:, :layer["dim"]] >= 0).all()
 
 
 def test_int8_values_are_within_half_a_step_of_float32(stores):
@@ -180,10 +182,32 @@ def test_int8_reads_by_rows_columns_and_selections_agree_with_the_full_read(stor
                 np.testing.assert_array_equal(array.get_orthogonal_selection((rows, cols)), full[rows][:, cols])
                 np.testing.assert_array_equal(array.get_orthogonal_selection((rows, slice(1, dim, 1))),
                                               full[rows, 1:])
-            for row in (0, 17, n - 1, -1, -n):
+            for row in (0, min(17, n - 2), n - 1, -1, -n):
                 np.testing.assert_array_equal(array[row], full[row])
                 np.testing.assert_array_equal(array[row, 2:9], full[row, 2:9])
                 np.testing.assert_array_equal(array.get_orthogonal_selection((row, cols)), full[row, cols])
+
+
+@pytest.mark.parametrize("budget_mb", [1024, 0.05])  # the matrix in memory, or streamed in row blocks
+def test_the_scoring_matrix_of_an_int8_store_is_that_of_its_values(stores, tmp_path, budget_mb):
+    from pipeline.score.matrix import FeatureMatrix
+    from tests.conftest import make_store
+
+    store = stores["int8"]
+    values = {split: np.concatenate([store.features(split, layer["name"])[:] for layer in store.layers], axis=1)
+              for split in store.splits()}
+    plain = make_store(tmp_path / "values.zarr", values, {s: store.labels(s) for s in values},
+                       store.meta["num_classes"], store.meta["shard_rows"], "float32",
+                       {"widths": [layer["dim"] for layer in store.layers]})
+    budget = int(budget_mb * 2**20)
+    quantised, exact = FeatureMatrix(store, "train", budget), FeatureMatrix(plain, "train", budget)
+    assert quantised.in_memory == exact.in_memory == (budget_mb > 1)
+    got, want = list(quantised.blocks()), list(exact.blocks())
+    assert [rows for rows, _ in got] == [rows for rows, _ in want]
+    for (_, a), (_, b) in zip(got, want):
+        assert a.tobytes() == b.tobytes()
+    idx = np.array([0, 5, 63, 64, 700, store.n_features - 1])
+    assert quantised.columns(idx).tobytes() == exact.columns(idx).tobytes()
 
 
 @pytest.mark.parametrize("budget", [views.SHARD_BYTES, 1])  # one view shard per split, or one per store shard
@@ -207,11 +231,9 @@ def test_a_column_view_of_an_int8_store_reads_exactly_the_same_values(int8_copy,
     # the view's values are the store's, column for column (a prefix of the view is the top columns)
     starts = np.cumsum([0] + [layer["dim"] for layer in store.layers])
     for split in store.splits():
-        through = view.read(split, 300)
-        for j, column in enumerate(order[:300]):
-            i = int(np.searchsorted(starts, column, side="right") - 1)
-            values = store.features(split, store.layers[i]["name"])[:, int(column - starts[i])]
-            assert through[:, j].tobytes() == values.tobytes(), (split, j)
+        full = np.concatenate([store.features(split, layer["name"])[:] for layer in store.layers], axis=1)
+        assert view.read(split, 300).tobytes() == np.ascontiguousarray(full[:, order[:300]]).tobytes()
+        assert view.read(split, 40, slice(5, 30)).tobytes() == np.ascontiguousarray(full[5:30, order[:40]]).tobytes()
     assert catalog.verify(store) == []
     assert views.view_for(store, "k0", order, 200).key == view.key  # found again, not rebuilt
 
@@ -245,7 +267,8 @@ def test_verify_reports_a_corrupted_quant_shard(int8_copy):
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
     problems = catalog.verify(open_store(store.path))
-    assert len(problems) == 1 and f"test/features/{name} shard 0" in problems[0], problems
+    assert len(problems) == 1 and f"{QUANT.key('test', name)} shard 0" in problems[0], problems
+    assert "checksum" in problems[0]
 
 
 # --- probes and bytes at realistic sizes -----------------------------------------------------------------
@@ -273,7 +296,7 @@ def test_a_probe_on_an_int8_store_scores_like_float16(sized_stores, method):
         assert int8["column_view"] is not None  # the head read the int8 view
     for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
         assert abs(int8[key] - half[key]) <= 0.05, (key, int8[key], half[key])
-    assert int8["test_accuracy"] > 0.5  # 4 classes: the probe learned something
+    assert int8["test_accuracy"] > 1.5 / 4  # 4 classes: the probe learned something
 
 
 def feature_bytes(store) -> int:

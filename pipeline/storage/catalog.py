@@ -14,6 +14,7 @@ from zarr.core.sync import sync as zarr_sync
 from . import location
 from ..errors import H2TError
 from . import views
+from .quant import DequantizedArray
 from .schema import check_arrays, check_attrs
 from .store import STATUS_COMPLETE, FeatureStore, open_store
 
@@ -132,14 +133,19 @@ def verify(store: FeatureStore) -> list[str]:
         for layer in store.layers:
             arr = store.features(split, layer["name"])
             for shard in range(n_shards):
-                where = f"{split}/features/{layer['name']} shard {shard} (rows {shard * shard_rows}.."
-                where += f"{min(n, (shard + 1) * shard_rows) - 1})"
+                rows = f"shard {shard} (rows {shard * shard_rows}..{min(n, (shard + 1) * shard_rows) - 1})"
+                where = f"{split}/features/{layer['name']} {rows}"
                 if not done[shard]:
                     continue  # not written yet: nothing to check
-                if not store.shard_exists(split, layer["name"], shard):
-                    problems.append(f"{where}: missing")
+                missing = store.missing_objects(split, layer["name"], shard)
+                if missing:
+                    problems += [f"{path} {rows}: missing" for path in missing]
                     continue
                 try:
+                    if isinstance(arr, DequantizedArray):  # its scales and offsets first: a corrupt one is named
+                        where = f"{arr.params.path} {rows}"
+                        arr.params[shard]
+                        where = f"{split}/features/{layer['name']} {rows}"
                     block = arr[shard * shard_rows:(shard + 1) * shard_rows]
                 except Exception as exc:  # noqa: BLE001 - any decode failure is corruption
                     problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")

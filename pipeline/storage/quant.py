@@ -4,7 +4,8 @@ Extraction quantises each shard's rows of a column to 256 levels between their m
 (on the device, pipeline/stages.py): code = round((x - lo) / scale) - 128 with scale = (hi - lo) / 255, and
 stores `scale` and `offset = lo + 128 * scale` beside the codes (schema QUANT: one row per shard, the
 scales of every column then the offsets). Every read gives code * scale + offset in float32: an exact 0
-where a column's minimum is 0 (ReLU outputs), and at most scale / 2 from the value everywhere else.
+where a column's minimum is 0 (ReLU outputs), a constant column exactly (its scale is 0), and at most
+scale / 2 from the value everywhere else.
 `DequantizedArray` makes an int8 tap read like any other feature array, so scoring, column reads, views and
 verify need no other path.
 """
@@ -27,10 +28,9 @@ def quantize(x: np.ndarray) -> QuantizedBlock:
     """The reference quantiser (float32 rows -> codes and params); the device stage computes the same."""
     x = np.asarray(x, np.float32)
     lo, hi = x.min(axis=0), x.max(axis=0)
-    scale = (hi - lo) / np.float32(LEVELS)
-    scale = np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+    scale = ((hi - lo) / np.float32(LEVELS)).astype(np.float32)  # 0 for a constant column: decodes to lo exactly
     offset = lo + np.float32(128) * scale
-    codes = np.clip(np.rint((x - lo) / scale), 0, LEVELS) - 128
+    codes = np.clip(np.rint((x - lo) / np.where(scale > 0, scale, np.float32(1))), 0, LEVELS) - 128
     return QuantizedBlock(codes.astype(np.int8), np.concatenate([scale, offset]).astype(np.float32))
 
 
@@ -62,7 +62,7 @@ class DequantizedArray:
 
     def _decode(self, rows, cols, codes: np.ndarray) -> np.ndarray:
         if isinstance(rows, (int, np.integer)):
-            return self._decode(slice(int(rows), int(rows) + 1), cols, codes[None])[0]
+            return self._decode(slice(int(rows) % self.shape[0], int(rows) % self.shape[0] + 1), cols, codes[None])[0]
         return self._dequantize(np.empty(codes.shape, np.float32), rows, cols, codes)
 
     def read_into(self, out: np.ndarray, rows: slice, cols=slice(None)) -> np.ndarray:

@@ -21,7 +21,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from . import location, shards
 from ..errors import H2TError
-from .quant import DequantizedArray, QuantizedBlock
+from .quant import DequantizedArray, QuantizedBlock, quantize
 from .schema import (COMPRESSIONS, DTYPES, FEATURES, LABELS, LEDGER, QUANT, SAMPLE_IDS, SCHEMA_VERSION, STATUS_COMPLETE,
                      STATUS_CREATING, STATUS_WRITING, WRITE_EMPTY, canonical_json, check_attrs, feature_codecs,
                      from_bfloat16_bits, storage_dtype, store_id, to_bfloat16_bits)
@@ -128,12 +128,16 @@ class FeatureStore:
         return None if location.is_remote(self.path) else location.local_path(self.path)
 
     def shard_exists(self, split: str, layer: str, shard: int) -> bool:
-        """Whether the shard object is on storage (a missing one would read as zeros)."""
+        """Whether the shard's objects are on storage (a missing one would read as zeros)."""
+        return not self.missing_objects(split, layer, shard)
+
+    def missing_objects(self, split: str, layer: str, shard: int) -> list[str]:
+        """The arrays (features, and an int8 tap's quant) whose object for this shard is not on storage."""
         arrays = [self.stored_features(split, layer)]
         if self.layer_dtypes()[layer] == "int8":
             arrays.append(self._array(QUANT.key(split, layer)))
-        return all(zarr_sync(self.group.store.exists(f"{array.path}/{array.metadata.encode_chunk_key((shard, 0))}"))
-                   for array in arrays)
+        return [array.path for array in arrays
+                if not zarr_sync(self.group.store.exists(f"{array.path}/{array.metadata.encode_chunk_key((shard, 0))}"))]
 
     def _update_meta(self, **changes) -> None:
         meta = dict(self.meta)
@@ -149,6 +153,8 @@ class FeatureStore:
     def encode(self, layer: str, block: np.ndarray, dtype: str | None = None) -> np.ndarray:
         """A float32 block as the tap's array stores it."""
         dtype = dtype or self.layer_dtypes()[layer]
+        if dtype == "int8":
+            return quantize(block)
         return to_bfloat16_bits(block) if dtype == "bfloat16" else block.astype(dtype, copy=False)
 
     def decode(self, layer: str, block: np.ndarray, dtype: str | None = None) -> np.ndarray:
