@@ -90,7 +90,8 @@ def evaluate(head, store, rows: Rows | str, plan: dict[str, np.ndarray], view=No
 
 def train_linear_head(X: np.ndarray, y: np.ndarray, num_classes: int, lr: float, steps: int,
                       batch_size: int, seed: int = 0) -> torch.nn.Linear:
-    """Unregularised softmax regression: Adam (0.9, 0.999, eps 1e-7), cosine decay to 0, fixed batch order."""
+    """Unregularised softmax regression: Adam (0.9, 0.999, eps 1e-7), cosine decay to 0; batches follow one
+    seeded permutation per epoch (`epoch_batches`), so every row is trained on every epoch."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     head = torch.nn.Linear(X.shape[1], num_classes)
@@ -99,20 +100,26 @@ def train_linear_head(X: np.ndarray, y: np.ndarray, num_classes: int, lr: float,
     optimiser = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     Xt, yt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)), torch.from_numpy(np.asarray(y, np.int64))
-    order = torch.randperm(len(yt), generator=generator)
-    batch_size = min(batch_size, len(yt))
-    position = 0
-    for _ in range(steps):
-        if position + batch_size > len(order):  # next epoch: same fixed order
-            position = 0
-        idx = order[position:position + batch_size]
-        position += batch_size
+    for idx in epoch_batches(len(yt), batch_size, steps, generator):
         loss = torch.nn.functional.cross_entropy(head(Xt[idx]), yt[idx])
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
         schedule.step()
     return head
+
+
+def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
+    """The row indices of each of `steps` batches: consecutive slices of a stream of permutations of the n
+    rows, one drawn per epoch from `generator`; a batch that crosses an epoch's end continues into the
+    next one, so no row is left out of any epoch and every batch is full."""
+    batch_size = min(batch_size, n)
+    stream = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(stream) < batch_size:
+            stream = torch.cat([stream, torch.randperm(n, generator=generator)])
+        yield stream[:batch_size]
+        stream = stream[batch_size:]
 
 
 def predict(head: torch.nn.Linear, X: np.ndarray) -> np.ndarray:

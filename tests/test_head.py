@@ -53,3 +53,27 @@ def test_training_is_deterministic_and_learns_a_separable_task(store):
     # scored in row blocks: the same as one prediction over the whole split
     whole = float((predict(a, read_columns(s, "test", plan)) == y["test"]).mean())
     assert evaluate(a, s, "test", plan, block_rows=7) == pytest.approx(whole)
+
+
+def test_every_row_is_trained_on_every_epoch_in_a_fresh_order(rng):
+    """800 rows in batches of 128: an epoch is 6.25 batches. Every row is in the first 896 rows drawn, each
+    epoch's order differs, and a row drawn only in the first epoch's last partial batch changes the head
+    (a fixed order that restarted before its partial batch never trained on those 32 rows)."""
+    import torch
+
+    from pipeline.head import epoch_batches
+
+    batches = list(epoch_batches(800, 128, 13, torch.Generator().manual_seed(0)))
+    assert all(len(b) == 128 for b in batches)
+    drawn = torch.cat(batches)
+    first, second = drawn[:800], drawn[800:1600]
+    assert sorted(first.tolist()) == list(range(800)) == sorted(second.tolist())  # every row, every epoch
+    assert not torch.equal(first, second)  # reshuffled
+    X = rng.standard_normal((800, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    late = int(first[790])  # in the first epoch's partial batch (rows 768..799 of its order)
+    changed = X.copy()
+    changed[late] *= -5.0
+    a = train_linear_head(X, y, 2, lr=0.1, steps=7, batch_size=128, seed=0)
+    b = train_linear_head(changed, y, 2, lr=0.1, steps=7, batch_size=128, seed=0)
+    assert not np.array_equal(a.weight.detach().numpy(), b.weight.detach().numpy())
