@@ -27,6 +27,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli import CONF_DIR
+from pipeline.runtime import keep_freed_memory
 from pipeline.extract import resolve_device, extract, plan_store
 
 CASES = {
@@ -48,6 +49,7 @@ class SyntheticForward:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--writers", default="1,2,4")

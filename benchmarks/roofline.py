@@ -13,8 +13,8 @@ On one folder of JPEG photos (256 px, quality 90) and the same feature bytes, fo
   store path   `extract` with the forward replaced by those tensors (claims, checks, casts, shard writes,
                ledger): the store path's ceiling, and its ratio to the baseline and to the raw write
   extract      the whole `h2t extract` of the folder with the real model
-The store path and the extraction are steady rates: a run over all images minus a run over half of them,
-so that what a run does once (building the model, laying out ~150 arrays) drops out.
+The store path and the extraction are timed from the first shard claimed to the last one written, so that
+what a run does once (building the model, laying out ~150 arrays) is left out.
   roofline     extract / min(forward, decode, raw write)
 Cases: ResNet-50 @ 224 at T = 8192 and T = 1024 (random weights: the numbers do not matter here), and the
 embedded default (EfficientNet-Lite0 @ 160, T = 1024). On a CPU the forward of a 224 px ResNet-50 takes
@@ -46,6 +46,7 @@ from decode import photos
 from extract_ceiling import SyntheticForward
 from pipeline.backbone import build_model
 from pipeline.cli import CONF_DIR
+from pipeline.runtime import keep_freed_memory
 from pipeline.extract import decodes_on_device, extract, plan_store, resolve_device
 from pipeline.stages import Loader, Shard
 
@@ -71,13 +72,16 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="extract", overrides=overrides)
 
 
-def steady_rate(run, cfg, plan, half_cfg, half_plan, repeats: int = 2) -> float:
-    """Images/s of `run(cfg, plan)` once started: the difference between a run over every image and one
-    over half of them, so that building the model and laying the store out (once per run) drop out."""
-    rows = [sum(len(split) for split in p.dataset.splits.values()) for p in (plan, half_plan)]
-    full = timed(lambda: run(cfg, plan), repeats)
-    half = timed(lambda: run(half_cfg, half_plan), repeats)
-    return (rows[0] - rows[1]) / max(full - half, 1e-9)
+def stage_rate(run, cfg, plan, repeats: int = 2) -> float:
+    """Images/s of `run(cfg, plan)` (an extraction) once its shards flow: from the first shard claimed to
+    the last one written, so that what a run does once (building the model, laying out ~150 arrays) is
+    left out."""
+    times = []
+    for i in range(repeats + (repeats > 1)):
+        result = run(cfg, plan)
+        if i or repeats == 1:  # the first of several is a warm-up
+            times.append(result.stage_seconds)
+    return result.backbone_images / min(times)
 
 
 def timed(fn, repeats: int = 2) -> float:
@@ -131,13 +135,13 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
               f"extract.batch_size={batch}", f"extract.workers={args.workers}"]
     if cuda:
         common += ["model.precision=bfloat16", "extract.channels_last=true"]
-    files_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=1"])
+    files_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=0"])
     plan = plan_store(files_cfg)
     train = plan.dataset.splits["train"]
     n = len(train)
     D = sum(layer["dim"] for layer in plan.layers)
     mib_per_image = D * 2 / 2**20
-    out = {"case": name, "taps": len(plan.layers), "D": D, "images": n}
+    out = {"case": name, "taps": len(plan.layers), "D": D, "images": n, "store_images": args.store_images}
 
     # decode: the loader extraction uses, over the training files
     shards = [Shard("train", s, min(s + batch, n), i) for i, s in enumerate(range(0, n, batch))]
@@ -180,12 +184,11 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
     # the same feature bytes: raw files, the plain baseline, the store path (in-memory images: no decode)
     synthetic = SyntheticForward(plan.layers, batch, device)
     host = [b.to(torch.float16).cpu().numpy() for b in synthetic.blocks]
+    n = args.store_images  # the store path takes many more images per second than the forward on a CPU
     memory_cfg = compose_cfg([*common, "data=shapes_location", f"data.sizes.train={n}", "data.sizes.val=1",
                               "data.sizes.test=1", "data.image_size=64"])
     memory_plan = plan_store(memory_cfg)
-    half_cfg = compose_cfg([*common, "data=shapes_location", f"data.sizes.train={n // 2}", "data.sizes.val=1",
-                            "data.sizes.test=1", "data.image_size=64"])
-    half_plan = plan_store(half_cfg)
+    shards = range(-(-n // batch))
     memory_train = memory_plan.dataset.splits["train"]
     raw_root = work / "raw"
     for writers in args.writers:
@@ -198,7 +201,7 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                 for t, block in enumerate(host):
                     np.save(raw_root / f"{t}-{shard}.npy", block[:rows])
             with ThreadPoolExecutor(writers) as pool:
-                list(pool.map(save, range(len(shards))))
+                list(pool.map(save, shards))
 
         def baseline() -> None:
             shutil.rmtree(raw_root, ignore_errors=True)
@@ -216,29 +219,27 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                 writer.submit(shard, blocks)
             writer.close()
 
-        def store_path(cfg, plan) -> None:
+        def store_path(cfg, plan):
             shutil.rmtree(work / "stores", ignore_errors=True)
             cfg.extract.writers = writers
-            extract(cfg, plan, forward=synthetic)
+            return extract(cfg, plan, forward=synthetic)
 
         out[f"raw_w{writers}"] = n / timed(raw)
         out[f"baseline_w{writers}"] = n / timed(baseline)
-        out[f"store_w{writers}"] = steady_rate(store_path, memory_cfg, memory_plan, half_cfg, half_plan)
+        out[f"store_w{writers}"] = stage_rate(store_path, memory_cfg, memory_plan)
     shutil.rmtree(raw_root, ignore_errors=True)
 
     # the whole extraction of the files with the real model (fewer images on a CPU)
-    extract_n = n if cuda else min(n, 2 * args.forward_images)
-    plans = []
-    for rows in (extract_n, extract_n // 2):
-        whole_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=1",
-                                 f"+data.sizes.train={rows}", f"extract.writers={max(args.writers)}"])
-        plans += [whole_cfg, plan_store(whole_cfg)]
+    # (on a CPU: about four seconds of forward, at least --forward-images)
+    extract_n = len(train) if cuda else min(len(train), max(args.forward_images, int(4 * out["forward"])))
+    whole_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=0",
+                             f"+data.sizes.train={extract_n}", f"extract.writers={max(args.writers)}"])
 
-    def whole(cfg, plan) -> None:
+    def whole(cfg, plan):
         shutil.rmtree(work / "stores", ignore_errors=True)
-        extract(cfg, plan)
+        return extract(cfg, plan)
 
-    out["extract"] = steady_rate(whole, *plans, repeats=2 if cuda else 1)
+    out["extract"] = stage_rate(whole, whole_cfg, plan_store(whole_cfg), repeats=2 if cuda else 1)
     shutil.rmtree(work / "stores", ignore_errors=True)
     out["mib_per_image"] = mib_per_image
     return out
@@ -248,7 +249,7 @@ def report(r: dict, writers: list[int]) -> None:
     mib = r["mib_per_image"]
     best_raw = max(r[f"raw_w{w}"] for w in writers)
     limit = min(r["forward"], r["decode"], best_raw)
-    print(f"{r['case']}: {r['taps']} taps, D = {r['D']:,} ({mib:.2f} MiB of float16 per image), {r['images']} images")
+    print(f"{r['case']}: {r['taps']} taps, D = {r['D']:,} ({mib:.2f} MiB of float16 per image), {r['images']} JPEGs, {r['store_images']} images for the store rows")
     print(f"  forward (bare)       {r['forward']:9,.0f} img/s")
     print(f"  decode (loader)      {r['decode']:9,.0f} img/s")
     for w in writers:
@@ -262,9 +263,12 @@ def report(r: dict, writers: list[int]) -> None:
 
 
 def main() -> None:
+    keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=None, help="JPEGs (default: 2048 on CUDA, 256 on a CPU)")
-    parser.add_argument("--forward-images", type=int, default=64, help="CPU only: images through the real model")
+    parser.add_argument("--forward-images", type=int, default=96, help="CPU only: images through the real model")
+    parser.add_argument("--store-images", type=int, default=None,
+                        help="in-memory images for the raw, baseline and store-path rows (default 2048 / 1024)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--case", action="append", help="a key of CASES (repeatable); default: all")
     parser.add_argument("--writers", default=None, help="comma-separated (default: 4,8 on CUDA, 1,2 on a CPU)")
@@ -273,6 +277,7 @@ def main() -> None:
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     args.images = args.images or (2048 if cuda else 256)
+    args.store_images = args.store_images or (2048 if cuda else 1024)
     args.writers = [int(w) for w in (args.writers or ("4,8" if cuda else "1,2")).split(",")]
     args.workers = args.workers or max(2, (os.cpu_count() or 2) - 4 if cuda else 2)
     work = Path(tempfile.mkdtemp(prefix="h2t-roofline-"))

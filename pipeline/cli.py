@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import H2TError
 from .report import pct, format_table
+from .runtime import keep_freed_memory
+from .storage.location import CREDENTIAL_SETTINGS, WHERE_CREDENTIALS_GO
 
 from .config import register as _register_schemas
 
@@ -91,7 +93,12 @@ def _flags_first(args: list[str]) -> list[str]:
 
 
 def _check_overrides(verb: str, args: list[str]) -> None:
-    """Compose the config once so a bad key or value is reported in one line (single runs only)."""
+    """Compose the config once so a bad key or value is reported in one line (single runs only). A
+    credential given as a setting is refused first, before Hydra saves the command line in .hydra/."""
+    for arg in args:
+        key = arg.lstrip("+~").partition("=")[0]
+        if key.startswith("store.s3.") and key.removeprefix("store.s3.") in CREDENTIAL_SETTINGS:
+            _fail(f"{key}: {WHERE_CREDENTIALS_GO}")
     if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
         return  # sweeps and Hydra flags: Hydra reports its own errors
     from hydra import compose, initialize_config_dir
@@ -410,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     verb, rest = argv[0], argv[1:]
     if verb not in VERBS:
         _fail(f"unknown command {verb!r}\n{USAGE}")
+    keep_freed_memory()  # every verb allocates large arrays: no page faults for each (pipeline/runtime.py)
     if verb == "store":
         _store_command(rest)
         return

@@ -74,8 +74,7 @@ class TapsConfig:
 @dataclass
 class S3Config:
     endpoint_url: Optional[str] = None
-    key: Optional[str] = None
-    secret: Optional[str] = None
+    profile: Optional[str] = None  # a profile of ~/.aws/credentials; keys themselves are never settings
 
 
 @dataclass

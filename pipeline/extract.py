@@ -158,6 +158,7 @@ class ExtractResult:
     store: FeatureStore
     backbone_images: int
     seconds: float
+    stage_seconds: float = 0.0  # the images' own time: from the first shard claimed to the last one written
 
 
 def ensure_store(cfg) -> ExtractResult:
@@ -227,7 +228,7 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
 
     queue = ShardQueue(store, dataset, claims, shard_rows)
     remaining = queue.remaining_rows()
-    images_done = 0
+    images_done, stage_seconds = 0, 0.0
     if remaining:
         runner = forward
         if runner is None:
@@ -238,7 +239,9 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
             runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
                                    pooling["rule"], pooling["cls_token"])
         try:
+            stages_start = time.perf_counter()
             images_done = _run_stages(cfg, plan, store, runner, queue, device, remaining, poll_s)
+            stage_seconds = time.perf_counter() - stages_start
         finally:
             claims.release_all()  # an error leaves the unwritten shards free for the next run at once
             if forward is None:
@@ -247,7 +250,7 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
         store = open_store(plan.path, plan.spec, options)
         if not store.complete:
             store.mark_complete()
-    return ExtractResult(store, images_done, time.perf_counter() - start_time)
+    return ExtractResult(store, images_done, time.perf_counter() - start_time, stage_seconds)
 
 
 def _build(cfg, device: torch.device) -> torch.nn.Module:

@@ -303,13 +303,13 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_into(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor) -> None:
-    """x (rows, dim) float32 -> int8 codes and (scales, offsets) per column, on x's device: the same
+    """x (rows, dim) float32 -> int8 codes and (scales, minima) per column, on x's device: the same
     arithmetic as pipeline/storage/quant.py's reference `quantize`."""
     lo, hi = torch.aminmax(x, dim=0)
     dim = x.shape[1]
-    scale, offset = params[:dim], params[dim:]
+    scale = params[:dim]
     torch.sub(hi, lo, out=scale).div_(LEVELS)
-    torch.add(lo, scale, alpha=128, out=offset)
+    params[dim:].copy_(lo)
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
     codes.copy_((x - lo).div_(divisor).round_().clamp_(0, LEVELS).sub_(128))
 

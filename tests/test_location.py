@@ -17,14 +17,16 @@ def test_kinds_of_roots_and_joining(tmp_path):
     assert isinstance(location.zarr_store("http://127.0.0.1:9/p"), location.FsspecOnly)
 
 
-def test_credentials_come_from_the_config_first_then_the_environment(monkeypatch):
+def test_the_endpoint_and_profile_are_settings_but_keys_are_not(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://env:9000")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "env-key")
-    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
     from_env = location.storage_options(None)
-    assert from_env["endpoint_url"] == "http://env:9000" and from_env["key"] == "env-key" and "secret" not in from_env
-    ours = location.storage_options({"s3": {"endpoint_url": "http://cfg:1", "key": "k", "secret": "s"}})
-    assert (ours["endpoint_url"], ours["key"], ours["secret"]) == ("http://cfg:1", "k", "s")
+    assert from_env["endpoint_url"] == "http://env:9000"
+    assert "key" not in from_env and "secret" not in from_env  # s3fs and obstore read the environment themselves
+    ours = location.storage_options({"s3": {"endpoint_url": "http://cfg:1", "profile": "team"}})
+    assert (ours["endpoint_url"], ours["profile"]) == ("http://cfg:1", "team")
+    with pytest.raises(H2TError, match=r"store.s3.secret: credentials are not settings .*AWS_SECRET_ACCESS_KEY"):
+        location.storage_options({"s3": {"secret": "s"}})
 
 
 @pytest.mark.parametrize("message,hint", [

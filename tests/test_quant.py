@@ -37,15 +37,13 @@ def relu_like(rng, rows: int = 50, dim: int = 40) -> np.ndarray:
 
 
 def decode(block: quant.QuantizedBlock) -> np.ndarray:
-    dim = block.codes.shape[1]
-    return quant.dequantize_into(np.empty(block.codes.shape, np.float32), block.codes, block.params[:dim],
-                                 block.params[dim:])
+    return quant.dequantize(block)
 
 
 def half_step(params: np.ndarray, dim: int) -> np.ndarray:
     """The largest error a decoded value may have: half a step, plus float32 rounding of the decode."""
-    scale, offset = params[..., :dim], params[..., dim:]
-    return scale / 2 + 4 * EPS * (np.abs(offset) + 128 * scale)
+    scale, lo = params[..., :dim], params[..., dim:]
+    return scale / 2 + 4 * EPS * (np.abs(quant.offsets(scale, lo)) + 128 * scale)
 
 
 # --- the quantiser ---------------------------------------------------------------------------------------

@@ -162,3 +162,23 @@ def test_store_commands_given_an_s3_root_say_so_in_one_line(s3, tmp_path):
         errors = [line for line in proc.stderr.splitlines() if line.startswith("h2t: error")]
         assert proc.returncode == 2 and len(errors) == 1 and "is not a store" in errors[0], proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_credentials_never_reach_the_files_a_job_writes(s3, tmp_path):
+    """A job on the S3 server with keys from the environment: no file it wrote (outputs, .hydra/, logs,
+    results, heads, the local HF cache) holds the secret; given as a setting, a secret is refused in one line
+    before anything is written."""
+    env = s3.env(HF_HOME=str(tmp_path / "hf"))
+    secret = env["AWS_SECRET_ACCESS_KEY"]
+    out = tmp_path / "out"
+    ran = h2t(tmp_path, env, "run", *TINY, *PROBE, f"store.root=s3://{BUCKET}/secrets", f"hydra.run.dir={out}")
+    assert ran.returncode == 0, ran.stderr
+    written = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert any(f.name == "overrides.yaml" for f in written) and any(f.name == "results.json" for f in written)
+    assert not [f for f in written if secret.encode() in f.read_bytes()]
+
+    refused_out = tmp_path / "refused"
+    refused = h2t(tmp_path, env, "probe", *TINY, f"store.s3.secret={secret}", f"hydra.run.dir={refused_out}")
+    assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
+    assert "store.s3.secret" in refused.stderr and "AWS_SECRET_ACCESS_KEY" in refused.stderr
+    assert not refused_out.exists()

@@ -124,16 +124,17 @@ class BlockReader:
         name = self.layers[i]["name"]
         seg = out[:, self.starts[i]:self.starts[i + 1]]
         array = self.arrays[segment.split][i]
-        dequantized = segment.take is None and isinstance(array, DequantizedArray)
-        if dequantized:  # an int8 tap: its codes dequantised straight into the block
-            array.read_into(seg, segment.src)
-        else:
+        # an int8 tap: its codes, dequantised a few rows at a time below (while in cache)
+        codes = array.codes_of(segment.src) if segment.take is None and isinstance(array, DequantizedArray) else None
+        if codes is None:
             raw = array[segment.src]
             raw = raw if segment.take is None else raw[segment.take]
         step = max(1, CACHE_BYTES // (4 * max(1, seg.shape[1])))
         for r0 in range(0, len(seg), step):
             part = seg[r0:r0 + step]
-            if not dequantized:
+            if codes is not None:
+                codes.fill(part, r0, r0 + len(part))
+            else:
                 cast_into(part, self.store.decode(name, raw[r0:r0 + step], self.dtypes[name]))
             if known:
                 part *= (1.0 / norms[r0:r0 + len(part), i])[:, None]

@@ -169,17 +169,30 @@ def _object_store(fs, bucket: str):
     options = dict(getattr(fs, "storage_options", {}) or {})
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") \
         or os.environ.get("AWS_ENDPOINT_URL")
-    key = options.get("key") or os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = options.get("secret") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    key, secret, token = _credentials(options.get("profile"))
     region = (options.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") \
         or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    cache_key = (bucket, endpoint, key, region)
+    cache_key = (bucket, endpoint, key, region, options.get("profile"))
     if cache_key not in _OBJECT_STORES:
         config = {"region": region}
         if endpoint:
             config["endpoint"] = endpoint
         if key and secret:
             config.update(access_key_id=key, secret_access_key=secret)
+            if token:
+                config["token"] = token
         _OBJECT_STORES[cache_key] = S3Store(bucket, config=config,
                                             client_options={"allow_http": str(endpoint or "").startswith("http://")})
     return _OBJECT_STORES[cache_key]
+
+
+def _credentials(profile: str | None) -> tuple[str | None, str | None, str | None]:
+    """Keys as s3fs finds them (botocore's chain: the environment, ~/.aws/credentials and config, the named
+    profile): obstore is given the same ones, in memory only."""
+    import botocore.session
+
+    found = botocore.session.Session(profile=profile).get_credentials()
+    if found is None:
+        return None, None, None
+    frozen = found.get_frozen_credentials()
+    return frozen.access_key, frozen.secret_key, frozen.token

@@ -33,17 +33,25 @@ def join(root: str, *parts: str) -> str:
     return str(local_path(root).joinpath(*parts))
 
 
+CREDENTIAL_SETTINGS = ("key", "secret", "token", "access_key_id", "secret_access_key", "session_token")
+WHERE_CREDENTIALS_GO = ("credentials are not settings (runs save their settings in .hydra/): export "
+                        "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, put them in ~/.aws/credentials, or name a "
+                        "profile with store.s3.profile")
+
+
 def storage_options(store_cfg=None) -> dict:
-    """fsspec options for s3:// roots: store.s3.* settings, else the usual AWS_* environment variables."""
+    """fsspec options for s3:// roots: the endpoint (store.s3.endpoint_url, else AWS_ENDPOINT_URL) and a named
+    profile (store.s3.profile); keys come from the environment or the AWS credential files, never settings."""
     s3 = dict((store_cfg or {}).get("s3") or {}) if store_cfg is not None else {}
+    given = [name for name in CREDENTIAL_SETTINGS if s3.get(name)]
+    if given:
+        raise H2TError(f"store.s3.{given[0]}: {WHERE_CREDENTIALS_GO}")
     endpoint = s3.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
     options = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 5, "read_timeout": 60}}
     if endpoint:
         options["endpoint_url"] = endpoint
-    for ours, theirs in (("key", "AWS_ACCESS_KEY_ID"), ("secret", "AWS_SECRET_ACCESS_KEY")):
-        value = s3.get(ours) or os.environ.get(theirs)
-        if value:
-            options[ours] = value
+    if s3.get("profile"):
+        options["profile"] = s3["profile"]
     return options
 
 
@@ -66,7 +74,7 @@ def describe_failure(path: str, exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     lowered = text.lower()
     if any(word in lowered for word in ("signature", "accessdenied", "access denied", "forbidden", "invalidaccesskey")):
-        hint = "check store.s3.key / store.s3.secret or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+        hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, ~/.aws/credentials or store.s3.profile"
     elif any(word in lowered for word in ("connect", "endpoint", "timed out", "timeout", "unreachable")):
         hint = "check store.s3.endpoint_url or AWS_ENDPOINT_URL"
     elif "bucket" in lowered:

@@ -2,8 +2,9 @@
 
 Extraction quantises each shard's rows of a column to 256 levels between their minimum and maximum
 (on the device, pipeline/stages.py): code = round((x - lo) / scale) - 128 with scale = (hi - lo) / 255, and
-stores `scale` and `offset = lo + 128 * scale` beside the codes (schema QUANT: one row per shard, the
-scales of every column then the offsets). Every read gives code * scale + offset in float32: an exact 0
+stores `scale` and `lo` beside the codes (schema QUANT: one row per shard, the scales of every column then
+their minima; a ReLU column's minimum is mostly 0, which compresses). Every read gives code * scale +
+offset in float32, with offset = lo + 128 * scale computed as the quantiser computes it: an exact 0
 where a column's minimum is 0 (ReLU outputs), a constant column exactly (its scale is 0), and at most
 scale / 2 from the value everywhere else.
 `DequantizedArray` makes an int8 tap read like any other feature array, so scoring, column reads, views and
@@ -16,12 +17,13 @@ from typing import NamedTuple
 import numpy as np
 
 LEVELS = 255
+KEEP_PARAMS_BYTES = 16 * 2**20
 
 
 class QuantizedBlock(NamedTuple):
     """One shard of an int8 tap as extraction writes it."""
     codes: np.ndarray  # (rows, dim) int8
-    params: np.ndarray  # (2 * dim,) float32: scales, then offsets
+    params: np.ndarray  # (2 * dim,) float32: scales, then minima
 
 
 def quantize(x: np.ndarray) -> QuantizedBlock:
@@ -29,9 +31,20 @@ def quantize(x: np.ndarray) -> QuantizedBlock:
     x = np.asarray(x, np.float32)
     lo, hi = x.min(axis=0), x.max(axis=0)
     scale = ((hi - lo) / np.float32(LEVELS)).astype(np.float32)  # 0 for a constant column: decodes to lo exactly
-    offset = lo + np.float32(128) * scale
     codes = np.clip(np.rint((x - lo) / np.where(scale > 0, scale, np.float32(1))), 0, LEVELS) - 128
-    return QuantizedBlock(codes.astype(np.int8), np.concatenate([scale, offset]).astype(np.float32))
+    return QuantizedBlock(codes.astype(np.int8), np.concatenate([scale, lo]).astype(np.float32))
+
+
+def offsets(scale: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """The value of code 0: lo + 128 * scale, in float32 (128 * scale is exact, so one rounding)."""
+    return lo + np.float32(128) * scale
+
+
+def dequantize(block: QuantizedBlock) -> np.ndarray:
+    """A shard's values as every read gives them."""
+    dim = block.codes.shape[1]
+    scale, lo = block.params[:dim], block.params[dim:]
+    return dequantize_into(np.empty(block.codes.shape, np.float32), block.codes, scale, offsets(scale, lo))
 
 
 def dequantize_into(out: np.ndarray, codes: np.ndarray, scale: np.ndarray, offset: np.ndarray) -> np.ndarray:
@@ -39,6 +52,28 @@ def dequantize_into(out: np.ndarray, codes: np.ndarray, scale: np.ndarray, offse
     np.multiply(codes, scale, out=out)
     out += offset
     return out
+
+
+class CodesBlock(NamedTuple):
+    """Codes of consecutive rows starting at row `start`, with the scales and offsets of each shard they
+    touch (first shard first)."""
+    codes: np.ndarray
+    start: int
+    shard_rows: int
+    scales: np.ndarray
+    offsets: np.ndarray
+
+    def fill(self, out: np.ndarray, r0: int = 0, r1: int | None = None) -> np.ndarray:
+        """out[:] = the values of the block's rows [r0, r1)."""
+        r1 = len(self.codes) if r1 is None else r1
+        first = self.start // self.shard_rows
+        a = r0
+        while a < r1:
+            shard = (self.start + a) // self.shard_rows
+            b = min(r1, (shard + 1) * self.shard_rows - self.start)
+            dequantize_into(out[a - r0:b - r0], self.codes[a:b], self.scales[shard - first], self.offsets[shard - first])
+            a = b
+        return out
 
 
 class DequantizedArray:
@@ -51,6 +86,7 @@ class DequantizedArray:
         self.shape, self.chunks, self.path = codes.shape, codes.chunks, codes.path
         self.dtype = np.dtype("float32")
         self.dim = codes.shape[1]
+        self._kept = None
 
     def __getitem__(self, key) -> np.ndarray:
         rows, cols = key if isinstance(key, tuple) else (key, slice(None))
@@ -67,23 +103,31 @@ class DequantizedArray:
 
     def read_into(self, out: np.ndarray, rows: slice, cols=slice(None)) -> np.ndarray:
         """out[:] = the values of rows x cols, dequantised straight into `out` (no float32 copy between)."""
-        return self._dequantize(out, rows, cols, self.codes[rows, cols])
+        return self.codes_of(rows, cols).fill(out)
 
-    def _dequantize(self, out: np.ndarray, rows: slice, cols, codes: np.ndarray) -> np.ndarray:
+    def codes_of(self, rows: slice, cols=slice(None), codes: np.ndarray | None = None) -> "CodesBlock":
+        """The codes of rows x cols and their shards' scales and offsets, one read each, to be dequantised
+        a few rows at a time by the reader (while they are in cache)."""
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise IndexError("int8 feature arrays are read by contiguous row ranges")
+        codes = self.codes[start:stop, cols] if codes is None else codes
         if stop <= start:
-            return out
+            return CodesBlock(codes, start, self.shard_rows, np.empty((0, 0), np.float32), np.empty((0, 0), np.float32))
         first, last = start // self.shard_rows, (stop - 1) // self.shard_rows
-        params = self.params[first:last + 1]
-        col_index = np.arange(self.dim)[cols] if not isinstance(cols, np.ndarray) else cols
-        scales, offsets = params[:, :self.dim][:, col_index], params[:, self.dim:][:, col_index]
-        for i, shard in enumerate(range(first, last + 1)):
-            a = max(start, shard * self.shard_rows) - start
-            b = min(stop, (shard + 1) * self.shard_rows) - start
-            dequantize_into(out[a:b], codes[a:b], scales[i], offsets[i])
-        return out
+        params = self._params(first, last + 1)
+        scales, minima = params[:, :self.dim][:, cols], params[:, self.dim:][:, cols]  # views for a slice
+        return CodesBlock(codes, start, self.shard_rows, scales, offsets(scales, minima))
+
+    def _params(self, first: int, stop: int) -> np.ndarray:
+        """Rows [first, stop) of the scales and minima: all of them read once and kept when they are small
+        (a scoring pass reads every layer's block by block: one read per layer instead of one per block)."""
+        if self._kept is None and self.params.nbytes <= KEEP_PARAMS_BYTES:
+            self._kept = self.params[:]
+        return self._kept[first:stop] if self._kept is not None else self.params[first:stop]
+
+    def _dequantize(self, out: np.ndarray, rows: slice, cols, codes: np.ndarray) -> np.ndarray:
+        return self.codes_of(rows, cols, codes).fill(out)
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -23,7 +23,7 @@ from . import location, shards
 from ..errors import H2TError
 from .quant import DequantizedArray, QuantizedBlock, quantize
 from .schema import (COMPRESSIONS, DTYPES, FEATURES, LABELS, LEDGER, QUANT, SAMPLE_IDS, SCHEMA_VERSION, STATUS_COMPLETE,
-                     STATUS_CREATING, STATUS_WRITING, WRITE_EMPTY, canonical_json, check_attrs, feature_codecs,
+                     STATUS_CREATING, STATUS_WRITING, WRITE_EMPTY, canonical_json, check_attrs, feature_codecs, quant_codecs,
                      from_bfloat16_bits, storage_dtype, store_id, to_bfloat16_bits)
 
 
@@ -395,7 +395,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             if dtype == "int8":  # one row of scales and offsets per shard, one chunk each
                 to_create.append((QUANT.key(split, layer["name"]), dict(
                     shape=(n_shards, 2 * layer["dim"]), dtype="float32", chunks=(1, 2 * layer["dim"]),
-                    compressors=feature_codecs(compression, 4), fill_value=0)))
+                    compressors=quant_codecs(), fill_value=0)))
         label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True)
         id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True)

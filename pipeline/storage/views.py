@@ -23,7 +23,7 @@ import numpy as np
 import zarr
 
 from .quant import DequantizedArray
-from .schema import QUANT, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, store_id
+from .schema import QUANT, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, quant_codecs, store_id
 
 COLUMN_CHUNK = 64  # view columns per inner chunk: a prefix of k columns reads at most 63 more
 SHARD_BYTES = 64 * 2**20  # raw bytes of one row block of the view, written as one shard
@@ -109,7 +109,7 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
             if encoding == "int8":
                 quant = group.create_array(f"{split}_quant", shape=(-(-n // shard_rows), 2 * len(columns)),
                                            dtype="float32", chunks=(1, 2 * len(columns)),
-                                           compressors=feature_codecs("lz4", 4), fill_value=0, overwrite=True)
+                                           compressors=quant_codecs(), fill_value=0, overwrite=True)
             for r0 in range(0, n, block_rows):
                 r1 = min(r0 + block_rows, n)
                 out = np.empty((r1 - r0, len(columns)), dtype)
