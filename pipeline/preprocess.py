@@ -46,12 +46,14 @@ class Preprocess:
         if isinstance(images, torch.Tensor):
             batch = self._resize(images.to(device, non_blocking=True).permute(0, 3, 1, 2))
         elif isinstance(images, list):
-            chw = [im.to(device) if isinstance(im, torch.Tensor) else torch.from_numpy(im).to(device).permute(2, 0, 1)
-                   for im in images]
-            if chw and all(im.shape == chw[0].shape for im in chw):
-                batch = self._resize(torch.stack(chw))  # one size: one resize call (the same values as one by one)
+            # every image as (H, W, 3), laid out as the arrays' path lays them out (a channels-last view):
+            # the resize kernel, and so the rounding, is the same whichever decoder made the pixels
+            hwc = [im.to(device).permute(1, 2, 0).contiguous() if isinstance(im, torch.Tensor)
+                   else torch.from_numpy(im).to(device) for im in images]
+            if hwc and all(im.shape == hwc[0].shape for im in hwc):
+                batch = self._resize(torch.stack(hwc).permute(0, 3, 1, 2))  # one size: one resize call
             else:
-                batch = torch.cat([self._resize(im[None]) for im in chw])
+                batch = torch.cat([self._resize(im[None].permute(0, 3, 1, 2)) for im in hwc])
         else:
             batch = self._resize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2))
         mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)

@@ -139,3 +139,30 @@ def test_loader_decoding_on_the_device_gives_the_same_batch(tmp_path):
         batches[device_decode] = PRE(images, CPU)
     assert batches[True].shape == (len(split) - 1, 3, 24, 24)
     torch.testing.assert_close(batches[True], batches[False], rtol=0, atol=0)
+
+
+def test_extraction_decoding_on_the_device_writes_the_cpu_paths_store(tmp_path):
+    """The whole extraction of a JPEG folder with extract.decode=device (torchvision's batched decode, on the
+    CPU here) writes the same store, bit for bit, as the CPU path: same id, same values."""
+    from pipeline.extract import decodes_on_device, extract, plan_store
+    from tests.conftest import TINY_OVERRIDES, compose_cfg
+
+    for split in ("train", "test"):
+        for c, seed in (("a", 0), ("b", 1)):
+            folder = tmp_path / "images" / split / c
+            folder.mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(photo(40, 56, seed=10 * seed + i)).save(folder / f"{i}.jpg", quality=90)
+    stores = {}
+    for mode in ("cpu", "device"):
+        model = [o for o in TINY_OVERRIDES if not o.startswith("data")]
+        cfg = compose_cfg("extract", model + ["data=folder", f"data.root={tmp_path / 'images'}", "data.val_fraction=0.25",
+                                              f"extract.decode={mode}", "extract.batch_size=4",
+                                              f"store.root={tmp_path / mode}"])
+        assert decodes_on_device(cfg.extract, plan_store(cfg).dataset) == (mode == "device")
+        stores[mode] = extract(cfg).store
+    cpu, device = stores["cpu"], stores["device"]
+    assert cpu.id == device.id
+    for split in cpu.splits():
+        for layer in cpu.layers:
+            np.testing.assert_array_equal(cpu.features(split, layer["name"])[:], device.features(split, layer["name"])[:])
