@@ -93,7 +93,8 @@ def main() -> None:
         task = overrides[0].removeprefix("data=")
         for dtype, compression in (("float16", "lz4"), ("int8", "lz4"), ("int8", "zstd")):
             common = [*overrides, f"store.dtype={dtype}", f"pooling.target_size={args.target_size}",
-                      f"store.root={root}/stores", "extract.progress=false", f"store.compression={compression}"]
+                      f"store.root={root}/stores-{compression}", "extract.progress=false",
+                      f"store.compression={compression}"]  # its own root: the codec is not in the store id
             cfg = compose_cfg("tune", common)
             store = ensure_store(cfg).store
             per_value = feature_bytes(store) / (sum(store.splits().values()) * store.n_features)

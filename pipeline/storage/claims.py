@@ -169,7 +169,10 @@ def _object_store(fs, bucket: str):
     options = dict(getattr(fs, "storage_options", {}) or {})
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") \
         or os.environ.get("AWS_ENDPOINT_URL")
-    key, secret, token = _credentials(options.get("profile"))
+    if options.get("key") and options.get("secret"):  # given in code (an API caller's options, in memory)
+        key, secret, token = options["key"], options["secret"], options.get("token")
+    else:
+        key, secret, token = _credentials(options.get("profile"))
     region = (options.get("client_kwargs") or {}).get("region_name") or os.environ.get("AWS_REGION") \
         or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     cache_key = (bucket, endpoint, key, region, options.get("profile"))
