@@ -14,7 +14,7 @@ from zarr.core.sync import sync as zarr_sync
 from . import location
 from ..errors import H2TError
 from . import views
-from .quant import DequantizedArray
+from .quant import DequantizedArray, QuantizedBlock, dequantize
 from .schema import check_arrays, check_attrs
 from .store import STATUS_COMPLETE, FeatureStore, open_store
 
@@ -142,11 +142,14 @@ def verify(store: FeatureStore) -> list[str]:
                     problems += [f"{path} {rows}: missing" for path in missing]
                     continue
                 try:
-                    if isinstance(arr, DequantizedArray):  # its scales and offsets first: a corrupt one is named
+                    if isinstance(arr, DequantizedArray):  # each object read on its own: a corrupt one is named
                         where = f"{arr.params.path} {rows}"
-                        arr.params[shard]
+                        params = arr.params[shard]
                         where = f"{split}/features/{layer['name']} {rows}"
-                    block = arr[shard * shard_rows:(shard + 1) * shard_rows]
+                        codes = arr.codes[shard * shard_rows:(shard + 1) * shard_rows]
+                        block = dequantize(QuantizedBlock(codes, params))
+                    else:
+                        block = arr[shard * shard_rows:(shard + 1) * shard_rows]
                 except Exception as exc:  # noqa: BLE001 - any decode failure is corruption
                     problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
                     continue
