@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline.runtime import keep_freed_memory
 from pipeline.storage.store import create_store
+
+
+def pytest_configure(config):
+    keep_freed_memory()  # as the h2t command does: in-process forwards without a page fault per activation
 
 TINY_OVERRIDES = ["model=resnet_tiny", "data=shapes_location", "data.num_classes=4", "data.image_size=32",
                   "data.sizes.train=40", "data.sizes.val=8", "data.sizes.test=20", "pooling.target_size=128",
