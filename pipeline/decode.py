@@ -8,7 +8,6 @@ batch on the device (nvJPEG on CUDA) through torchvision; `device_decodable` say
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -227,7 +227,6 @@ def test_a_column_view_of_an_int8_store_reads_exactly_the_same_values(int8_copy,
                 assert np.array_equal(read_columns(store, split, plan, view, slice(3, 19), normalise=normalise),
                                       direct[3:19])
     # the view's values are the store's, column for column (a prefix of the view is the top columns)
-    starts = np.cumsum([0] + [layer["dim"] for layer in store.layers])
     for split in store.splits():
         full = np.concatenate([store.features(split, layer["name"])[:] for layer in store.layers], axis=1)
         assert view.read(split, 300).tobytes() == np.ascontiguousarray(full[:, order[:300]]).tobytes()
