@@ -25,14 +25,13 @@ from numcodecs import Blosc, Zstd
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 
-EMPTY = np.uint64(2**64 - 1)
 BLOSC_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
 
 CRC32C = object()  # appended as a separate part: the chunk's bytes are not copied to add 4
 
 
-def _bytes_codec(codec) -> Callable[[np.ndarray], bytes] | None:
+def _bytes_codec(codec) -> Callable[[np.ndarray], bytes] | object | None:
     """One bytes-to-bytes codec as a function of the chunk (as an array of its dtype: Blosc takes its
     typesize from it, as zarr's BloscCodec does), or None when unknown."""
     if isinstance(codec, BloscCodec):
