@@ -53,7 +53,7 @@ class FeatureStore:
     # opened arrays: opening one reads and parses its metadata, which cost more than writing its shard
     _arrays: dict = field(default_factory=dict, repr=False, compare=False)
     _encoders: dict = field(default_factory=dict, repr=False, compare=False)  # array path -> ShardEncoder
-    _attrs_stat: tuple = field(default=(), repr=False, compare=False)  # (mtime, size) of the attributes followed
+    _attrs_stat: tuple = field(default=(), repr=False, compare=False)  # (inode, mtime, size) of the attributes file last followed
 
     def _array(self, key: str) -> zarr.Array:
         array = self._arrays.get(key)
