@@ -65,9 +65,11 @@ def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarr
 
 
 def score_cfg(**overrides):
-    base = {"lam": 1e-2, "solver": "working_set", "max_iter": 50, "tol": 1e-3, "memory_budget_mb": 512}
-    base.update(overrides)
-    return OmegaConf.create(base)
+    """Scoring settings (a ScoreConfig) for the tests' small problems; `overrides`: its fields."""
+    from pipeline.config import ScoreConfig
+
+    return ScoreConfig(**{"lam": 1e-2, "solver": "working_set", "max_iter": 50, "tol": 1e-3, "memory_budget_mb": 512,
+                          **overrides})
 
 
 @pytest.fixture

@@ -13,14 +13,26 @@ import pytest
 
 from pipeline.errors import H2TError
 from pipeline.rows import kfold
-from pipeline.score import score_store
-from pipeline.score.cluster import client_for, close_client
+from pipeline.score import SOLVERS, ScoreRuntime, open_matrix, score_store
+from pipeline.score import cluster as cluster_module
+from pipeline.score.cluster import ClusterMatrix, _forget
+from pipeline.score.datafit import MultinomialLogistic
+from pipeline.score.matrix import FeatureMatrix
 from pipeline.select import kept, ranking
-from pipeline.storage.store import open_store
+from pipeline.storage.claims import Claims
+from pipeline.storage.store import create_store, open_store
 from tests.conftest import make_store, score_cfg
+from tests.s3server import BUCKET, KEY, SECRET, S3Server
 
 WIDTHS = [40, 24, 64, 8]
 STREAMED = 0.05  # MB: blocks of a few shards, so every pass is several tasks
+
+
+@pytest.fixture(scope="module")
+def local2():
+    """One runtime for the module's solves on a LocalCluster of 2 processes (as a command holds one)."""
+    with ScoreRuntime() as runtime:
+        yield runtime
 
 
 @pytest.fixture
@@ -46,29 +58,73 @@ def assert_same_selection(a: dict, b: dict, fraction: float = 0.1) -> None:
     np.testing.assert_allclose(a["weight_sq"], b["weight_sq"], rtol=1e-3, atol=1e-6 * a["weight_sq"].max())
 
 
-def test_a_local_cluster_of_processes_scores_like_the_threaded_path(tmp_path, data):
-    from pipeline.score.cluster import ClusterMatrix
-    from pipeline.score.datafit import MultinomialLogistic
-    from pipeline.score.matrix import FeatureMatrix
-
+def test_a_local_cluster_of_processes_scores_like_the_threaded_path(tmp_path, data, local2):
     threads, cluster = twin_stores(tmp_path, data)
     fit, _ = kfold(threads, ["train", "val"], 3)[1]
     for rows in ("train", fit):
         mine, info = score_store(threads, score_cfg(lam=3e-3, memory_budget_mb=STREAMED), rows)
-        theirs, info_c = score_store(cluster, score_cfg(lam=3e-3, memory_budget_mb=STREAMED, cluster="local:2"), rows)
+        theirs, info_c = score_store(cluster, score_cfg(lam=3e-3, memory_budget_mb=STREAMED, cluster="local:2"), rows,
+                                     runtime=local2)
         assert not info["in_memory"] and info_c["key"] == info["key"]  # the cache key ignores where it ran
         assert_same_selection(mine, theirs)
-    client = client_for("local:2")
+    client = local2.client("local:2")
     workers = client.scheduler_info()["workers"]
     assert len(workers) == 2 and len({w["id"] for w in workers.values()}) == 2
     # the power iteration (FISTA's step size) as a cluster reduction
     budget = int(STREAMED * 2**20)
-    local, remote = FeatureMatrix(threads, "train", budget), ClusterMatrix(cluster, "train", client, budget)
-    assert len(remote.segments) > 2 and len(set(remote.placement)) == 2
-    assert MultinomialLogistic.lipschitz(remote, iterations=10) == pytest.approx(
-        MultinomialLogistic.lipschitz(local, iterations=10), rel=1e-5)
-    remote.close()
-    close_client("local:2")
+    with FeatureMatrix(threads, "train", budget) as local, ClusterMatrix(cluster, "train", client, budget) as remote:
+        assert len(remote.segments) > 2 and len(set(remote.placement)) == 2
+        assert MultinomialLogistic.lipschitz(remote, iterations=10) == pytest.approx(
+            MultinomialLogistic.lipschitz(local, iterations=10), rel=1e-5)
+
+
+def test_closing_a_cluster_matrix_releases_its_worker_caches(tmp_path, data, local2):
+    _, store = twin_stores(tmp_path, data)
+    settings = score_cfg(memory_budget_mb=STREAMED, cluster="local:2")
+    client = local2.client("local:2")
+    other = open_matrix(store, "train", settings, local2)
+    with open_matrix(store, "train", settings, local2) as matrix:
+        assert isinstance(matrix, ClusterMatrix)
+        matrix.columns(np.array([0, 50, 130]))
+    assert set(client.run(_forget, matrix.token).values()) == {0}  # nothing of it left on any worker
+    held = client.run(_forget, other.token)  # the open one's store and block norms were there
+    assert len(held) == 2 and all(n > 0 for n in held.values())
+    other.close()
+
+
+def test_a_failed_solve_releases_the_worker_caches(tmp_path, data, local2, monkeypatch):
+    _, store = twin_stores(tmp_path, data)
+    seen = []
+
+    class Failing:
+        def __init__(self, **_settings):
+            pass
+
+        def solve(self, matrix, datafit, penalty, W0=None, b0=None):
+            seen.append(matrix)
+            raise RuntimeError("the solve failed")
+
+    monkeypatch.setitem(SOLVERS, "working_set", Failing)
+    with pytest.raises(RuntimeError, match="the solve failed"):
+        score_store(store, score_cfg(memory_budget_mb=STREAMED, cluster="local:2"), "train", runtime=local2)
+    assert set(local2.client("local:2").run(_forget, seen[0].token).values()) == {0}
+    assert not local2.closed  # the caller's runtime: its owner closes it
+
+
+def test_the_runtime_opens_one_client_per_spec_and_closes_them(monkeypatch):
+    started = []
+    start = cluster_module._start_local
+    monkeypatch.setattr(cluster_module, "_start_local", lambda spec: started.append(spec) or start(spec))
+    with ScoreRuntime() as runtime:
+        assert runtime.client(None) is None and runtime.client("null") is None and not started
+        client = runtime.client("local:1")
+        assert runtime.client("local:1") is client and started == ["local:1"] and runtime.specs == ["local:1"]
+        assert client.status == "running"
+        cluster = client.cluster
+    assert runtime.closed and runtime.specs == []
+    assert client.status == "closed" and cluster.status.name == "closed"
+    with pytest.raises(H2TError, match="closed"):
+        runtime.client("local:1")
 
 
 def _free_port() -> int:
@@ -91,7 +147,7 @@ def scheduler(tmp_path_factory):
                                    "--no-dashboard", "--local-directory", str(logs)],
                                   stdout=open(logs / "worker.log", "w"), stderr=subprocess.STDOUT,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"}))
-    from distributed import Client
+    from distributed import Client  # optional dependency: only `score.cluster` needs it
 
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -105,7 +161,6 @@ def scheduler(tmp_path_factory):
     else:
         raise RuntimeError(f"dask workers did not join: {(logs / 'worker.log').read_text()[-2000:]}")
     yield address
-    close_client(address)
     for proc in reversed(procs):
         proc.terminate()
         proc.wait(timeout=30)
@@ -119,16 +174,12 @@ def test_scheduler_and_workers_on_loopback_score_a_local_store(tmp_path, data, s
     assert info["passes"] >= 2
 
 
-def test_scheduler_and_workers_score_a_store_on_the_s3_server(tmp_path, data, scheduler):
-    from tests.s3server import BUCKET, KEY, SECRET, S3Server
-
+def test_scheduler_and_workers_score_a_store_on_the_s3_server(tmp_path, data, scheduler, local2):
     (tmp_path / "seaweed").mkdir()
     server = S3Server(tmp_path / "seaweed").start()
     try:
         X, y = data
         options = {"endpoint_url": server.endpoint, "key": KEY, "secret": SECRET}
-        from pipeline.storage.store import create_store
-
         remote_path = f"s3://{BUCKET}/cluster/s.zarr"
         layers, offset = [], 0
         for i, w in enumerate(WIDTHS):
@@ -154,17 +205,14 @@ def test_scheduler_and_workers_score_a_store_on_the_s3_server(tmp_path, data, sc
         for key in list(remote.group["derived/relevance"].group_keys()):
             del remote.group[f"derived/relevance/{key}"]  # solve again, on a LocalCluster of processes
         local_cluster, again = score_store(remote, score_cfg(lam=3e-3, memory_budget_mb=STREAMED, cluster="local:2"),
-                                           "train")
+                                           "train", runtime=local2)
         assert not again["cached"]
         assert_same_selection(mine, local_cluster)
-        close_client("local:2")
     finally:
         server.stop()
 
 
 def test_scores_are_written_once_per_key_when_jobs_race(tmp_path, data):
-    from pipeline.storage.claims import Claims
-
     store, _ = twin_stores(tmp_path, data)
     arrays = {"weight_sq": np.ones(sum(WIDTHS), np.float32), "grad_norm": np.zeros(sum(WIDTHS), np.float32)}
     other = Claims(store.group.store, ttl_s=60)
@@ -180,10 +228,10 @@ def test_scores_are_written_once_per_key_when_jobs_race(tmp_path, data):
 
 @pytest.mark.parametrize("spec,culprit", [("local:0", "N >= 1"), ("yarn", "null, local:N or tcp://")])
 def test_bad_cluster_specs_are_one_line(spec, culprit):
-    with pytest.raises(H2TError, match=culprit):
-        client_for(spec)
+    with ScoreRuntime() as runtime, pytest.raises(H2TError, match=culprit):
+        runtime.client(spec)
 
 
 def test_an_unreachable_scheduler_is_one_line():
-    with pytest.raises(H2TError, match="no Dask scheduler answers"):
-        client_for(f"tcp://127.0.0.1:{_free_port()}")
+    with ScoreRuntime() as runtime, pytest.raises(H2TError, match="no Dask scheduler answers"):
+        runtime.client(f"tcp://127.0.0.1:{_free_port()}")

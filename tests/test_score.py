@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from pipeline.errors import H2TError
-from pipeline.score import FeatureMatrix, GroupL2Rows, MultinomialLogistic, score_store
-from pipeline.score.matrix import l2_normalise_rows
+from pipeline.score import (SOLVERS, Datafit, FeatureMatrix, GroupL2Rows, Matrix, MultinomialLogistic, Penalty,
+                            ScoreRuntime, open_matrix, score_path, score_store)
+from pipeline.score.contracts import BlockMatrix
+from pipeline.score.matrix import DenseMatrix, l2_normalise_rows
 from tests.conftest import make_store, score_cfg
 
 
@@ -144,3 +146,60 @@ def test_bad_scoring_settings_are_named(tmp_path, rng, bad):
     store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
     with pytest.raises(H2TError, match=f"score.{next(iter(bad))}"):
         score_store(store, score_cfg(**bad), "train")
+
+
+def test_every_part_has_its_whole_contract(tmp_path, rng):
+    X, y, _ = informative_problem(rng, n=32)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
+    with ScoreRuntime() as runtime, open_matrix(store, "train", score_cfg(), runtime) as matrix:
+        dense = DenseMatrix(X, centered=False)
+        for m in (matrix, dense):
+            assert isinstance(m, BlockMatrix) and isinstance(m, Matrix)
+        assert matrix.in_memory and dense.in_memory and dense.offset is None
+    assert isinstance(MultinomialLogistic(y, 3), Datafit) and isinstance(GroupL2Rows(0.1), Penalty)
+
+
+class _Failing:
+    """A solver that fails on its first pass over the matrix."""
+
+    def __init__(self, **_settings):
+        pass
+
+    def solve(self, matrix, datafit, penalty, W0=None, b0=None):
+        K = datafit.num_classes
+        datafit.value_grad(matrix, np.zeros((matrix.D, K), np.float32), np.zeros(K, np.float32))
+        raise RuntimeError("the solve failed")
+
+
+def test_the_context_manager_closes_the_matrix_even_when_its_block_raises(tmp_path, rng, monkeypatch):
+    X, y, _ = informative_problem(rng, n=32)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
+    closed = []
+    monkeypatch.setattr(FeatureMatrix, "close", lambda self: closed.append(self))
+    with ScoreRuntime() as runtime:
+        with open_matrix(store, "train", score_cfg(), runtime) as matrix:
+            assert not closed
+        assert closed == [matrix]
+        with pytest.raises(RuntimeError, match="inside"), open_matrix(store, "train", score_cfg(), runtime) as other:
+            raise RuntimeError("inside")
+        assert closed == [matrix, other]
+    assert runtime.closed
+
+
+def test_a_failed_solve_closes_the_matrix_and_its_own_runtime(tmp_path, rng, monkeypatch):
+    X, y, _ = informative_problem(rng, n=32)
+    store = make_store(tmp_path / "s.zarr", {"train": X, "test": X[:10]}, {"train": y, "test": y[:10]}, 3)
+    closed, runtimes = [], []
+    monkeypatch.setattr(FeatureMatrix, "close", lambda self: closed.append(self))
+    close_runtime = ScoreRuntime.close
+    monkeypatch.setattr(ScoreRuntime, "close", lambda self: (runtimes.append(self), close_runtime(self)))
+    monkeypatch.setitem(SOLVERS, "working_set", _Failing)
+    with pytest.raises(RuntimeError, match="the solve failed"):
+        score_path(store, score_cfg(), "train", [1e-2, 5e-3])
+    assert len(closed) == 1 and closed[0].passes >= 1  # the matrix the solver was given
+    assert len(runtimes) == 1 and runtimes[0].closed  # the runtime score_path made for itself
+    mine = ScoreRuntime()
+    with pytest.raises(RuntimeError, match="the solve failed"):
+        score_path(store, score_cfg(), "train", [1e-2], runtime=mine)
+    assert len(closed) == 2 and len(runtimes) == 1 and not mine.closed  # the caller's runtime stays open
+    mine.close()

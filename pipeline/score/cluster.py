@@ -10,28 +10,35 @@ labels and the working set's n x |ws| columns, never an n x D block. A block is 
 keeps its row norms, so the column gathers read only the chunks holding those columns. A pass is one task
 per worker over its blocks (the next read while the current one is multiplied), whose partial sums are added
 up on the worker and then pairwise between workers: the driver receives one D x K array per pass, whatever n
-and the number of workers.
+and the number of workers. The clients belong to a `ScoreRuntime`, which the command (or one `score_path`)
+holds and closes: nothing here outlives it on the driver.
 """
 from __future__ import annotations
 
-import atexit
 import logging
 import os
+import socket
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
 
 import numpy as np
 
 from ..errors import H2TError
 from ..rows import Rows, Segment
-from .matrix import BlockReader, add_partials, as_sums, block_rows_for
+from ..storage.store import open_store
+from .matrix import BlockReader, Closing, add_partials, as_sums, block_rows_for
 
-_CLIENTS: dict[str, object] = {}
+NO_CLUSTER = (None, "", "null", "none")  # the threaded in-process path
 
 
 def check_spec(spec) -> None:
     """The form of `score.cluster`, checked without connecting."""
-    if spec in (None, "", "null", "none"):
+    if spec in NO_CLUSTER:
         return
     text = str(spec)
     if text.startswith("local:"):
@@ -43,57 +50,92 @@ def check_spec(spec) -> None:
         raise H2TError(f"score.cluster must be null, local:N or tcp://HOST:PORT, got {text!r}")
 
 
-def client_for(spec):
-    """The distributed Client for `score.cluster` (None: the threaded in-process path). One per spec per
-    process: a tune's many solves share it."""
-    if spec in (None, "", "null", "none"):
-        return None
-    spec = str(spec)
-    if spec in _CLIENTS:
-        return _CLIENTS[spec]
-    from distributed import Client, LocalCluster
+class ScoreRuntime:
+    """The Dask clients that scoring uses, and the LocalClusters it started for them: opened on first need,
+    one per `score.cluster` spec (a tune's many solves share it), all closed by `close()` or on leaving
+    `with ScoreRuntime() as runtime:`. A command that scores more than once holds one for its whole run and
+    passes it to every `score_path(..., runtime=runtime)`."""
 
-    check_spec(spec)
-    if spec.startswith("local:"):
-        n = int(spec.split(":", 1)[1])
-        threads = max(1, (os.cpu_count() or 1) // n)
-        cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
-                               silence_logs=logging.ERROR)
-        client = Client(cluster)
-        atexit.register(cluster.close)
-    else:
-        _reachable(spec)
-        try:
-            client = Client(spec, timeout=30)
-        except OSError as exc:
-            raise H2TError(f"score.cluster={spec}: no Dask scheduler answers there ({exc})") from None
-        if not client.scheduler_info().get("workers"):
-            client.close()
-            raise H2TError(f"score.cluster={spec}: the scheduler has no workers (start `dask worker {spec}`)")
-    atexit.register(client.close)
-    _CLIENTS[spec] = client
+    def __init__(self) -> None:
+        self._opened: dict[str, tuple[Any, Any]] = {}  # spec -> (client, the LocalCluster it runs on or None)
+        self._closed = False
+
+    def client(self, spec):
+        """The distributed Client for `score.cluster` (None: the threaded in-process path)."""
+        if spec in NO_CLUSTER:
+            return None
+        if self._closed:
+            raise H2TError("the scoring runtime is closed: its Dask clients are gone")
+        spec = str(spec)
+        if spec not in self._opened:
+            check_spec(spec)
+            self._opened[spec] = _start_local(spec) if spec.startswith("local:") else (_connect(spec), None)
+        return self._opened[spec][0]
+
+    @property
+    def specs(self) -> list[str]:
+        """The specs whose clients are open."""
+        return list(self._opened)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Disconnect every client (and stop each LocalCluster) before the scheduler goes away; every one is
+        closed even if another fails."""
+        opened, self._opened, self._closed = self._opened, {}, True
+        with ExitStack() as stack:  # runs every callback, the last pushed first
+            for client, cluster in opened.values():
+                if cluster is not None:
+                    stack.callback(cluster.close)
+                stack.callback(client.close)
+
+    def __enter__(self) -> ScoreRuntime:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def _start_local(spec: str):
+    """`local:N`: a LocalCluster of N worker processes and a client of it."""
+    from distributed import Client, LocalCluster  # optional dependency: only `score.cluster` needs it
+
+    n = int(spec.split(":", 1)[1])
+    threads = max(1, (os.cpu_count() or 1) // n)
+    cluster = LocalCluster(n_workers=n, threads_per_worker=threads, processes=True, dashboard_address=":0",
+                           silence_logs=logging.ERROR)
+    try:
+        return Client(cluster), cluster
+    except BaseException:
+        cluster.close()
+        raise
+
+
+def _connect(spec: str):
+    """A client of the scheduler at `spec`, which must have workers."""
+    from distributed import Client  # optional dependency: only `score.cluster` needs it
+
+    _reachable(spec)
+    try:
+        client = Client(spec, timeout=30)
+    except OSError as exc:
+        raise H2TError(f"score.cluster={spec}: no Dask scheduler answers there ({exc})") from None
+    if not client.scheduler_info().get("workers"):
+        client.close()
+        raise H2TError(f"score.cluster={spec}: the scheduler has no workers (start `dask worker {spec}`)")
     return client
 
 
 def _reachable(address: str) -> None:
     """A refused or silent address fails in seconds, not after the client's connection timeout."""
-    import socket
-
     host, _, port = address.split("://", 1)[1].rpartition(":")
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5).close()
     except (OSError, ValueError) as exc:
         raise H2TError(f"score.cluster={address}: no Dask scheduler answers there ({exc})") from None
-
-
-def close_client(spec) -> None:
-    """Disconnect (and for local:N stop the cluster) before the scheduler goes away."""
-    client = _CLIENTS.pop(str(spec), None)
-    if client is not None:
-        cluster = getattr(client, "cluster", None)
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 @dataclass(frozen=True)
@@ -104,26 +146,28 @@ class StoreRef:
     splits: tuple[str, ...]
 
 
-# --- worker side: one reader per store, row norms per (matrix, block) ----------------------------------------
-_READERS: dict[tuple, BlockReader] = {}
-_NORMS: dict[tuple[str, int], np.ndarray] = {}
+# --- worker side ---------------------------------------------------------------------------------------------
+# These live in each Dask worker process, not on the driver: a matrix's later passes and column gathers run
+# on the worker its blocks are pinned to and reuse what its first pass left there (the opened store, each
+# block's row norms), which the driver could only hand over by shipping n x layers norms with every task.
+# Both are keyed by the matrix's token and released by `_forget`, which the matrix's close() runs on every
+# worker.
+_READERS: dict[str, BlockReader] = {}  # token -> the store opened for that matrix
+_NORMS: dict[tuple[str, int], np.ndarray] = {}  # (token, block) -> the block's row norms per layer
 
 
-def _reader(ref: StoreRef) -> BlockReader:
-    key = (ref.path, ref.splits)
-    reader = _READERS.get(key)
+def _reader(ref: StoreRef, token: str) -> BlockReader:
+    reader = _READERS.get(token)
     if reader is None:
-        from ..storage.store import open_store
-
         store = open_store(ref.path, options=ref.options)
         if store is None:
             raise H2TError(f"worker: no store at {ref.path}")
-        reader = _READERS[key] = BlockReader(store, ref.splits)
+        reader = _READERS[token] = BlockReader(store, ref.splits)
     return reader
 
 
 def _read_block(ref: StoreRef, token: str, block: int, segment: Segment) -> np.ndarray:
-    reader = _reader(ref)
+    reader = _reader(ref, token)
     rows = segment.dst.stop - segment.dst.start
     out = np.empty((rows, reader.D), np.float32)
     norms = np.empty((rows, len(reader.layers)), np.float32)
@@ -135,8 +179,6 @@ def _read_block(ref: StoreRef, token: str, block: int, segment: Segment) -> np.n
 def _reduce_task(ref: StoreRef, token: str, items: list[tuple[int, Segment]], fn, *args):
     """This worker's share of a pass: its blocks in order, the next one read while fn runs on the current
     one, the partial sums added up here (one D x K result per worker and pass goes back to the driver)."""
-    from concurrent.futures import ThreadPoolExecutor
-
     total = None
     with ThreadPoolExecutor(1, thread_name_prefix="h2t-prefetch") as prefetch:
         pending = prefetch.submit(_read_block, ref, token, *items[0])
@@ -158,7 +200,7 @@ def _columns_task(ref: StoreRef, token: str, items: list[tuple[int, Segment]], i
             out.append(np.ascontiguousarray(_read_block(ref, token, block, segment)[:, idx]))
             continue
         part = np.empty((segment.dst.stop - segment.dst.start, len(idx)), np.float32)
-        _reader(ref).columns(part, segment, idx, norms)
+        _reader(ref, token).columns(part, segment, idx, norms)
         out.append(part)
     return out
 
@@ -167,9 +209,12 @@ def _column_sums(X: np.ndarray, _rows) -> np.ndarray:
     return X.sum(axis=0, dtype=np.float64)
 
 
-def _forget(token: str) -> None:
-    for key in [k for k in _NORMS if k[0] == token]:
+def _forget(token: str) -> int:
+    """Release this worker's caches of the matrix `token`; returns how many entries were held."""
+    keys = [k for k in _NORMS if k[0] == token]
+    for key in keys:
         del _NORMS[key]
+    return len(keys) + (_READERS.pop(token, None) is not None)
 
 
 # --- driver side -------------------------------------------------------------------------------------------
@@ -177,8 +222,9 @@ def _add_pair(a, b):
     return add_partials(add_partials(None, a), b)
 
 
-class ClusterMatrix:
-    """The FeatureMatrix protocol (n, D, reduce, columns, passes, offset) with every pass on the cluster."""
+class ClusterMatrix(Closing):
+    """The Matrix protocol (pipeline/score/contracts.py) with every pass on the cluster; close() releases
+    the caches its passes left on the workers."""
 
     in_memory = False
 
@@ -202,15 +248,19 @@ class ClusterMatrix:
         self.passes = 0
         self.centered = center
         self.mean = np.zeros(self.D, np.float32)
-        self.offset = None
-        totals = self.reduce(_column_sums)  # also leaves each block's row norms on its worker
+        self.offset: np.ndarray | None = None
+        try:
+            totals = self.reduce(_column_sums)  # also leaves each block's row norms on its worker
+        except BaseException:
+            self.close()  # the blocks read before the failure
+            raise
         if center:
             self.mean = (totals / self.n).astype(np.float32)
             self.offset = self.mean
 
     def _per_worker(self, task, *args):
         """One task per worker over the blocks placed on it; yields (its blocks, its result) as they finish."""
-        from distributed import as_completed
+        from distributed import as_completed  # optional dependency: only `score.cluster` needs it
 
         futures = {self.client.submit(task, self.ref, self.token, items, *args, workers=[worker],
                                       allow_other_workers=True, pure=False): items
@@ -219,7 +269,7 @@ class ClusterMatrix:
             yield futures[future], result
             future.release()
 
-    def reduce(self, fn, *args):
+    def reduce(self, fn: Callable[..., Any], *args: Any) -> Any:
         """sum over blocks of fn(block, rows, *args): each worker adds up its own blocks' terms, then the
         workers' sums are added pairwise on the workers (a tree), so the driver receives one D x K result
         per pass however many workers there are (at K = 1000 a partial is 1.6 GB for D = 400 k)."""
@@ -247,6 +297,7 @@ class ClusterMatrix:
         return out
 
     def close(self) -> None:
+        """Release every worker's caches of this matrix (its opened store, its blocks' row norms)."""
         try:
             self.client.run(_forget, self.token)
         except Exception:  # noqa: BLE001 - workers that left took their caches with them

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .contracts import Matrix
+
 
 class MultinomialLogistic:
     """Mean softmax cross-entropy of logits X W + b against integer labels."""
@@ -25,12 +27,12 @@ class MultinomialLogistic:
         residual[idx, y] -= 1.0
         return loss, X.T @ residual, residual.sum(axis=0)
 
-    def value_grad(self, matrix, W: np.ndarray, b: np.ndarray):
+    def value_grad(self, matrix: Matrix, W: np.ndarray, b: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         """(mean loss, dW, db) in one pass over the matrix.
 
-        A matrix with an `offset` yields blocks B whose rows are X + offset: X W + b = B W + (b - offset W)
+        A matrix whose `offset` is not None yields blocks B whose rows are X + offset: X W + b = B W + (b - offset W)
         and X^T R = B^T R - offset (1^T R), so the centring costs O(D K) per pass, not a pass per block."""
-        offset = getattr(matrix, "offset", None)
+        offset = matrix.offset
         b_eff = b if offset is None else (b - offset @ W).astype(np.float32)
         loss, gW, gb = matrix.reduce(self.block_value_grad, W, b_eff)
         gW, gb = gW.astype(W.dtype, copy=False), gb.astype(b.dtype, copy=False)
@@ -38,7 +40,7 @@ class MultinomialLogistic:
             gW -= np.outer(offset, gb).astype(W.dtype)
         return loss / self.n, gW / self.n, gb / self.n
 
-    def lambda_max(self, matrix) -> float:
+    def lambda_max(self, matrix: Matrix) -> float:
         """Smallest lam for which W = 0 is optimal (intercept at the log class prior)."""
         prior = np.bincount(self.labels, minlength=self.num_classes) / self.n
         b = np.log(np.maximum(prior, 1e-12)).astype(np.float32)
@@ -46,7 +48,7 @@ class MultinomialLogistic:
         return float(np.linalg.norm(gW, axis=1).max())
 
     @staticmethod
-    def lipschitz(matrix, iterations: int = 30, seed: int = 0) -> float:
+    def lipschitz(matrix: Matrix, iterations: int = 30, seed: int = 0) -> float:
         """Lipschitz constant of the gradient in W: 0.5 * largest eigenvalue of X^T X / n (power iteration).
 
         The bias, whose column of ones is orthogonal to the centred X, has its own constant 0.5.
@@ -55,7 +57,7 @@ class MultinomialLogistic:
         v = rng.standard_normal(matrix.D).astype(np.float32)
         v /= np.linalg.norm(v)
         eig = 0.0
-        offset = getattr(matrix, "offset", None)
+        offset = matrix.offset
         for _ in range(iterations):
             shift = 0.0 if offset is None else float(offset @ v)
             out, total = matrix.reduce(_gram_step, v, shift)

@@ -15,16 +15,19 @@ layer norms (n x layers).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
+from types import TracebackType
+from typing import Any, TypeVar
 
 import dask
 import numpy as np
 import torch
 
 from ..errors import H2TError
-from ..storage.quant import DequantizedArray
 from ..rows import Rows, Segment
+from ..storage.quant import DequantizedArray
+from .contracts import BlockMatrix
 
 CACHE_BYTES = 2**20  # float32 values cast, measured and scaled at once: they stay in a core's cache
 
@@ -62,15 +65,33 @@ def l2_normalise_rows(block: np.ndarray) -> np.ndarray:
     return out
 
 
-class DenseMatrix:
-    """An in-memory matrix with the FeatureMatrix protocol (n, D, blocks(), columns(), passes, offset)."""
+_C = TypeVar("_C", bound="Closing")
 
-    offset = None  # blocks are the matrix itself
+
+class Closing:
+    """`with matrix:` closes it on the way out, whether the block raised or not."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _C) -> _C:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class DenseMatrix(Closing):
+    """An in-memory matrix with the BlockMatrix protocol (pipeline/score/contracts.py)."""
+
+    in_memory = True
 
     def __init__(self, array: np.ndarray, centered: bool):
         self.array = np.ascontiguousarray(array, dtype=np.float32)
         self.n, self.D = self.array.shape
         self.centered = centered  # columns have zero mean: the bias decouples from W
+        self.offset: np.ndarray | None = None  # blocks are the matrix itself
         self.passes = 0
 
     def blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
@@ -80,9 +101,12 @@ class DenseMatrix:
     def columns(self, idx: np.ndarray) -> np.ndarray:
         return self.array[:, idx]
 
-    def reduce(self, fn, *args):
+    def reduce(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.passes += 1
         return fn(self.array, slice(0, self.n), *args)
+
+    def close(self) -> None:
+        """Nothing to release: the array is the caller's."""
 
 
 def block_rows_for(budget_bytes: int, D: int, itemsize: int, shard_rows: int, n: int) -> int:
@@ -181,7 +205,7 @@ def as_sums(total):
     return float(total) if np.ndim(total) == 0 else total
 
 
-def reduce_blocks(matrix, fn, *args):
+def reduce_blocks(matrix: BlockMatrix, fn: Callable[..., Any], *args: Any) -> Any:
     """sum over the matrix's blocks of fn(block, rows, *args) (a number, an array or a tuple of them)."""
     total = None
     for rows, X in matrix.blocks():
@@ -189,10 +213,11 @@ def reduce_blocks(matrix, fn, *args):
     return as_sums(total)
 
 
-class FeatureMatrix:
-    """The rows `rows` (a split's name, or a Rows selection: folds, train + val) of every layer."""
+class FeatureMatrix(Closing):
+    """The rows `rows` (a split's name, or a Rows selection: folds, train + val) of every layer, read in this
+    process (the BlockMatrix protocol, pipeline/score/contracts.py)."""
 
-    def __init__(self, store, rows: "Rows | str", memory_budget_bytes: int, layers: list[dict] | None = None,
+    def __init__(self, store, rows: Rows | str, memory_budget_bytes: int, layers: list[dict] | None = None,
                  center: bool = True, threads: int | None = None):
         self.rows = Rows.of(store, rows) if isinstance(rows, str) else rows
         self.store = store
@@ -211,7 +236,7 @@ class FeatureMatrix:
         self.passes = 0  # full reads of the store (or of the cache) made so far
         self.centered = center
         self.mean = np.zeros(self.D, np.float32)
-        self.offset = None  # subtracted from streamed blocks by the datafit: X = block - offset
+        self.offset: np.ndarray | None = None  # subtracted from streamed blocks by the datafit: X = block - offset
         self._cache = None
         if self.in_memory:
             self._cache = np.empty((self.n, self.D), np.float32)
@@ -260,7 +285,7 @@ class FeatureMatrix:
                 yield segment.dst, block
         self._norms_known = True
 
-    def reduce(self, fn, *args):
+    def reduce(self, fn: Callable[..., Any], *args: Any) -> Any:
         return reduce_blocks(self, fn, *args)
 
     def columns(self, idx: np.ndarray) -> np.ndarray:
@@ -275,3 +300,6 @@ class FeatureMatrix:
         if self.centered:
             out -= self.mean[idx]
         return out
+
+    def close(self) -> None:
+        """Nothing to release outside this process: the values and norms are freed with the matrix."""

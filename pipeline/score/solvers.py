@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from .contracts import Datafit, Matrix, Penalty
 from .matrix import DenseMatrix
 
 
@@ -28,7 +29,7 @@ class Solution:
     history: list[float] = field(default_factory=list)
 
 
-def _prior_bias(datafit) -> np.ndarray:
+def _prior_bias(datafit: Datafit) -> np.ndarray:
     """The optimal intercept when W = 0: log class frequencies."""
     prior = np.bincount(datafit.labels, minlength=datafit.num_classes) / datafit.n
     return np.log(np.maximum(prior, 1e-12)).astype(np.float32)
@@ -45,12 +46,13 @@ class FISTA:
     def __init__(self, max_iter: int = 1000, tol: float = 1e-2, check_every: int = 10, progress: bool = False):
         self.max_iter, self.tol, self.check_every, self.progress = int(max_iter), float(tol), int(check_every), progress
 
-    def solve(self, matrix, datafit, penalty, W0: np.ndarray | None = None, b0: np.ndarray | None = None) -> Solution:
+    def solve(self, matrix: Matrix, datafit: Datafit, penalty: Penalty, W0: np.ndarray | None = None,
+              b0: np.ndarray | None = None) -> Solution:
         K = datafit.num_classes
         W = np.zeros((matrix.D, K), np.float32) if W0 is None else W0.astype(np.float32)
         b = _prior_bias(datafit) if b0 is None else b0.astype(np.float32)
         L_W = datafit.lipschitz(matrix)
-        if getattr(matrix, "centered", False):
+        if matrix.centered:
             step_W, step_b = 1.0 / L_W, 1.0 / 0.5
         else:
             step_W = step_b = 1.0 / (L_W + 0.5 * 1.05)
@@ -94,7 +96,8 @@ class WorkingSet:
         self.max_iter, self.tol, self.progress = int(max_iter), float(tol), progress
         self.inner_max_iter, self.start_size = int(inner_max_iter), int(start_size)
 
-    def solve(self, matrix, datafit, penalty, W0: np.ndarray | None = None, b0: np.ndarray | None = None) -> Solution:
+    def solve(self, matrix: Matrix, datafit: Datafit, penalty: Penalty, W0: np.ndarray | None = None,
+              b0: np.ndarray | None = None) -> Solution:
         """W0 / b0: a warm start (the solution at a larger λ on a path), else zero and the class prior."""
         K, lam = datafit.num_classes, penalty.lam
         W = np.zeros((matrix.D, K), np.float32) if W0 is None else W0.astype(np.float32, copy=True)
@@ -117,7 +120,7 @@ class WorkingSet:
             zero_violators = np.flatnonzero((violations > 0) & (np.abs(W).sum(axis=1) == 0))
             worst = zero_violators[np.argsort(-violations[zero_violators], kind="stable")]
             ws = np.union1d(active, worst[:max(0, size - len(active))])
-            sub = DenseMatrix(matrix.columns(ws), centered=getattr(matrix, "centered", False))
+            sub = DenseMatrix(matrix.columns(ws), centered=matrix.centered)
             inner = FISTA(max_iter=self.inner_max_iter, tol=0.3 * self.tol, check_every=20)
             solution = inner.solve(sub, datafit, penalty, W0=W[ws], b0=b)
             inner_iterations += solution.iterations
