@@ -3,11 +3,18 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import importlib
 import os
 from pathlib import Path
 
+import huggingface_hub.constants as hub_constants
+import timm
 import torch
+from typing import Any
+from safetensors.torch import load_file
+from timm.models import load_checkpoint, remap_state_dict
 
+from .config import ModelConfig
 from .errors import H2TError
 
 PACKAGED_WEIGHTS = {
@@ -18,8 +25,6 @@ PACKAGED_WEIGHTS = {
 
 
 def check_model_name(name: str) -> None:
-    import timm
-
     if not name or not timm.is_model(name):
         close = difflib.get_close_matches(str(name), timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see timm.list_models()"
@@ -30,11 +35,11 @@ def _packaged_file(spec: str) -> Path:
     if spec not in PACKAGED_WEIGHTS:
         raise H2TError(f"unknown model.weights={spec!r}; packaged weights: {', '.join(PACKAGED_WEIGHTS)}")
     package, relative = PACKAGED_WEIGHTS[spec]
-    try:
-        module = __import__(package)
+    try:  # an optional package that ships the weights
+        module = importlib.import_module(package)
     except ImportError:
         raise H2TError(f"model.weights={spec}: install the package {package.replace('_', '-')}") from None
-    return Path(module.__file__).parent / relative
+    return Path(str(module.__file__)).parent / relative
 
 
 def _file_sha256(path: Path) -> str:
@@ -45,30 +50,27 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def weights_fingerprint(cfg) -> str:
+def weights_fingerprint(cfg: ModelConfig) -> str:
     """Identity of the weights, computed without building the model (a store lookup must stay cheap)."""
-    if cfg.get("weights"):
+    if cfg.weights:
         return f"package:{cfg.weights}:sha256:{_file_sha256(_packaged_file(cfg.weights))}"
-    if cfg.get("checkpoint"):
+    if cfg.checkpoint:
         path = Path(os.path.expanduser(str(cfg.checkpoint)))
         if not path.is_file():
             raise H2TError(f"model.checkpoint={path}: no such file")
         return f"file:sha256:{_file_sha256(path)}"
-    if cfg.get("pretrained"):
-        import timm
-
+    if cfg.pretrained:
         pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
         hub_id = getattr(pretrained_cfg, "hf_hub_id", None) or cfg.name
         return f"hub:{hub_id}"
-    return f"random:seed={int(cfg.get('seed', 0))}"
+    return f"random:seed={int(cfg.seed)}"
 
 
-def _load_state_dict(path: Path) -> dict:
+def _load_state_dict(path: Path) -> Any:
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state: Any = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
@@ -82,8 +84,6 @@ def _load_state_dict(path: Path) -> dict:
 def _load_checkpoint(model: torch.nn.Module, path: Path, name: str) -> None:
     """timm's own loader: .safetensors or .pth, a bare state dict or one under 'state_dict' / 'model' (EMA
     weights preferred), 'module.' prefixes dropped; every key must fit."""
-    from timm.models import load_checkpoint
-
     try:
         load_checkpoint(model, str(path), strict=True, weights_only=True)
     except RuntimeError as exc:
@@ -99,8 +99,6 @@ def _load_checkpoint(model: torch.nn.Module, path: Path, name: str) -> None:
 def _load_by_position(model: torch.nn.Module, source: dict, what: str) -> None:
     """Map a state dict with foreign key names onto the model by tensor order (timm's remap_state_dict),
     refusing a different tensor count or any shape that differs."""
-    from timm.models import remap_state_dict
-
     target = model.state_dict()
     if len(source) != len(target):
         raise H2TError(f"{what}: {len(source)} tensors but {type(model).__name__} expects {len(target)}")
@@ -111,23 +109,22 @@ def _load_by_position(model: torch.nn.Module, source: dict, what: str) -> None:
     model.load_state_dict(mapped)
 
 
-def build_model(cfg) -> torch.nn.Module:
+def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A frozen timm model in eval mode, weights as the config says."""
-
     check_model_name(cfg.name)
-    torch.manual_seed(int(cfg.get("seed", 0)))  # random init is reproducible too
-    kwargs = create_kwargs(cfg, cfg.get("input_size"))
-    if cfg.get("weights"):
+    torch.manual_seed(int(cfg.seed))  # random init is reproducible too
+    kwargs = create_kwargs(cfg, cfg.input_size)
+    if cfg.weights:
         model = create(cfg.name, kwargs)
         _load_by_position(model, _load_state_dict(_packaged_file(cfg.weights)), f"model.weights={cfg.weights}")
-    elif cfg.get("checkpoint"):
+    elif cfg.checkpoint:
         path = Path(os.path.expanduser(str(cfg.checkpoint)))
         if not path.is_file():
             raise H2TError(f"model.checkpoint={path}: no such file")
         model = create(cfg.name, kwargs)
         _load_checkpoint(model, path, cfg.name)
-    elif cfg.get("pretrained"):
-        model = _create_pretrained(cfg.name, kwargs, bool(cfg.get("download", False)))
+    elif cfg.pretrained:
+        model = _create_pretrained(cfg.name, kwargs, bool(cfg.download))
     else:
         model = create(cfg.name, kwargs)
     model.eval()
@@ -136,23 +133,20 @@ def build_model(cfg) -> torch.nn.Module:
     return model
 
 
-def create_kwargs(cfg, input_size: int | None) -> dict:
+def create_kwargs(cfg: ModelConfig, input_size: int | None) -> dict:
     """Arguments for timm.create_model: `model.kwargs`, plus img_size for fixed-grid transformers."""
-    kwargs = dict(cfg.get("kwargs") or {})
+    kwargs = dict(cfg.kwargs or {})
     if input_size and takes_img_size(cfg.name):
         kwargs.setdefault("img_size", int(input_size))
     return kwargs
 
 
 def takes_img_size(name: str) -> bool:
-    import timm
-
-    return bool(timm.models.get_pretrained_cfg(name) and timm.models.get_pretrained_cfg(name).fixed_input_size)
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    return bool(pretrained_cfg and pretrained_cfg.fixed_input_size)
 
 
 def create(name: str, kwargs: dict) -> torch.nn.Module:
-    import timm
-
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
@@ -160,9 +154,6 @@ def create(name: str, kwargs: dict) -> torch.nn.Module:
 
 
 def _create_pretrained(name: str, kwargs: dict, allow_download: bool) -> torch.nn.Module:
-    import huggingface_hub.constants as hub_constants
-    import timm
-
     saved = hub_constants.HF_HUB_OFFLINE
     if not allow_download:
         hub_constants.HF_HUB_OFFLINE = True  # read the local cache only: no minute-long retries when offline
@@ -174,3 +165,16 @@ def _create_pretrained(name: str, kwargs: dict, allow_download: bool) -> torch.n
                        f"(or allow model.download=true), or use model.pretrained=false for random weights") from None
     finally:
         hub_constants.HF_HUB_OFFLINE = saved
+
+
+def resolve_device(name: str) -> torch.device:
+    """`extract.device` (or predict's --device): auto is the CUDA device when there is one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise H2TError(f"extract.device={name!r} is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise H2TError(f"extract.device={name}: no CUDA device on this machine")
+    return device

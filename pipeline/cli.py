@@ -1,20 +1,41 @@
 """`h2t VERB [hydra overrides]`: extract, probe, run. Each verb is a Hydra app with its own primary config."""
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
 import sys
+import tempfile
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from . import storage
+from .backbone import check_model_name
+from .config import H2TConfig, Method, settings
+from .config import register as register_schema
 from .errors import H2TError
-from .report import pct, format_table
+from .extract import ensure_store, extract, format_plan, plan_store, planned_reuse
+from .predict import predict_files
+from .probe import check_settings, probe_store
+from .report import FAILED_FILE, format_table, pct, plot_selection, write_report
 from .runtime import keep_freed_memory
+from .score.cluster import ScoreRuntime
+from .storage import catalog
 from .storage.location import CREDENTIAL_SETTINGS, WHERE_CREDENTIALS_GO
+from .tune import check_job, tune, write_candidates
 
-from .config import register as _register_schemas
-
-_register_schemas()  # conf/<verb>.yaml start from <verb>_schema (pipeline/config.py)
+register_schema()  # conf/<verb>.yaml start from the schema (pipeline/config.py)
 log = logging.getLogger("h2t")  # Hydra sends it to the terminal and to each job's <verb>.log
 
 CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parent / "conf"))  # shipped in the package
@@ -62,8 +83,6 @@ def _rewrite_groups(args: list[str]) -> list[str]:
             if any(files):
                 _fail(f"model={value} mixes config files and timm names: sweep them in separate runs, or write "
                       f"the timm ones as model=timm model.name=NAME,... ")
-            from .backbone import check_model_name
-
             for name in names:
                 try:
                     check_model_name(name)
@@ -81,7 +100,9 @@ _FLAGS_WITH_VALUE = {"--config-dir", "-cd", "--config-path", "-cp", "--config-na
 
 def _flags_first(args: list[str]) -> list[str]:
     """Hydra's parser wants its flags before the overrides; users may write them anywhere."""
-    flags, overrides, i = [], [], 0
+    flags: list[str] = []
+    overrides: list[str] = []
+    i = 0
     while i < len(args):
         if args[i] in _FLAGS_WITH_VALUE and i + 1 < len(args):
             flags += args[i:i + 2]
@@ -101,23 +122,17 @@ def _check_overrides(verb: str, args: list[str]) -> None:
             _fail(f"{key}: {WHERE_CREDENTIALS_GO}")
     if any(a in ("-m", "--multirun") for a in args) or any(a.startswith("-") for a in args):
         return  # sweeps and Hydra flags: Hydra reports its own errors
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     overrides = [a for a in args if not a.startswith("hydra.")]
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name=verb, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        message = str(exc).strip().splitlines()[0]
+        message: str = str(exc).strip().splitlines()[0]
         cause = exc.__cause__
         while cause is not None:  # the schema's own words: "Invalid value 'ridge', expected one of [...]"
             if isinstance(cause, OmegaConfBaseException):
-                key = getattr(cause, "full_key", None)
-                message = f"{message}: {str(cause).strip().splitlines()[0]}" + (f" ({key})" if key else "")
+                full_key = getattr(cause, "full_key", None)
+                message = f"{message}: {str(cause).strip().splitlines()[0]}" + (f" ({full_key})" if full_key else "")
             cause = cause.__cause__
         parser = OverridesParser.create()
         for override in overrides:  # name the argument the parser rejects
@@ -130,8 +145,6 @@ def _check_overrides(verb: str, args: list[str]) -> None:
 
 
 def _output_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
     return Path(HydraConfig.get().runtime.output_dir)
 
 
@@ -142,63 +155,58 @@ def _write_results(results: list[dict]) -> Path:
     return path
 
 
-def _extract_task(cfg) -> None:
-    from .extract import extract, format_plan, plan_store, planned_reuse
-
-    plan = plan_store(cfg)
-    reuse = planned_reuse(cfg, plan)
-    log.info(format_plan(plan, per_tap=bool(cfg.extract.plan_only), reuse=reuse))
-    if cfg.extract.plan_only:
+def _extract_task(cfg: DictConfig) -> None:
+    job = settings(cfg).extract_job()
+    plan = plan_store(job)
+    reuse = planned_reuse(job, plan)
+    log.info(format_plan(plan, per_tap=job.extract.plan_only, reuse=reuse))
+    if job.extract.plan_only:
         return
-    result = extract(cfg, plan, reuse)
+    result = extract(job, plan, reuse)
     store = result.store
     reused = len(store.layers) - len(store.computed_layers)
     log.info(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps"
-          f"{f' ({reused} copied from other stores)' if reused else ''}, splits {store.splits()}, "
-          f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
+             f"{f' ({reused} copied from other stores)' if reused else ''}, splits {store.splits()}, "
+             f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
 
 
-def _ensure_store(cfg):
-    from .extract import ensure_store
-
-    return ensure_store(cfg)
-
-
-def _probe_methods(cfg, methods: list[str]) -> tuple[list[dict], list[str]]:
-    from .probe import check_settings, probe_store
-
-    check_settings(cfg, methods)
-    extracted = _ensure_store(cfg)
+def _probe_methods(config: H2TConfig, methods: list[Method]) -> tuple[list[dict], list[str]]:
+    jobs = [config.probe_job(method) for method in methods]
+    for job in jobs:
+        check_settings(job)
+    extracted = ensure_store(config.extract_job())
     results = []
-    for i, method in enumerate(methods):
-        result = probe_store(extracted.store, cfg, method, progress=cfg.extract.progress, save_head_to=_output_dir())
-        # Images that went through the backbone in this job are counted once, on the first method.
-        result["backbone_images"] = extracted.backbone_images if i == 0 else 0
-        result["timings_s"]["extract"] = round(extracted.seconds, 3) if i == 0 else 0.0
-        results.append(result)
+    with ScoreRuntime() as runtime:
+        for i, job in enumerate(jobs):
+            result = probe_store(extracted.store, job, progress=config.extract.progress, save_head_to=_output_dir(),
+                                 runtime=runtime)
+            # Images that went through the backbone in this job are counted once, on the first method.
+            result["backbone_images"] = extracted.backbone_images if i == 0 else 0
+            result["timings_s"]["extract"] = round(extracted.seconds, 3) if i == 0 else 0.0
+            results.append(result)
     return results, [layer["name"] for layer in extracted.store.layers]
 
 
 def _plot(results: list[dict], layers: list[str]) -> None:
-    from .report import plot_selection
-
     for r in results:
         if r["method"] == "head2toe":
             plot_selection(r, layers, _output_dir() / "selection.png")
 
 
-def _probe_task(cfg) -> None:
-    results, layers = _probe_methods(cfg, [cfg.method])
+def _probe_task(cfg: DictConfig) -> float:
+    config = settings(cfg)
+    results, layers = _probe_methods(config, [config.method])
     path = _write_results(results)
     _plot(results, layers)
     r = results[0]
     log.info(f"{r['method']}: val {pct(r['val_accuracy'])}  test {pct(r['test_accuracy'])}  "
-          f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
+             f"({r['n_features_selected']}/{r['n_features_total']} features)  -> {path}")
     return r["val_accuracy"]  # what a sweeper (hydra/sweeper=optuna) maximises
 
 
-def _run_task(cfg) -> None:
-    results, layers = _probe_methods(cfg, list(cfg.methods))
+def _run_task(cfg: DictConfig) -> None:
+    config = settings(cfg)
+    results, layers = _probe_methods(config, list(config.methods))
     path = _write_results(results)
     _plot(results, layers)
     first = results[0]
@@ -211,19 +219,19 @@ def _run_task(cfg) -> None:
     log.info(f"results: {path}")
 
 
-def _tune_task(cfg):
-    from .tune import check_config, tune, write_candidates
-
-    check_config(cfg)
-
+def _tune_task(cfg: DictConfig) -> float:
+    job = settings(cfg).tune_job()
+    check_job(job)
     stores = {}
 
-    def ensure(cfg_t):
-        extracted = _ensure_store(cfg_t)
+    def ensure(extract_job):
+        extracted = ensure_store(extract_job)
         stores[extracted.store.id] = extracted.store
         return extracted.store, extracted.backbone_images
 
-    results, candidates = tune(cfg, ensure, progress=cfg.extract.progress, save_heads_to=_output_dir())
+    with ScoreRuntime() as runtime:
+        results, candidates = tune(job, ensure, progress=job.extract.extract.progress, save_heads_to=_output_dir(),
+                                   runtime=runtime)
     path = _write_results(results)
     write_candidates(candidates, _output_dir() / "candidates.csv")
     for r in results:
@@ -232,11 +240,11 @@ def _tune_task(cfg):
     first = results[0]
     folds = first["folds"]
     log.info(f"\n{first['model']} on {first['task']}: {len(candidates)} candidates "
-          f"({f'{folds}-fold cross-validation' if folds else 'validation split'}), winners refitted on "
-          f"{'+'.join(cfg.tune.pool)}")
+             f"({f'{folds}-fold cross-validation' if folds else 'validation split'}), winners refitted on "
+             f"{'+'.join(job.tune.pool)}")
     log.info(format_table(results, chosen=True))
     log.info(f"results: {path}  (every candidate: {path.parent / 'candidates.csv'}, "
-          f"{first['timings_s']['tune']:.1f} s)")
+             f"{first['timings_s']['tune']:.1f} s)")
     return first["selection_score"]
 
 
@@ -247,9 +255,6 @@ def _guarded(task):
     """One line and exit status 2 for a user error. In a -m sweep a failing job is recorded instead
     (failed.json in its folder) and the sweep goes on: the command exits non-zero when it ends."""
     def wrapped(cfg):
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             return task(cfg)
@@ -267,10 +272,6 @@ def _guarded(task):
 
 
 def _record_failure(exc: Exception) -> None:
-    import traceback
-
-    from .report import FAILED_FILE
-
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if not isinstance(exc, H2TError):
         message = f"{type(exc).__name__}: {message}"
@@ -281,10 +282,6 @@ def _record_failure(exc: Exception) -> None:
 
 
 def _predict_command(args: list[str]) -> None:
-    import argparse
-
-    from .predict import predict_files
-
     parser = argparse.ArgumentParser(prog="h2t predict", description=VERBS["predict"])
     parser.add_argument("head", help="a <method>.head.pt written by probe, run or tune")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists")
@@ -304,10 +301,6 @@ def _predict_command(args: list[str]) -> None:
 
 
 def _report_command(args: list[str]) -> None:
-    import argparse
-
-    from .report import write_report
-
     parser = argparse.ArgumentParser(prog="h2t report", description=VERBS["report"])
     parser.add_argument("dir", help="a -m sweep folder (multirun/...), a tune or probe output folder")
     opts = parser.parse_args(args)
@@ -322,10 +315,6 @@ def _report_command(args: list[str]) -> None:
 
 
 def _store_command(args: list[str]) -> None:
-    import argparse
-
-    from .storage import catalog
-
     parser = argparse.ArgumentParser(prog="h2t store", description="The stores under a root.")
     sub = parser.add_subparsers(dest="action", required=True)
     ls = sub.add_parser("ls", help="list stores")
@@ -409,6 +398,38 @@ def _store_command(args: list[str]) -> None:
         _fail(str(exc))
 
 
+@contextmanager
+def _argv(args: list[str]):
+    """Hydra's app reads its command line from sys.argv: set for the app's run only, then restored."""
+    saved = sys.argv
+    sys.argv = args
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _hydra_verb(verb: str, rest: list[str]) -> None:
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    quiet = [a for a in rest if a in ("-q", "--quiet")]
+    rest = [a for a in rest if a not in quiet]
+    args = _rewrite_groups(rest)
+    if quiet:  # warnings and errors only, no progress bars; the job's log file keeps everything
+        args += ["hydra.job_logging.handlers.console.level=WARNING", "extract.progress=false"]
+    _check_overrides(verb, args)
+    app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))
+    with tempfile.TemporaryDirectory(prefix="h2t-sweep-") as scratch:
+        outcome = Path(scratch) / "outcome.json"  # the sweep's failed jobs (pipeline/report.py SweepReport)
+        with _argv([f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}",
+                                                           f"hydra.callbacks.sweep_report.outcome={outcome}"])):
+            app()
+        sweep = json.loads(outcome.read_text()) if outcome.is_file() else {"failed": []}
+    if sweep["failed"]:
+        first = sweep["failed"][0]
+        _fail(f"{len(sweep['failed'])} job(s) of the sweep in {sweep['directory']} failed, "
+              f"first: job {first['job']}: {first.get('error')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -418,30 +439,15 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS:
         _fail(f"unknown command {verb!r}\n{USAGE}")
     keep_freed_memory()  # every verb allocates large arrays: no page faults for each (pipeline/runtime.py)
+    storage.configure_io()  # zarr's codec pipeline and I/O threads, for this command (pipeline/storage/__init__.py)
     if verb == "store":
         _store_command(rest)
-        return
-    if verb in ("report", "predict"):
-        (_report_command if verb == "report" else _predict_command)(rest)
-        return
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    import hydra
-
-    quiet = [a for a in rest if a in ("-q", "--quiet")]
-    rest = [a for a in rest if a not in quiet]
-    args = _rewrite_groups(rest)
-    if quiet:  # warnings and errors only, no progress bars; the job's log file keeps everything
-        args += ["hydra.job_logging.handlers.console.level=WARNING", "extract.progress=false"]
-    _check_overrides(verb, args)
-    sys.argv = [f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}"])
-    app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(TASKS[verb]))
-    app()
-    from .report import SweepReport
-
-    if SweepReport.failed:
-        first = SweepReport.failed[0]
-        _fail(f"{len(SweepReport.failed)} job(s) of the sweep in {SweepReport.directory} failed, "
-              f"first: job {first['job']}: {first.get('error')}")
+    elif verb == "report":
+        _report_command(rest)
+    elif verb == "predict":
+        _predict_command(rest)
+    else:
+        _hydra_verb(verb, rest)
 
 
 if __name__ == "__main__":

@@ -2,17 +2,22 @@
 with Hydra's ConfigStore. Every primary config (conf/extract.yaml, probe, run, tune) starts from its schema,
 so a wrong type or an unknown choice (`method=ridge`, `head.lr=fast`, `store.dtype=float8`,
 `pooling.cls_token=first`) is refused with one line when the config is composed, before any data is read.
-Ranges (a fraction in (0, 1], a positive lr) are checked by the stage that owns the setting, also before any
-work (`probe.check_settings`, `tune.check_config`, `extract.plan_store`). `data` stays free-form: each
-source names and checks its own keys (pipeline/data/).
+
+The composed config becomes typed objects once, at the entry point (`settings`), and each stage receives the
+narrow part it needs: `ExtractJob` (the store's recipe and how to run it), `ProbeJob` (score, select, head)
+and `TuneJob` (the grid, over an extract and a probe job). Defaults live here only. Ranges (a fraction in
+(0, 1], a positive lr) are checked by the stage that owns the setting, before any work
+(`probe.check_settings`, `tune.check_job`, `extract.plan_store`). `data` stays free-form: each source names
+and checks its own keys (pipeline/data/).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
 
 
 class Choice(str, Enum):
@@ -25,18 +30,78 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-Method = Choice("Method", {m: m for m in ("head2toe", "linear")})
-Solver = Choice("Solver", {s: s for s in ("working_set", "fista")})
-TieRule = Choice("TieRule", {s: s for s in ("gradient", "entry")})
-StoreDtype = Choice("StoreDtype", {s: s for s in ("float16", "bfloat16", "float32", "int8")})
-OnOverflow = Choice("OnOverflow", {s: s for s in ("error", "widen")})
-Compression = Choice("Compression", {s: s for s in ("lz4", "zstd", "none")})
-PoolingRule = Choice("PoolingRule", {"head2toe": "head2toe"})
-ClsToken = Choice("ClsToken", {s: s for s in ("pooled", "only", "separate")})
-Precision = Choice("Precision", {s: s for s in ("float32", "bfloat16", "float16")})
-Resize = Choice("Resize", {s: s for s in ("center_crop", "squash", "border")})
-Decode = Choice("Decode", {s: s for s in ("auto", "cpu", "device")})
-OnIncomplete = Choice("OnIncomplete", {s: s for s in ("extract", "wait", "error")})
+
+class Method(Choice):
+    head2toe = "head2toe"
+    linear = "linear"
+
+
+class Solver(Choice):
+    working_set = "working_set"
+    fista = "fista"
+
+
+class TieRule(Choice):
+    gradient = "gradient"
+    entry = "entry"
+
+
+class StoreDtype(Choice):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+    int8 = "int8"
+
+
+class OnOverflow(Choice):
+    error = "error"
+    widen = "widen"
+
+
+class Compression(Choice):
+    lz4 = "lz4"
+    zstd = "zstd"
+    none = "none"
+
+
+class PoolingRule(Choice):
+    head2toe = "head2toe"
+
+
+class ClsToken(Choice):
+    pooled = "pooled"
+    only = "only"
+    separate = "separate"
+
+
+class Precision(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Resize(Choice):
+    center_crop = "center_crop"
+    squash = "squash"
+    border = "border"
+
+
+class Interpolation(Choice):
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    nearest = "nearest"
+
+
+class Decode(Choice):
+    auto = "auto"
+    cpu = "cpu"
+    device = "device"
+
+
+class OnIncomplete(Choice):
+    extract = "extract"
+    wait = "wait"
+    error = "error"
 
 
 @dataclass
@@ -48,7 +113,7 @@ class ModelConfig:
     download: bool = False
     seed: int = 0
     input_size: Optional[int] = None
-    interpolation: Optional[str] = None
+    interpolation: Optional[Interpolation] = None
     resize: Optional[Resize] = None
     crop_pct: Optional[float] = None
     mean: Optional[List[float]] = None
@@ -131,7 +196,7 @@ class HeadConfig:
 
 
 @dataclass
-class ProbeSettings:
+class ProbeConfig:
     fit_on: List[str] = field(default_factory=lambda: ["train"])
     on_incomplete: OnIncomplete = OnIncomplete.extract
     wait_s: float = 3600
@@ -152,7 +217,7 @@ class GridConfig:
 
 
 @dataclass
-class TuneSettings:
+class TuneConfig:
     folds: int = 0
     seed: int = 0
     pool: List[str] = field(default_factory=lambda: ["train", "val"])
@@ -173,9 +238,68 @@ class H2TConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     method: Method = Method.head2toe
     methods: List[Method] = field(default_factory=lambda: [Method.head2toe, Method.linear])
-    probe: ProbeSettings = field(default_factory=ProbeSettings)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
-    tune: TuneSettings = field(default_factory=TuneSettings)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+    def extract_job(self) -> ExtractJob:
+        return ExtractJob(self.model, dict(self.data), self.pooling, self.taps, self.store, self.extract,
+                          self.probe.on_incomplete, self.probe.wait_s)
+
+    def probe_job(self, method: Method | None = None) -> ProbeJob:
+        return ProbeJob(Method(method or self.method), self.score, self.select, self.head, list(self.probe.fit_on),
+                        self.linear.layer, self.store.column_views, self.store.view_fraction, self.model)
+
+    def tune_job(self) -> TuneJob:
+        return TuneJob(self.tune, [Method(m) for m in self.methods], self.extract_job(), self.probe_job())
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """What extraction reads: the store's recipe (model, data, pooling, taps, store) and how to run it; a
+    probe's policy for a store another process is still writing."""
+    model: ModelConfig
+    data: Dict[str, Any]
+    pooling: PoolingConfig
+    taps: TapsConfig
+    store: StoreConfig
+    extract: ExtractConfig
+    on_incomplete: OnIncomplete = OnIncomplete.extract
+    wait_s: float = 3600
+
+    def with_target_size(self, target_size: int) -> ExtractJob:
+        return replace(self, pooling=replace(self.pooling, target_size=int(target_size)))
+
+
+@dataclass(frozen=True)
+class ProbeJob:
+    """What a probe reads: the method, scoring, selection and head settings, the rows it fits on, the column
+    views it may use, and the model (saved with the head so that `h2t predict` can rebuild the backbone)."""
+    method: Method
+    score: ScoreConfig
+    select: SelectConfig
+    head: HeadConfig
+    fit_on: List[str]
+    linear_layer: str
+    column_views: bool
+    view_fraction: float
+    model: ModelConfig
+
+
+@dataclass(frozen=True)
+class TuneJob:
+    """The protocol: its grid and rounds, the methods it tunes, the stores it extracts (one per T) and the
+    probe it refits."""
+    tune: TuneConfig
+    methods: List[Method]
+    extract: ExtractJob
+    probe: ProbeJob
+
+
+def settings(cfg: DictConfig) -> H2TConfig:
+    """The composed config as typed objects (enums for the closed choices), once, at the entry point."""
+    return cast(H2TConfig, OmegaConf.to_object(cfg))
 
 
 def register() -> None:

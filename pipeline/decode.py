@@ -9,9 +9,12 @@ batch on the device (nvJPEG on CUDA) through torchvision; `device_decodable` say
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
+from torchvision.io import ImageReadMode, decode_jpeg
 
 from .errors import H2TError
 
@@ -131,7 +134,7 @@ def _plain_frame(frame: bytes, adobe_transform: int | None) -> bool:
 
 def _exif_orientation(tiff: bytes) -> int | None:
     """The orientation in an EXIF block's first directory: 1 when absent, None when the block is unusual."""
-    order = {b"II*\0": "little", b"MM\0*": "big"}.get(tiff[:4])
+    order: Literal["little", "big"] | None = {b"II*\0": "little", b"MM\0*": "big"}.get(tiff[:4])  # type: ignore[assignment]
     if order is None:
         return None
     start = int.from_bytes(tiff[4:8], order)
@@ -153,9 +156,6 @@ def decode_jpegs(datas: list[bytes], device, names: list[str]) -> list:
     """JPEG bytes -> (3, H, W) uint8 tensors on `device`, decoded in one batch there (nvJPEG on CUDA; the same
     call on the CPU). A file that fails is looked for one at a time and named. Pass only `device_decodable`
     data: CMYK and rotated JPEGs come out unlike PIL's."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     for data, name in zip(datas, names):
         if data[:3] != JPEG_MAGIC or data[-2:] != _EOI:
             raise H2TError(f"cannot read image {name}: not a complete JPEG (no SOI at the start or EOI at the end)")

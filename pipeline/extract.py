@@ -1,27 +1,32 @@
 """Extraction: run the frozen backbone over every split once, pool each tap on the device, fill the store."""
 from __future__ import annotations
 
+import shutil
 import time
-from pathlib import Path
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import create, build_model, check_model_name, create_kwargs, weights_fingerprint
-from .preprocess import build_preprocess
+from .backbone import build_model, check_model_name, create, create_kwargs, resolve_device, weights_fingerprint
+from .config import Decode, ExtractConfig, ExtractJob, OnIncomplete
 from .data import Dataset, build_dataset
-from .storage import location
-from .storage.claims import Claims
 from .errors import H2TError
 from .pooling import validate_target_size
+from .preprocess import build_preprocess
+from .stages import DeviceStage, Loader, ShardQueue, Writer
+from .storage import location
+from .storage.catalog import human_bytes
+from .storage.claims import Claims
 from .storage.reuse import Reuse, find_reuse, reused_layer
-from .storage.schema import DTYPES, SCHEMA_VERSION, STATUS_CREATING, storage_dtype
+from .storage.schema import SCHEMA_VERSION, STATUS_CREATING, storage_dtype
 from .storage.store import FeatureStore, create_store, open_store, store_path
-from .stages import ON_OVERFLOW, PRECISIONS, DeviceStage, Loader, ShardQueue, Writer
 from .taps import TappedForward, select_taps
+
 
 @dataclass
 class Plan:
@@ -34,73 +39,49 @@ class Plan:
     preprocess: object
 
 
-def plan_store(cfg, dataset: Dataset | None = None) -> Plan:
-    """Resolve the store for a config without loading weights or running a forward on data."""
-    import timm
-
-    check_model_name(cfg.model.name)
-    target_size = validate_target_size(cfg.pooling.target_size)
-    if cfg.store.dtype not in DTYPES:
-        raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {cfg.store.dtype!r}")
-    dataset = dataset or build_dataset(cfg.data)
-    preprocess = build_preprocess(cfg.model)
+def plan_store(job: ExtractJob, dataset: Dataset | None = None) -> Plan:
+    """Resolve the store of an extraction without loading weights or running a forward on data."""
+    model_cfg = job.model
+    check_model_name(model_cfg.name)
+    target_size = validate_target_size(job.pooling.target_size)
+    dataset = dataset or build_dataset(job.data)
+    preprocess = build_preprocess(model_cfg)
     with torch.device("meta"):  # structure only: tap names and shapes, no weights, no compute
-        skeleton = create(cfg.model.name, create_kwargs(cfg.model, preprocess.input_size))
+        skeleton = create(model_cfg.name, create_kwargs(model_cfg, preprocess.input_size))
     skeleton.eval()
-    taps = select_taps(skeleton, list(cfg.taps.include), list(cfg.taps.exclude))
-    runner = TappedForward(skeleton, taps, target_size, cfg.pooling.rule, cfg.pooling.cls_token)
+    taps = select_taps(skeleton, list(job.taps.include), list(job.taps.exclude))
+    runner = TappedForward(skeleton, taps, target_size, str(job.pooling.rule), str(job.pooling.cls_token))
     try:
         layers = runner.layer_table(preprocess.input_size)
     except RuntimeError as exc:
-        raise H2TError(f"{cfg.model.name} cannot run at input size {preprocess.input_size}: "
+        raise H2TError(f"{model_cfg.name} cannot run at input size {preprocess.input_size}: "
                        f"{str(exc).splitlines()[0]}") from None
     finally:
         runner.close()
-    compute = precision(cfg.model)
-    spec = {
+    compute = str(model_cfg.precision)
+    spec: dict = {
         "schema_version": SCHEMA_VERSION,
-        "model": {"name": cfg.model.name, "weights": weights_fingerprint(cfg.model),
-                  "kwargs": create_kwargs(cfg.model, preprocess.input_size),
+        "model": {"name": model_cfg.name, "weights": weights_fingerprint(model_cfg),
+                  "kwargs": create_kwargs(model_cfg, preprocess.input_size),
                   "timm": timm.__version__, "torch": torch.__version__},
         "preprocess": preprocess.as_dict(),
         "taps": [t.name for t in taps],
-        "pooling": {"rule": cfg.pooling.rule, "target_size": target_size, "cls_token": cfg.pooling.cls_token},
-        "dtype": cfg.store.dtype,
+        "pooling": {"rule": str(job.pooling.rule), "target_size": target_size,
+                    "cls_token": str(job.pooling.cls_token)},
+        "dtype": str(job.store.dtype),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                     "splits": {name: len(split) for name, split in dataset.splits.items()}},
     }
     if compute != "float32":  # other compute dtypes give other numbers (float32 stores keep their ids)
         spec["model"]["precision"] = compute
-    return Plan(spec, store_path(cfg.store.root, spec), layers, dataset, taps, preprocess)
+    return Plan(spec, store_path(job.store.root, spec), layers, dataset, taps, preprocess)
 
 
-def precision(model_cfg) -> str:
-    value = model_cfg.get("precision") or "float32"
-    if value not in PRECISIONS:
-        raise H2TError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {value!r}")
-    return value
-
-
-def decodes_on_device(extract_cfg, dataset: Dataset) -> bool:
+def decodes_on_device(settings: ExtractConfig, dataset: Dataset) -> bool:
     """Whether image files decode on the extraction device (`extract.decode`; auto: when it is CUDA)."""
-    mode = str(extract_cfg.get("decode", "auto"))
-    if mode not in ("auto", "cpu", "device"):
-        raise H2TError(f"extract.decode must be one of auto, cpu, device, got {mode!r}")
-    if mode == "cpu" or not any(split.read_bytes is not None for split in dataset.splits.values()):
+    if settings.decode == Decode.cpu or not any(split.read_bytes is not None for split in dataset.splits.values()):
         return False
-    return mode == "device" or resolve_device(extract_cfg.device).type == "cuda"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise H2TError(f"extract.device={name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise H2TError(f"extract.device={name}: no CUDA device on this machine")
-    return device
+    return settings.decode == Decode.device or resolve_device(settings.device).type == "cuda"
 
 
 def planned_bytes(plan: Plan, skip=()) -> dict[str, dict[str, int]]:
@@ -111,17 +92,15 @@ def planned_bytes(plan: Plan, skip=()) -> dict[str, dict[str, int]]:
             for split, n in plan.spec["dataset"]["splits"].items()}
 
 
-def planned_reuse(cfg, plan: Plan) -> Reuse:
+def planned_reuse(job: ExtractJob, plan: Plan) -> Reuse:
     """The layers a new store would copy from complete siblings (none when the store already exists)."""
-    options = location.storage_options(cfg.store)
+    options = location.storage_options(job.store)
     if open_store(plan.path, plan.spec, options) is not None:
         return Reuse()
     return find_reuse(plan.spec, plan.path, plan.layers, options)
 
 
 def format_plan(plan: Plan, per_tap: bool = False, reuse: Reuse | None = None) -> str:
-    from .storage.catalog import human_bytes
-
     reuse = reuse or Reuse()
     sizes = planned_bytes(plan, skip=reuse.sources)
     total = sum(sum(t.values()) for t in sizes.values())
@@ -139,16 +118,12 @@ def format_plan(plan: Plan, per_tap: bool = False, reuse: Reuse | None = None) -
 def preflight(plan: Plan, root: str, reuse: Reuse | None = None) -> None:
     """Refuse to start when the destination cannot hold the store (uncompressed bound, 5 % margin);
     reused layers are hard links and need no space."""
-    import shutil
-
     need = sum(sum(t.values()) for t in planned_bytes(plan, skip=(reuse or Reuse()).sources).values())
     probe = Path(root).expanduser()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need * 1.05 > free:
-        from .storage.catalog import human_bytes
-
         raise H2TError(f"not enough space for the store at {root}: needs up to {human_bytes(need)} "
                        f"(uncompressed), {human_bytes(free)} free on {probe}")
 
@@ -161,17 +136,35 @@ class ExtractResult:
     stage_seconds: float = 0.0  # the images' own time: from the first shard claimed to the last one written
 
 
-def ensure_store(cfg) -> ExtractResult:
-    """The complete store of this config, for a probe: extracted when missing, its writers joined (or
+def wait_for_store(job: ExtractJob, plan: Plan, clock=time.monotonic, sleep=time.sleep) -> None:
+    """What a probe does when the store exists but is still being written (`probe.on_incomplete`):
+    `extract` joins the writers (the default), `wait` polls until it is complete (at most `probe.wait_s`),
+    `error` stops with a message. Readers only ever read complete stores."""
+    if job.on_incomplete == OnIncomplete.extract:
+        return
+    options = location.storage_options(job.store)
+    deadline = clock() + float(job.wait_s)
+    while True:
+        store = open_store(plan.path, plan.spec, options)
+        if store is None or store.complete:
+            return  # nothing yet (this job extracts it) or ready
+        done = sum(int(store.shards_done(s).sum()) for s in store.splits())
+        total = sum(len(store.shards_done(s)) for s in store.splits())
+        if job.on_incomplete == OnIncomplete.error or clock() > deadline:
+            raise H2TError(f"store {store.id} at {plan.path} is being written ({done} of {total} shards): "
+                           f"rerun later, or use probe.on_incomplete=wait|extract")
+        sleep(float(job.extract.poll_s))
+
+
+def ensure_store(job: ExtractJob) -> ExtractResult:
+    """The complete store of this job, for a probe: extracted when missing, its writers joined (or
     waited for, `probe.on_incomplete`) when another process is writing it."""
-    from .probe import wait_for_store
-
-    plan = plan_store(cfg)
-    wait_for_store(cfg, plan)
-    return extract(cfg, plan)
+    plan = plan_store(job)
+    wait_for_store(job, plan)
+    return extract(job, plan)
 
 
-def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=None) -> ExtractResult:
+def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = None, forward=None) -> ExtractResult:
     """Make sure the complete store exists; run the backbone only over shards nobody has written.
 
     Several processes may run this on one store at once: the store is laid out by whoever claims
@@ -180,17 +173,16 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
     `forward` replaces the tapped backbone (benchmarks/extract_ceiling.py measures the rest of the pipeline).
     """
     start_time = time.perf_counter()
-    plan = plan or plan_store(cfg)
-    options = location.storage_options(cfg.store)
+    plan = plan or plan_store(job)
+    options = location.storage_options(job.store)
     store = open_store(plan.path, plan.spec, options)
     if store is not None and store.complete:
         return ExtractResult(store, 0, time.perf_counter() - start_time)
-    shard_rows = int(cfg.extract.batch_size)
+    settings = job.extract
+    shard_rows = int(settings.batch_size)
     for key in ("batch_size", "workers", "prefetch", "writers"):  # before anything is written
-        if int(cfg.extract[key]) < 1:
-            raise H2TError(f"extract.{key} must be >= 1, got {cfg.extract[key]}")
-    if cfg.store.on_overflow not in ON_OVERFLOW:
-        raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {cfg.store.on_overflow!r}")
+        if int(getattr(settings, key)) < 1:
+            raise H2TError(f"extract.{key} must be >= 1, got {getattr(settings, key)}")
     dataset = plan.dataset
     location.ensure_writable_root(plan.path)
     if store is not None and store.meta["status"] != STATUS_CREATING:
@@ -199,23 +191,23 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
         reuse = find_reuse(plan.spec, plan.path, plan.layers, options)
     # The backbone is built before anything is written (missing weights leave no store behind), unless
     # every layer is copied from other stores.
-    device = resolve_device(cfg.extract.device)
-    model = None if forward is not None or reuse.covers(plan.layers) else _build(cfg, device)
-    claims = Claims(location.zarr_store(plan.path, options), float(cfg.extract.lease_s))
-    poll_s = float(cfg.extract.poll_s)
+    device = resolve_device(settings.device)
+    model = None if forward is not None or reuse.covers(plan.layers) else _build(job, device)
+    claims = Claims(location.zarr_store(plan.path, options), float(settings.lease_s))
+    poll_s = float(settings.poll_s)
     while store is None or store.meta["status"] == STATUS_CREATING:
         if claims.try_claim("create"):
             try:
                 store = open_store(plan.path, plan.spec, options)
                 if store is None or store.meta["status"] == STATUS_CREATING:
                     if not location.is_remote(plan.path):
-                        preflight(plan, cfg.store.root, reuse)
+                        preflight(plan, job.store.root, reuse)
                     layers = [reused_layer(layer, reuse.sources[layer["name"]]) if layer["name"] in reuse.sources
                               else layer for layer in plan.layers]
                     store = create_store(
                         plan.path, plan.spec, layers, {s: len(split) for s, split in dataset.splits.items()},
-                        dataset.num_classes, dataset.class_names, reuse.shard_rows or shard_rows, cfg.store.dtype,
-                        int(cfg.store.col_chunk), cfg.store.compression, dataset.skipped, options,
+                        dataset.num_classes, dataset.class_names, reuse.shard_rows or shard_rows, str(job.store.dtype),
+                        int(job.store.col_chunk), str(job.store.compression), dataset.skipped, options,
                         labels={s: split.labels for s, split in dataset.splits.items()},
                         sample_ids={s: split.ids for s, split in dataset.splits.items()},
                         reused=reuse.sources)
@@ -232,7 +224,7 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
     if remaining:
         runner = forward
         if runner is None:
-            model = model or _build(cfg, device)
+            model = model or _build(job, device)
             # only the layers this store computes; the forward stops after the last of them
             computed = {layer["name"] for layer in store.computed_layers}
             pooling = plan.spec["pooling"]
@@ -240,44 +232,47 @@ def extract(cfg, plan: Plan | None = None, reuse: Reuse | None = None, forward=N
                                    pooling["rule"], pooling["cls_token"])
         try:
             stages_start = time.perf_counter()
-            images_done = _run_stages(cfg, plan, store, runner, queue, device, remaining, poll_s)
+            images_done = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s)
             stage_seconds = time.perf_counter() - stages_start
         finally:
             claims.release_all()  # an error leaves the unwritten shards free for the next run at once
             if forward is None:
                 runner.close()
     if not store.complete:
-        store = open_store(plan.path, plan.spec, options)
+        reopened = open_store(plan.path, plan.spec, options)
+        assert reopened is not None  # it was laid out above
+        store = reopened
         if not store.complete:
             store.mark_complete()
     return ExtractResult(store, images_done, time.perf_counter() - start_time, stage_seconds)
 
 
-def _build(cfg, device: torch.device) -> torch.nn.Module:
-    model = build_model(cfg.model).to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.extract.channels_last else model
+def _build(job: ExtractJob, device: torch.device) -> torch.nn.Module:
+    model = build_model(job.model).to(device)
+    return model.to(memory_format=torch.channels_last) if job.extract.channels_last else model
 
 
-def _run_stages(cfg, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int, poll_s: float) -> int:
+def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int, poll_s: float) -> int:
     """Claim, load, compute and write shards until the store has them all (pipeline/stages.py); returns the
     images computed here."""
+    settings = job.extract
     stage = DeviceStage(runner, plan.preprocess, device, store.computed_layers, store.layer_dtypes(),
-                        bool(cfg.extract.channels_last), cfg.store.on_overflow, precision(cfg.model))
-    loader = Loader(plan.dataset, int(cfg.extract.workers), pin=device.type == "cuda", device=device,
-                    device_decode=decodes_on_device(cfg.extract, plan.dataset))
-    writer = Writer(store, queue.claims, int(cfg.extract.writers))
+                        bool(settings.channels_last), str(job.store.on_overflow), str(job.model.precision))
+    loader = Loader(plan.dataset, int(settings.workers), pin=device.type == "cuda", device=device,
+                    device_decode=decodes_on_device(settings, plan.dataset))
+    writer = Writer(store, queue.claims, int(settings.writers))
 
     def widen(name: str) -> None:
         writer.drain()  # widening rewrites the tap's arrays: none of this process's writes may be in flight
         store.widen_layer(name, queue.claims, poll_s)
 
     stage.widen = widen
-    depth = int(cfg.extract.prefetch)
+    depth = int(settings.prefetch)
     ahead: deque = deque()  # (shard, future images) claimed and loading
     images_done, failed = 0, True
     try:
         with tqdm(total=remaining, unit="img", desc=f"extract {plan.spec['model']['name']}",
-                  disable=not cfg.extract.progress) as bar:
+                  disable=not settings.progress) as bar:
             while True:
                 while len(ahead) < depth:
                     shard = queue.claim_next()

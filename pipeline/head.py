@@ -1,11 +1,16 @@
 """The head: a linear classifier trained on selected columns read from the store, per-layer re-normalised."""
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .config import ModelConfig
+from .errors import H2TError
 from .rows import Rows
 from .score.matrix import cast_into, normalise_rows_in_place
 
@@ -129,3 +134,45 @@ def predict(head: torch.nn.Linear, X: np.ndarray) -> np.ndarray:
 
 def accuracy(head: torch.nn.Linear, X: np.ndarray, y: np.ndarray) -> float:
     return float((predict(head, X) == np.asarray(y)).mean())
+
+
+# --- the head file: `<method>.head.pt`, what `h2t predict` applies (pipeline/predict.py) ---------------------
+FORMAT = 1
+
+
+def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarray], model_cfg: ModelConfig,
+              result: dict) -> Path:
+    """The head and what applying it needs, as a weights-only torch file (no pickled code)."""
+    by_name = {layer["name"]: layer for layer in store.layers}
+    dtypes = store.layer_dtypes()
+    artefact = {
+        "format": FORMAT, "method": str(result["method"]), "store_id": store.id, "spec": plain_json(store.meta["spec"]),
+        "model_cfg": plain_json(asdict(model_cfg)),
+        "layers": [{"name": name, "role": by_name[name]["role"], "dim": int(by_name[name]["dim"]),
+                    "dtype": dtypes[name], "columns": torch.from_numpy(np.asarray(cols, np.int64))}
+                   for name, cols in plan.items()],
+        "normalisation": "per_layer_l2",
+        "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
+        "class_names": list(store.meta.get("class_names") or [str(i) for i in range(store.meta["num_classes"])]),
+        "reported": plain_json({k: result.get(k) for k in ("val_accuracy", "test_accuracy", "lam", "fraction")}),
+    }
+    torch.save(artefact, path)
+    return path
+
+
+def plain_json(value):
+    """A value as JSON holds it (enums and paths as strings)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def load_head(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise H2TError(f"head file {path}: no such file (probe, run and tune write <method>.head.pt)")
+    try:
+        artefact = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one line
+        raise H2TError(f"head file {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    if not isinstance(artefact, dict) or artefact.get("format") != FORMAT:
+        raise H2TError(f"head file {path} is not an h2t head (format {FORMAT})")
+    return artefact

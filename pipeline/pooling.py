@@ -64,7 +64,8 @@ def column_recipe(shape: tuple[int, ...], target_size: int, rule: str, cls_mode:
     if len(shape) == 2:
         # the kernel depends on how many prefix tokens there are, which the shape does not say: keep T
         return ["tokens", rule, target_size if shape[1] < target_size else 0, cls_mode]
-    return ["conv", rule, *_conv_kernel(*shape, target_size)]
+    channels, height, width = shape
+    return ["conv", rule, *_conv_kernel(channels, height, width, target_size)]
 
 
 def pool(x: torch.Tensor, target_size: int, rule: str = "head2toe") -> torch.Tensor:

@@ -10,58 +10,27 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from tqdm.auto import tqdm
 
+from .backbone import build_model, resolve_device, weights_fingerprint
+from .config import ModelConfig
+from .data.files import IMAGE_EXTENSIONS, load_image
 from .errors import H2TError
-
-FORMAT = 1
-
-
-def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarray], model_cfg, result: dict) -> Path:
-    """The head and what applying it needs, as a weights-only torch file (no pickled code)."""
-    by_name = {layer["name"]: layer for layer in store.layers}
-    dtypes = store.layer_dtypes()
-    artefact = {
-        "format": FORMAT, "method": str(result["method"]), "store_id": store.id, "spec": _json_safe(store.meta["spec"]),
-        "model_cfg": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True),
-        "layers": [{"name": name, "role": by_name[name]["role"], "dim": int(by_name[name]["dim"]),
-                    "dtype": dtypes[name], "columns": torch.from_numpy(np.asarray(cols, np.int64))}
-                   for name, cols in plan.items()],
-        "normalisation": "per_layer_l2",
-        "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-        "class_names": list(store.meta.get("class_names") or [str(i) for i in range(store.meta["num_classes"])]),
-        "reported": _json_safe({k: result.get(k) for k in ("val_accuracy", "test_accuracy", "lam", "fraction")}),
-    }
-    torch.save(artefact, path)
-    return path
-
-
-def _json_safe(value):
-    import json
-
-    return json.loads(json.dumps(value, default=str))
-
-
-def load_head(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise H2TError(f"head file {path}: no such file (probe, run and tune write <method>.head.pt)")
-    try:
-        artefact = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same one line
-        raise H2TError(f"head file {path} cannot be read: {str(exc).splitlines()[0]}") from None
-    if not isinstance(artefact, dict) or artefact.get("format") != FORMAT:
-        raise H2TError(f"head file {path} is not an h2t head (format {FORMAT})")
-    return artefact
+from .head import load_head, normalise_layers, plain_json
+from .preprocess import build_preprocess
+from .score.matrix import cast_into
+from .stages import DeviceStage
+from .storage.schema import from_bfloat16_bits
+from .taps import TappedForward, select_taps
 
 
 def image_paths(inputs: list[str]) -> list[Path]:
     """Files as given; folders searched recursively; a .txt file lists one path per line."""
-    from .data.files import IMAGE_EXTENSIONS
-
     out: list[Path] = []
     for item in inputs:
         p = Path(item).expanduser()
@@ -82,24 +51,23 @@ def image_paths(inputs: list[str]) -> list[Path]:
     return out
 
 
+def model_settings(saved: dict) -> ModelConfig:
+    """The model settings a head file holds, checked against the schema (older files may lack newer keys)."""
+    return cast(ModelConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)))
+
+
 class Predictor:
     """The backbone (up to the last selected tap), pooling, storage cast, columns and head of one head file."""
 
     def __init__(self, artefact: dict, device: str = "auto"):
-        from .backbone import build_model, weights_fingerprint
-        from .extract import resolve_device
-        from .preprocess import build_preprocess
-        from .stages import DeviceStage
-        from .taps import TappedForward, select_taps
-
         self.artefact = artefact
         spec = artefact["spec"]
-        model_cfg = OmegaConf.create(artefact["model_cfg"])
+        model_cfg = model_settings(artefact["model_cfg"])
         if weights_fingerprint(model_cfg) != spec["model"]["weights"]:
             raise H2TError(f"the weights of {model_cfg.name} here differ from those store {artefact['store_id']} "
                            f"was extracted with: predictions would not match the head")
         self.preprocess = build_preprocess(model_cfg)
-        if _json_safe(self.preprocess.as_dict()) != spec["preprocess"]:
+        if plain_json(self.preprocess.as_dict()) != spec["preprocess"]:
             raise H2TError(f"preprocessing of {model_cfg.name} here differs from store {artefact['store_id']}'s")
         self.device = resolve_device(device)
         model = build_model(model_cfg).to(self.device)
@@ -119,12 +87,8 @@ class Predictor:
             self.head.weight.copy_(artefact["weight"])
             self.head.bias.copy_(artefact["bias"])
 
-    def features(self, images: np.ndarray) -> np.ndarray:
+    def features(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(n, selected columns) as the head was trained on: store-cast, then per-layer L2-normalised."""
-        from .head import normalise_layers
-        from .score.matrix import cast_into
-        from .storage.schema import from_bfloat16_bits
-
         blocks = self.stage.to_host(self.stage(images))
         by_layer = dict(zip(self.order, blocks))
         parts = []
@@ -137,7 +101,7 @@ class Predictor:
         plan = {layer["name"]: layer["columns"].numpy() for layer in self.artefact["layers"]}
         return normalise_layers(np.concatenate(parts, axis=1), plan)
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
+    def probabilities(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         with torch.no_grad():
             return torch.softmax(self.head(torch.from_numpy(self.features(images))), dim=1).numpy()
 
@@ -149,10 +113,6 @@ def predict_files(head_path: str, inputs: list[str], out: str | Path, batch_size
                   device: str = "auto", progress: bool = True) -> tuple[Path, int, float | None]:
     """Predictions for every image -> CSV (path, class, class_index, probability). Returns (CSV path, images,
     accuracy against the images' parent folder names when every one of them names a class, else None)."""
-    from tqdm.auto import tqdm
-
-    from .data.files import load_image
-
     artefact = load_head(head_path)
     paths = image_paths(inputs)
     names = artefact["class_names"]
@@ -168,7 +128,7 @@ def predict_files(head_path: str, inputs: list[str], out: str | Path, batch_size
                 chunk = paths[start:start + batch_size]
                 images = [load_image(p) for p in chunk]
                 same = len({im.shape for im in images}) == 1
-                probs = predictor.probabilities(np.stack(images) if same else images)
+                probs = predictor.probabilities(np.stack(images) if same else images)  # a list: sizes differ
                 for p, row in zip(chunk, probs):
                     k = int(row.argmax())
                     writer.writerow([str(p), names[k], k, f"{row[k]:.6f}"])

@@ -13,15 +13,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.data import resolve_data_config
 
+from .backbone import check_model_name
+from .config import Interpolation, ModelConfig
 from .errors import H2TError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
-RESIZE_MODES = ("center_crop", "squash", "border")
 
 
 @dataclass(frozen=True)
@@ -99,32 +101,25 @@ class Preprocess:
         return out
 
 
-def build_preprocess(cfg) -> Preprocess:
+def build_preprocess(cfg: ModelConfig) -> Preprocess:
     """The model's pretrained config, with input_size / interpolation / resize / crop_pct / mean / std overridden."""
-    import timm
-
-    from .backbone import check_model_name
-
     check_model_name(cfg.name)
-    from timm.data import resolve_data_config
-
     pretrained_cfg = timm.models.get_pretrained_cfg(cfg.name)
     # timm's own resolution of the model's data config (test_input_size when model.use_test_size)
     defaults = resolve_data_config({}, pretrained_cfg=pretrained_cfg.to_dict(),
-                                   use_test_size=bool(cfg.get("use_test_size", False))) if pretrained_cfg else {}
-    input_size = cfg.get("input_size") or defaults.get("input_size", (3, 224, 224))[-1]
-    interpolation = cfg.get("interpolation") or defaults.get("interpolation", "bilinear")
-    mean = tuple(float(v) for v in (cfg.get("mean") or defaults.get("mean", IMAGENET_MEAN)))
-    std = tuple(float(v) for v in (cfg.get("std") or defaults.get("std", IMAGENET_STD)))
-    default_resize = {"squash": "squash", "border": "border"}.get(defaults.get("crop_mode"), "center_crop")
-    resize = cfg.get("resize") or default_resize
-    crop_pct = cfg.get("crop_pct") or defaults.get("crop_pct", 0.875)
+                                   use_test_size=bool(cfg.use_test_size)) if pretrained_cfg else {}
+    input_size = cfg.input_size or defaults.get("input_size", (3, 224, 224))[-1]
+    interpolation = str(cfg.interpolation or defaults.get("interpolation", "bilinear"))
+    mean = tuple(float(v) for v in (cfg.mean or defaults.get("mean", IMAGENET_MEAN)))
+    std = tuple(float(v) for v in (cfg.std or defaults.get("std", IMAGENET_STD)))
+    default_resize = {"squash": "squash", "border": "border"}.get(str(defaults.get("crop_mode")), "center_crop")
+    resize = str(cfg.resize or default_resize)
+    crop_pct = cfg.crop_pct or defaults.get("crop_pct", 0.875)
     if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 8:
         raise H2TError(f"model.input_size must be an integer >= 8, got {input_size!r}")
-    if interpolation not in INTERPOLATIONS:
-        raise H2TError(f"model.interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
-    if resize not in RESIZE_MODES:
-        raise H2TError(f"model.resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+    if interpolation not in {choice.value for choice in Interpolation}:  # timm's pretrained config may name another
+        raise H2TError(f"model.interpolation: {cfg.name}'s pretrained config asks for {interpolation!r}; "
+                       f"set one of {', '.join(Interpolation)}")
     if not 0.0 < float(crop_pct) <= 1.0:
         raise H2TError(f"model.crop_pct must be in (0, 1], got {crop_pct}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:

@@ -1,10 +1,15 @@
 """Reports written next to results.json: the comparison table and a plot of where selected features come from."""
 from __future__ import annotations
 
+import csv
+import json
 import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from matplotlib.figure import Figure
+
+from .errors import H2TError
 
 
 def pct(x) -> str:
@@ -33,13 +38,8 @@ def format_table(results: list[dict], chosen: bool = False) -> str:
 
 def plot_selection(result: dict, layer_names: list[str], path: Path) -> Path:
     """Bar chart: how many features each tap contributes to the selection, in network order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     counts = [result["selected_per_layer"].get(name, 0) for name in layer_names]
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layer_names)), 3.2))
+    fig, ax = _figure((max(6, 0.18 * len(layer_names)), 3.2))
     ax.bar(range(len(counts)), counts, color="tab:blue")
     ax.set_xticks(range(len(counts)), layer_names, rotation=90, fontsize=6)
     ax.set_ylabel("selected features")
@@ -47,7 +47,6 @@ def plot_selection(result: dict, layer_names: list[str], path: Path) -> Path:
                  f"{result['n_features_total']} features (test {pct(result['test_accuracy']).strip()} %)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -65,27 +64,26 @@ def _job_dirs(root: Path) -> list[Path]:
     return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
 
 
+def _failed_jobs(root: Path) -> list[dict]:
+    return [{"job": "." if job == root else job.name, **json.loads((job / FAILED_FILE).read_text())}
+            for job in _job_dirs(root) if (job / FAILED_FILE).is_file()]
+
+
 def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
     """(one row per result of every job, one entry per failed job) under a sweep or tune folder.
 
     A tune folder (candidates.csv beside results.json) contributes its candidates, averaged over rounds
     (job `tune`, no test accuracy: test is evaluated once, on the refitted winner, which is also a row)."""
-    import csv
-    import json
-
-    from .errors import H2TError
-
     root = Path(root)
     if not root.is_dir():
         raise H2TError(f"report: {root} is not a directory")
     jobs = _job_dirs(root)
     if not jobs:
         raise H2TError(f"report: {root} holds no results.json (a job folder, a -m sweep folder or a tune folder)")
-    rows, failed = [], []
+    rows, failed = [], _failed_jobs(root)
     for job in jobs:
         name = "." if job == root else job.name
         if (job / FAILED_FILE).is_file():
-            failed.append({"job": name, **json.loads((job / FAILED_FILE).read_text())})
             continue
         results = json.loads((job / "results.json").read_text())["results"]
         if (job / "candidates.csv").is_file():
@@ -144,15 +142,10 @@ def markdown_table(rows: list[dict], failed: list[dict]) -> str:
 def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
     """Validation (solid) and test (dashed) accuracy against F for each λ; selected features per layer
     (network depth on the x axis) for each head2toe result."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     h2t = [r for r in rows if r["method"] == "head2toe" and r.get("fraction") is not None]
     paths = []
     if h2t:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = _figure((6, 4))
         for lam in sorted({r["lam"] for r in h2t}, reverse=True):
             mine = sorted((r for r in h2t if r["lam"] == lam and not r["job"].endswith(":refit")),
                           key=lambda r: r["fraction"])
@@ -165,7 +158,7 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         paths.append(_finish(fig, ax, "kept fraction F", "accuracy %", out / "report_accuracy.png"))
     per_layer = [r for r in h2t if r.get("selected_per_layer")]
     if per_layer:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = _figure((7, 3.5))
         for r in per_layer[:12]:
             counts = list(r["selected_per_layer"].values())
             ax.plot(range(len(counts)), counts, marker=".", label=f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}")
@@ -173,22 +166,23 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
-def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+def _figure(size: tuple[float, float]):
+    """A figure of its own (no pyplot: nothing process-wide, no backend to switch)."""
+    fig = Figure(figsize=size)
+    return fig, fig.subplots()
 
+
+def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def write_report(root: str | Path) -> tuple[str, list[Path], list[dict]]:
     """report.md, report.csv and the plots in `root`; returns (markdown, files written, failed jobs)."""
-    import csv
-
     root = Path(root)
     rows, failed = collect(root)
     text = markdown_table(rows, failed)
@@ -203,19 +197,21 @@ def write_report(root: str | Path) -> tuple[str, list[Path], list[dict]]:
 
 class SweepReport(Callback):
     """Hydra callback (hydra.callbacks.sweep_report): the report of every -m sweep, written when it ends.
-    The failed jobs it finds are kept in `SweepReport.failed` for the command's exit status."""
+    With `outcome` (a file path; the h2t command passes one), the sweep's folder and its failed jobs are
+    written there as JSON for the command's exit status."""
 
-    failed: list[dict] = []
-    directory: Path | None = None
+    def __init__(self, outcome: str | None = None):
+        self.outcome = outcome
 
     def on_multirun_end(self, config, **_) -> None:
         directory = Path(config.hydra.sweep.dir)
-        SweepReport.directory = directory
-        if not directory.is_dir() or not _job_dirs(directory):
-            return  # a sweep of extractions: nothing to tabulate
-        try:
-            _text, paths, SweepReport.failed = write_report(directory)
-        except Exception as exc:  # noqa: BLE001 - a report must never turn a finished sweep into a crash
-            logging.getLogger("h2t").warning(f"no sweep report for {directory}: {exc}")
-            return
-        logging.getLogger("h2t").info(f"sweep report: {paths[0]} ({len(SweepReport.failed)} failed jobs)")
+        failed: list[dict] = []
+        if directory.is_dir() and _job_dirs(directory):  # else a sweep of extractions: nothing to tabulate
+            try:
+                _text, paths, failed = write_report(directory)
+                logging.getLogger("h2t").info(f"sweep report: {paths[0]} ({len(failed)} failed jobs)")
+            except Exception as exc:  # noqa: BLE001 - a report must never turn a finished sweep into a crash
+                logging.getLogger("h2t").warning(f"no sweep report for {directory}: {exc}")
+                failed = _failed_jobs(directory)
+        if self.outcome:
+            Path(self.outcome).write_text(json.dumps({"directory": str(directory), "failed": failed}, default=str))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
+from sklearn.model_selection import KFold, StratifiedKFold
 
 from .errors import H2TError
 
@@ -105,8 +106,6 @@ def kfold(store, splits: Sequence[str], k: int, seed: int = 0) -> list[tuple[Row
 
     scikit-learn's StratifiedKFold on a seeded shuffle: every row validates exactly once; the same
     (store, splits, k, seed) always gives the same folds."""
-    from sklearn.model_selection import StratifiedKFold
-
     pool = Rows.of(store, splits)
     n = pool.size(store)
     if int(k) < 2 or int(k) > n:
@@ -116,8 +115,6 @@ def kfold(store, splits: Sequence[str], k: int, seed: int = 0) -> list[tuple[Row
     smallest = int(counts[counts > 0].min())
     splitter = StratifiedKFold(int(k), shuffle=True, random_state=int(seed))
     if smallest < int(k):  # a class rarer than k: plain shuffled folds (StratifiedKFold would warn and skew)
-        from sklearn.model_selection import KFold
-
         splitter = KFold(int(k), shuffle=True, random_state=int(seed))
     bounds = np.cumsum([0] + list(pool.counts(store).values()))
     out = []

@@ -6,9 +6,6 @@ import numpy as np
 from .errors import H2TError
 
 
-TIE_RULES = ("gradient", "entry")
-
-
 def ranking(relevance: np.ndarray, tiebreak: np.ndarray | None = None, entry: np.ndarray | None = None) -> np.ndarray:
     """Every feature, most relevant first: by relevance, then (among equal relevance, i.e. the exact zeros
     of the group lasso) by `entry` when given (the largest λ of a path below at which the row is non-zero),

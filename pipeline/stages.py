@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import multiprocessing
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .decode import decode_file, decode_jpegs, device_decodable
 from .errors import H2TError
@@ -28,8 +30,6 @@ from .storage.quant import LEVELS, QuantizedBlock
 from .storage.store import StaleShard
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
-ON_OVERFLOW = ("error", "widen")
-PRECISIONS = ("float32", "bfloat16", "float16")  # model.precision: the backbone's compute dtype
 
 
 @dataclass(frozen=True)
@@ -96,11 +96,17 @@ def _join(parts: list):
     return images
 
 
-_DECODE_DATASET = None  # the dataset decode processes read from (inherited when they are forked)
+_PROCESS_DATASET = None  # set in each forked decode process by its initializer; never in the parent
+
+
+def _hold_dataset(dataset) -> None:
+    global _PROCESS_DATASET
+    _PROCESS_DATASET = dataset
 
 
 def _decode_range(split: str, start: int, stop: int):
-    return _join([_DECODE_DATASET.splits[split].load(start, stop)])
+    assert _PROCESS_DATASET is not None, "called outside a decode process"
+    return _join([_PROCESS_DATASET.splits[split].load(start, stop)])
 
 
 class Loader:
@@ -116,7 +122,6 @@ class Loader:
 
     def __init__(self, dataset, workers: int, pin: bool, device: torch.device | str = "cpu",
                  device_decode: bool = False):
-        global _DECODE_DATASET
         if workers < 1:
             raise H2TError(f"extract.workers must be >= 1, got {workers}")
         self.dataset, self.workers, self.pin = dataset, workers, pin
@@ -126,13 +131,10 @@ class Loader:
         self._processes = None
         if workers > 1 and any(_decodes_files(split) and not self._on_device(split)
                                for split in dataset.splits.values()):
-            import multiprocessing
-
-            from PIL import Image
-
             Image.init()  # image plugins imported before forking, so that no child needs the import lock
-            _DECODE_DATASET = dataset
-            self._processes = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            # forked: the dataset reaches each process without pickling
+            self._processes = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                                  initializer=_hold_dataset, initargs=(dataset,))
             list(self._processes.map(abs, range(workers)))  # fork them all now, while the other threads idle
 
     def submit(self, shard: Shard) -> Future:
@@ -196,10 +198,6 @@ class DeviceStage:
 
     def __init__(self, runner, preprocess, device: torch.device, layers: list[dict], dtypes: dict[str, str],
                  channels_last: bool = False, on_overflow: str = "error", precision: str = "float32"):
-        if on_overflow not in ON_OVERFLOW:
-            raise H2TError(f"store.on_overflow must be one of {', '.join(ON_OVERFLOW)}, got {on_overflow!r}")
-        if precision not in PRECISIONS:
-            raise H2TError(f"model.precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         # the forward under autocast (pooling and the store cast in float32 after it)
         self.autocast = None if precision == "float32" else TORCH_DTYPES[precision]
         self.runner, self.preprocess, self.device = runner, preprocess, device
@@ -237,14 +235,16 @@ class DeviceStage:
         flats, params = {}, None
         for dtype, taps in members.items():
             flat = torch.empty(sum(sizes[i] for i in taps), dtype=TORCH_DTYPES[dtype], device=self.device)
+            quant = None
             if dtype == "int8":
-                params = torch.empty(sum(2 * pooled[i].shape[1] for i in taps), dtype=torch.float32, device=self.device)
+                quant = params = torch.empty(sum(2 * pooled[i].shape[1] for i in taps), dtype=torch.float32,
+                                             device=self.device)
             offset = poffset = 0
             for i in taps:
                 target = flat[offset:offset + sizes[i]].view(pooled[i].shape)
-                if dtype == "int8":
+                if quant is not None:
                     dim = pooled[i].shape[1]
-                    quantize_into(pooled[i], target, params[poffset:poffset + 2 * dim])
+                    quantize_into(pooled[i], target, quant[poffset:poffset + 2 * dim])
                     poffset += 2 * dim
                 else:
                     target.copy_(pooled[i])  # cast in place
@@ -287,6 +287,7 @@ class DeviceStage:
                 blocks[i] = array[offset:offset + batch.sizes[i]].reshape(batch.rows, -1)
                 offset += batch.sizes[i]
                 if dtype == "int8":
+                    assert params is not None  # int8 taps always come with their scales and offsets
                     dim = blocks[i].shape[1]
                     blocks[i] = QuantizedBlock(blocks[i], params[poffset:poffset + 2 * dim])
                     poffset += 2 * dim

@@ -9,8 +9,17 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from timm.models.convnext import ConvNeXt
+from timm.models.efficientnet import EfficientNet
+from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.regnet import RegNet
+from timm.models.resnet import ResNet
+from timm.models.resnetv2 import ResNetV2
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from .errors import H2TError
 from .pooling import pool_activation
@@ -128,15 +137,6 @@ def _feature_info_taps(model) -> list[Tap]:
 
 def default_taps(model: torch.nn.Module) -> list[Tap]:
     """The family's explicit, ordered tap list, ending with pre-logits and logits."""
-    from timm.models.convnext import ConvNeXt
-    from timm.models.efficientnet import EfficientNet
-    from timm.models.mobilenetv3 import MobileNetV3
-    from timm.models.regnet import RegNet
-    from timm.models.resnet import ResNet
-    from timm.models.resnetv2 import ResNetV2
-    from timm.models.swin_transformer import SwinTransformer
-    from timm.models.vision_transformer import VisionTransformer
-
     families = ((ResNet, _resnet_taps), (ResNetV2, _resnetv2_taps), ((EfficientNet, MobileNetV3), _efficientnet_taps),
                 (ConvNeXt, _convnext_taps), (RegNet, _regnet_taps), (VisionTransformer, _vit_taps),
                 (SwinTransformer, _swin_taps))
@@ -189,7 +189,8 @@ class TappedForward:
 
     def __init__(self, model: torch.nn.Module, taps: list[Tap], target_size: int, pooling_rule: str = "head2toe",
                  cls_mode: str = "pooled"):
-        self.model, self.taps, self.target_size, self.rule = model, taps, target_size, pooling_rule
+        self.model: Any = model  # a timm model: forward_features / forward_head
+        self.taps, self.target_size, self.rule = taps, target_size, pooling_rule
         self.cls_mode = cls_mode
         self.module_taps = [t for t in taps if t.name not in HEAD_TAPS]
         self.want_head = {t.name for t in taps if t.name in HEAD_TAPS}

@@ -14,18 +14,21 @@ smaller T, smaller F, larger λ, fewer steps, smaller lr (`TIE_ORDER`). It is re
 """
 from __future__ import annotations
 
-import copy
 import csv
 import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .config import HeadConfig, Method, ProbeJob, TuneConfig, TuneJob
 from .errors import H2TError
 from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_head
-from .probe import METHODS, check_settings, probe_store, rankings
+from .probe import check_settings, probe_store, rankings
 from .rows import Rows, kfold
+from .score.cluster import ScoreRuntime
 from .select import column_plan, kept, whole_layers
 
 GRID_KEYS = ("target_size", "lam", "fraction", "head_lr", "head_steps")
@@ -34,12 +37,11 @@ CSV_FIELDS = ("method", "target_size", "lam", "fraction", "head_lr", "head_steps
               "train_accuracy", "val_accuracy")
 
 
-def grid(cfg) -> dict[str, list]:
+def grid(job: TuneJob) -> dict[str, list]:
     """The grid, checked before any extraction or scoring: one line naming the bad key and value."""
-    spec = cfg.tune.grid
-    values = {key: list(spec.get(key) or [None]) if key == "target_size" else list(spec.get(key) or [])
-              for key in GRID_KEYS}
-    default_t = int(cfg.pooling.target_size)
+    spec = job.tune.grid
+    values = {key: list(getattr(spec, key) or ([None] if key == "target_size" else [])) for key in GRID_KEYS}
+    default_t = int(job.extract.pooling.target_size)
     values["target_size"] = sorted({default_t if t is None else t for t in values["target_size"]})
 
     def check(key, ok, what):
@@ -66,58 +68,57 @@ def grid(cfg) -> dict[str, list]:
     return values
 
 
-def check_config(cfg) -> tuple[list[str], dict[str, list]]:
-    """Every tune setting that can be checked without data."""
-    methods = [str(m) for m in cfg.methods]
-    for method in methods:
-        if method not in METHODS:
-            raise H2TError(f"unknown method {method!r} in methods; known: {', '.join(METHODS)}")
-    check_settings(cfg, methods)
-    folds = cfg.tune.folds
-    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 0 or folds == 1:
+def check_job(job: TuneJob) -> dict[str, list]:
+    """Every tune setting that can be checked without data; returns the grid."""
+    for method in job.methods:
+        check_settings(replace(job.probe, method=method))
+    folds = job.tune.folds
+    if folds < 0 or folds == 1:
         raise H2TError(f"tune.folds must be 0 (the validation split) or an integer >= 2, got {folds!r}")
-    return methods, grid(cfg)
+    return grid(job)
 
 
-def rounds(store, cfg) -> list[tuple[Rows, Rows]]:
+def rounds(store, settings: TuneConfig) -> list[tuple[Rows, Rows]]:
     """(fit rows, validation rows) of each round: the validation split, or the K folds of `tune.pool`."""
-    pool = list(cfg.tune.pool)
-    if int(cfg.tune.folds) == 0:
+    pool = list(settings.pool)
+    if int(settings.folds) == 0:
         if "val" not in store.splits():
             raise H2TError(f"store {store.id} has no val split: use tune.folds=K (cross-validation over "
                            f"{'+'.join(s for s in pool if s in store.splits())})")
         fit = [s for s in pool if s != "val"]
         return [(Rows.of(store, fit), Rows.of(store, "val"))]
-    return kfold(store, [s for s in pool if s in store.splits()], int(cfg.tune.folds), int(cfg.tune.seed))
+    return kfold(store, [s for s in pool if s in store.splits()], int(settings.folds), int(settings.seed))
 
 
-def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg):
+def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig):
     """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid."""
     for lr, steps in itertools.product(values["head_lr"], values["head_steps"]):
         head = train_linear_head(X_fit, y_fit, num_classes, lr, steps, int(head_cfg.batch_size), int(head_cfg.seed))
         yield lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val)
 
 
-def candidates_for_store(store, cfg, methods, values, progress=False) -> list[dict]:
+def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress: bool = False,
+                         runtime: ScoreRuntime | None = None) -> list[dict]:
     """Every grid point of every round on one store (one T)."""
     T = int(store.meta["spec"]["pooling"]["target_size"])
     num_classes = store.meta["num_classes"]
+    probe = job.probe
     rows_out = []
-    for r, (fit, val) in enumerate(rounds(store, cfg)):
+    for r, (fit, val) in enumerate(rounds(store, job.tune)):
         y_fit, y_val = fit.labels(store), val.labels(store)
         base = {"target_size": T, "round": r}
-        if "linear" in methods:
-            plan = whole_layers(store.layers, [cfg.linear.layer])
+        if Method.linear in job.methods:
+            plan = whole_layers(store.layers, [probe.linear_layer])
             X_fit, X_val = read_columns(store, fit, plan), read_columns(store, val, plan)
             n = int(X_fit.shape[1])
-            for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, cfg.head):
+            for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, probe.head):
                 rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
                                  "head_steps": steps, "n_features_selected": n, "train_accuracy": train_acc,
                                  "val_accuracy": val_acc})
-        if "head2toe" not in methods:
+        if Method.head2toe not in job.methods:
             continue
         D = store.n_features
-        ranked = rankings(store, cfg.score, cfg.select, fit, values["lam"], progress=progress)
+        ranked = rankings(store, probe.score, probe.select, fit, values["lam"], progress=progress, runtime=runtime)
         for lam, (order, _info) in zip(values["lam"], ranked):
             widest = column_plan(order[:kept(D, max(values["fraction"]))], store.layers)
             raw_fit = read_columns(store, fit, widest, normalise=False)
@@ -127,7 +128,7 @@ def candidates_for_store(store, cfg, methods, values, progress=False) -> list[di
                 where = plan_positions(widest, plan)
                 X_fit = normalise_layers(raw_fit[:, where], plan)
                 X_val = normalise_layers(raw_val[:, where], plan)
-                for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, cfg.head):
+                for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, probe.head):
                     rows_out.append({"method": "head2toe", **base, "lam": lam, "fraction": fraction, "head_lr": lr,
                                      "head_steps": steps, "n_features_selected": int(X_fit.shape[1]),
                                      "train_accuracy": train_acc, "val_accuracy": val_acc})
@@ -153,41 +154,38 @@ def choose(candidates: list[dict], method: str) -> tuple[dict, float, int]:
     return dict(zip(GRID_KEYS, setting)), float(np.mean(accs)), len(scores)
 
 
-def refit_config(cfg, setting: dict):
-    """The probe config of the winner, fitted on `tune.pool`: what `h2t probe` would run."""
-    final = copy.deepcopy(cfg)
-    final.pooling.target_size = int(setting["target_size"])
-    final.head.lr = float(setting["head_lr"])
-    final.head.steps = int(setting["head_steps"])
+def refit_job(job: TuneJob, method: Method, setting: dict) -> ProbeJob:
+    """The probe of the winner, fitted on `tune.pool`: what `h2t probe` would run."""
+    probe = job.probe
+    head = replace(probe.head, lr=float(setting["head_lr"]), steps=int(setting["head_steps"]))
+    score, select = probe.score, probe.select
     if setting["lam"] is not None:
-        final.score.lam = float(setting["lam"])
-        final.select.fraction = float(setting["fraction"])
-    final.probe.fit_on = list(cfg.tune.pool)
-    return final
+        score = replace(score, lam=float(setting["lam"]))
+        select = replace(select, fraction=float(setting["fraction"]))
+    return replace(probe, method=method, head=head, score=score, select=select, fit_on=list(job.tune.pool))
 
 
-def tune(cfg, ensure_store, progress: bool = False, save_heads_to=None) -> tuple[list[dict], list[dict]]:
-    """Run the protocol: returns (one result per method, every candidate). `ensure_store(cfg)` returns
-    (a complete store for that config, images that went through the backbone for it); the refitted heads
-    are saved in `save_heads_to` when given (pipeline/predict.py)."""
+def tune(job: TuneJob, ensure_store: Callable, progress: bool = False, save_heads_to: Path | None = None,
+         runtime: ScoreRuntime | None = None) -> tuple[list[dict], list[dict]]:
+    """Run the protocol: returns (one result per method, every candidate). `ensure_store(extract_job)` returns
+    (a complete store for that job, images that went through the backbone for it); the refitted heads are
+    saved in `save_heads_to` when given (pipeline/predict.py)."""
     start = time.perf_counter()
-    methods, values = check_config(cfg)
+    values = check_job(job)
     stores, backbone_images, candidates = {}, 0, []
     for T in values["target_size"]:
-        cfg_t = copy.deepcopy(cfg)
-        cfg_t.pooling.target_size = int(T)
-        stores[T], images = ensure_store(cfg_t)
+        stores[T], images = ensure_store(job.extract.with_target_size(T))
         backbone_images += images
-        candidates += candidates_for_store(stores[T], cfg_t, methods, values, progress)
-    folds = int(cfg.tune.folds)
-    results = []
-    for method in methods:
-        setting, score, n = choose(candidates, method)
-        final_cfg = refit_config(cfg, setting)
-        result = probe_store(stores[setting["target_size"]], final_cfg, method, progress=progress,
-                             save_head_to=save_heads_to)
+        candidates += candidates_for_store(stores[T], job, values, progress, runtime)
+    folds = int(job.tune.folds)
+    pool = "+".join(job.tune.pool)
+    results: list[dict] = []
+    for method in job.methods:
+        setting, score, n = choose(candidates, str(method))
+        result = probe_store(stores[setting["target_size"]], refit_job(job, method, setting), progress=progress,
+                             save_head_to=save_heads_to, runtime=runtime)
         result.update({"chosen": setting, "selection": "mean validation accuracy" + (
-            f" over {folds} folds of {'+'.join(cfg.tune.pool)}" if folds else " on val"), "selection_score": score,
+            f" over {folds} folds of {pool}" if folds else " on val"), "selection_score": score,
             "folds": folds, "n_candidates": n, "tie_order": TIE_ORDER,
             "backbone_images": backbone_images if not results else 0})
         results.append(result)

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from hydra import compose, initialize_config_dir
+
+from pipeline.cli import CONF_DIR
+from pipeline.config import H2TConfig, ModelConfig, ScoreConfig, settings
 from pipeline.runtime import keep_freed_memory
+from pipeline.storage import configure_io
 from pipeline.storage.store import create_store
 
 
 def pytest_configure(config):
     keep_freed_memory()  # as the h2t command does: in-process forwards without a page fault per activation
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O thread pool
 
 TINY_OVERRIDES = ["model=resnet_tiny", "data=shapes_location", "data.num_classes=4", "data.image_size=32",
                   "data.sizes.train=40", "data.sizes.val=8", "data.sizes.test=20", "pooling.target_size=128",
@@ -21,20 +27,28 @@ TINY_OVERRIDES = ["model=resnet_tiny", "data=shapes_location", "data.num_classes
 
 def compose_cfg(verb: str = "extract", overrides=()):
     """A config composed from the shipped conf/ as the CLI composes it (schema and defaults included)."""
-    from hydra import compose, initialize_config_dir
-
-    from pipeline.cli import CONF_DIR
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=verb, overrides=list(overrides))
 
 
-def tiny_cfg(tmp_path, verb: str = "extract", **over):
-    """The small random ResNet on a 4-class shapes task, composed from conf/; `over`: dotted key -> value."""
-    cfg = compose_cfg(verb, TINY_OVERRIDES + [f"store.root={tmp_path / 'stores'}"])
+def _typed(cfg, over: dict) -> H2TConfig:
     for key, value in over.items():
         OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
+    return settings(cfg)
+
+
+def tiny_cfg(tmp_path, verb: str = "extract", **over) -> H2TConfig:
+    """The small random ResNet on a 4-class shapes task, composed from conf/ and typed as the CLI types it;
+    `over`: dotted key -> value."""
+    return _typed(compose_cfg(verb, TINY_OVERRIDES + [f"store.root={tmp_path / 'stores'}"]), over)
+
+
+def schema_cfg(**over) -> H2TConfig:
+    """The schema's defaults (pipeline/config.py) with `over` (dotted key -> value): settings for stages that
+    never build a model (probes and tunes of hand-made stores)."""
+    cfg = OmegaConf.structured(H2TConfig)
+    cfg.model.name = "synthetic"
+    return _typed(cfg, over)
 
 
 def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarray], num_classes: int,
@@ -66,8 +80,6 @@ def make_store(path, features: dict[str, np.ndarray], labels: dict[str, np.ndarr
 
 def score_cfg(**overrides):
     """Scoring settings (a ScoreConfig) for the tests' small problems; `overrides`: its fields."""
-    from pipeline.config import ScoreConfig
-
     return ScoreConfig(**{"lam": 1e-2, "solver": "working_set", "max_iter": 50, "tol": 1e-3, "memory_budget_mb": 512,
                           **overrides})
 
@@ -82,7 +94,7 @@ def model_cfg(**kw):
             "seed": 0, "input_size": 32, "interpolation": None, "mean": None, "std": None, "resize": None,
             "crop_pct": None, "use_test_size": False}
     base.update(kw)
-    return OmegaConf.create(base)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), base))
 
 
 # A store big enough for several writers to share (tests of resume and concurrency).

@@ -10,8 +10,7 @@ from tests.conftest import model_cfg
 
 def test_packaged_efficientnet_lite0_weights_classify_a_known_image():
     skimage_data = pytest.importorskip("skimage.data")
-    cfg = OmegaConf.load("conf/model/efficientnet_lite0.yaml")
-    cfg.input_size = 224
+    cfg = model_cfg(**{**OmegaConf.to_container(OmegaConf.load("conf/model/efficientnet_lite0.yaml")), "input_size": 224})
     model = build_model(cfg)
     x = build_preprocess(cfg)(skimage_data.chelsea()[None], torch.device("cpu"))
     with torch.inference_mode():

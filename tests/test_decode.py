@@ -145,6 +145,7 @@ def test_extraction_decoding_on_the_device_writes_the_cpu_paths_store(tmp_path):
     """The whole extraction of a JPEG folder with extract.decode=device (torchvision's batched decode, on the
     CPU here) writes the same store, bit for bit, as the CPU path: same id, same values."""
     from pipeline.extract import decodes_on_device, extract, plan_store
+    from pipeline.config import settings
     from tests.conftest import TINY_OVERRIDES, compose_cfg
 
     for split in ("train", "test"):
@@ -156,9 +157,9 @@ def test_extraction_decoding_on_the_device_writes_the_cpu_paths_store(tmp_path):
     stores = {}
     for mode in ("cpu", "device"):
         model = [o for o in TINY_OVERRIDES if not o.startswith("data")]
-        cfg = compose_cfg("extract", model + ["data=folder", f"data.root={tmp_path / 'images'}", "data.val_fraction=0.25",
+        cfg = settings(compose_cfg("extract", model + ["data=folder", f"data.root={tmp_path / 'images'}", "data.val_fraction=0.25",
                                               f"extract.decode={mode}", "extract.batch_size=4",
-                                              f"store.root={tmp_path / mode}"])
+                                                       f"store.root={tmp_path / mode}"])).extract_job()
         assert decodes_on_device(cfg.extract, plan_store(cfg).dataset) == (mode == "device")
         stores[mode] = extract(cfg).store
     cpu, device = stores["cpu"], stores["device"]

@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 
 from pipeline.errors import H2TError
-from pipeline.head import read_columns
-from pipeline.predict import Predictor, load_head
+from pipeline.head import load_head, read_columns
+from pipeline.predict import Predictor
 from pipeline.storage.store import open_store
 
 CLASSES = ["blob", "bar", "stripes"]

@@ -2,12 +2,13 @@
 and the order of the group lasso's exact zeros."""
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
+from pipeline.config import SelectConfig, TieRule
 from pipeline.errors import H2TError
 from pipeline.probe import check_settings, fit_rows, probe_store, rankings
 from pipeline.rows import Rows
-from tests.conftest import compose_cfg, make_store, score_cfg
+from pipeline.score.relevance import score_path
+from tests.conftest import make_store, schema_cfg, score_cfg
 
 WIDTHS = [30, 20, 14]
 
@@ -21,23 +22,21 @@ def store(tmp_path, rng):
 
 
 def cfg(**over):
-    base = compose_cfg("probe", ["select.fraction=0.2", "head.steps=60", "head.lr=0.05", "score.lam=2e-3",
-                                 "linear.layer=layer2"])
-    for key, value in over.items():
-        OmegaConf.update(base, key, value)
-    return base
+    """The head2toe probe job of these tests (`over`: dotted keys of the config)."""
+    return schema_cfg(**{"select.fraction": 0.2, "head.steps": 60, "head.lr": 0.05, "score.lam": 2e-3,
+                         "linear.layer": "layer2", **over}).probe_job()
 
 
 def test_the_rows_a_probe_fits_and_validates_on(store):
-    fit, validate = fit_rows(store, cfg().probe)
+    fit, validate = fit_rows(store, cfg().fit_on)
     assert fit.counts(store) == {"train": 96} and validate.counts(store) == {"val": 32}
-    fit, validate = fit_rows(store, cfg(**{"probe.fit_on": ["train", "val"]}).probe)
+    fit, validate = fit_rows(store, cfg(**{"probe.fit_on": ["train", "val"]}).fit_on)
     assert fit.counts(store) == {"train": 96, "val": 32} and validate is None
-    result = probe_store(store, cfg(**{"probe.fit_on": ["train", "val"]}), "head2toe")
+    result = probe_store(store, cfg(**{"probe.fit_on": ["train", "val"]}))
     assert result["fit_on"]["rows"] == {"train": 96, "val": 32} and result["val_accuracy"] is None
     assert result["test_accuracy"] is not None
     with pytest.raises(H2TError, match="probe.fit_on must name splits of the store other than test"):
-        fit_rows(store, cfg(**{"probe.fit_on": ["train", "dev"]}).probe)
+        fit_rows(store, cfg(**{"probe.fit_on": ["train", "dev"]}).fit_on)
 
 
 @pytest.mark.parametrize("key,value,culprit", [
@@ -47,15 +46,13 @@ def test_the_rows_a_probe_fits_and_validates_on(store):
 ])
 def test_settings_out_of_range_are_refused_before_any_work(key, value, culprit):
     with pytest.raises(H2TError, match=culprit.replace(".", "\\.")):
-        check_settings(cfg(**{key: value}), ["head2toe"])
+        check_settings(cfg(**{key: value}))
 
 
 def test_entry_order_ranks_zero_rows_by_the_largest_lam_at_which_they_enter(store):
     lam = 2e-3
-    select = OmegaConf.create({"tie_rule": "entry", "entry_steps": 3})
+    select = SelectConfig(tie_rule=TieRule.entry, entry_steps=3)
     (order, info), = rankings(store, score_cfg(lam=lam), select, Rows.of(store, "train"), [lam])
-    from pipeline.score.relevance import score_path
-
     solved = score_path(store, score_cfg(lam=lam), "train", [lam, lam / 2, lam / 4, lam / 8])
     weight = solved[0][0]["weight_sq"]
     entry = np.zeros(len(weight))

@@ -19,7 +19,7 @@ from pipeline.stages import DeviceStage, quantize_into
 from pipeline.storage import catalog, quant, views
 from pipeline.storage.schema import QUANT
 from pipeline.storage.store import open_store
-from tests.conftest import compose_cfg, tiny_cfg
+from tests.conftest import schema_cfg, tiny_cfg
 
 EPS = np.finfo(np.float32).eps
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -118,7 +118,7 @@ def test_non_finite_values_in_an_int8_tap_are_named(rng, bad):
 def stores(tmp_path_factory):
     """The tiny config extracted as int8 and as float32 (40 / 8 / 20 rows, shards of 16)."""
     root = tmp_path_factory.mktemp("int8")
-    return {dtype: extract(tiny_cfg(root, **{"store.dtype": dtype})).store for dtype in ("int8", "float32")}
+    return {dtype: extract(tiny_cfg(root, **{"store.dtype": dtype}).extract_job()).store for dtype in ("int8", "float32")}
 
 
 @pytest.fixture
@@ -130,7 +130,7 @@ def int8_copy(stores, tmp_path):
 
 def test_int8_store_has_its_own_id_and_its_quant_arrays(stores, tmp_path):
     store = stores["int8"]
-    float16 = plan_store(tiny_cfg(tmp_path, **{"store.dtype": "float16"}))
+    float16 = plan_store(tiny_cfg(tmp_path, **{"store.dtype": "float16"}).extract_job())
     float16_id = os.path.basename(float16.path).removesuffix(".zarr")
     assert float16.spec["dtype"] == "float16" and store.meta["spec"]["dtype"] == "int8"
     assert len({store.id, stores["float32"].id, float16_id}) == 3
@@ -276,18 +276,18 @@ SIZED = {"data.sizes": {"train": 256, "val": 64, "test": 128}, "extract.batch_si
 @pytest.fixture(scope="module")
 def sized_stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("sized")
-    return {dtype: extract(tiny_cfg(root, **SIZED, **{"store.dtype": dtype})).store for dtype in ("int8", "float16")}
+    return {dtype: extract(tiny_cfg(root, **SIZED, **{"store.dtype": dtype}).extract_job()).store for dtype in ("int8", "float16")}
 
 
-def probe_cfg():
-    return compose_cfg("probe", ["select.fraction=0.1", "head.steps=200", "head.lr=0.05", "score.lam=1e-3",
-                                 "linear.layer=pre_logits"])
+def probe_cfg(method):
+    return schema_cfg(**{"select.fraction": 0.1, "head.steps": 200, "head.lr": 0.05, "score.lam": 1e-3,
+                         "linear.layer": "pre_logits"}).probe_job(method)
 
 
 @pytest.mark.parametrize("method", ["head2toe", "linear"])
 def test_a_probe_on_an_int8_store_scores_like_float16(sized_stores, method):
-    int8 = probe_store(sized_stores["int8"], probe_cfg(), method)
-    half = probe_store(sized_stores["float16"], probe_cfg(), method)
+    int8 = probe_store(sized_stores["int8"], probe_cfg(method))
+    half = probe_store(sized_stores["float16"], probe_cfg(method))
     assert int8["store_id"] == sized_stores["int8"].id and int8["n_features_selected"] == half["n_features_selected"]
     if method == "head2toe":
         assert int8["column_view"] is not None  # the head read the int8 view

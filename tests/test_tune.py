@@ -1,15 +1,18 @@
 """h2t tune (pipeline/tune.py): every grid point of every round is a real probe of those rows, the winner is
 the best mean validation accuracy, and the refit is the probe `h2t probe probe.fit_on=[train,val]` runs."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
+from pipeline.config import Method
 from pipeline.errors import H2TError
 from pipeline.probe import probe_store
 from pipeline.rows import Rows
 from pipeline.score.relevance import score_path
-from pipeline.tune import check_config, refit_config, rounds, tune
-from tests.conftest import make_store, score_cfg
+from pipeline.tune import check_job, refit_job, rounds, tune
+from tests.conftest import make_store, schema_cfg, score_cfg
 
 WIDTHS = [40, 24, 64, 8]
 
@@ -23,22 +26,21 @@ def store(tmp_path, rng):
                       spec={"widths": WIDTHS, "pooling": {"target_size": 64}})
 
 
-def tune_cfg(**tune_over):
-    cfg = OmegaConf.create({
-        "methods": ["head2toe", "linear"], "pooling": {"target_size": 64},
-        "score": dict(score_cfg(lam=2e-3)), "select": {"fraction": 0.2, "tie_rule": "gradient", "entry_steps": 2},
-        "head": {"lr": 0.05, "steps": 60, "batch_size": 32, "seed": 0}, "linear": {"layer": "layer3"},
-        "store": {"column_views": True, "view_fraction": 0.5}, "probe": {"fit_on": ["train"]},
-        "tune": {"folds": 0, "seed": 0, "pool": ["train", "val"],
-                 "grid": {"target_size": [None], "lam": [2e-3, 2e-2], "fraction": [0.05, 0.3],
-                          "head_lr": [0.05], "head_steps": [30, 60]}}})
-    for key, value in tune_over.items():
-        OmegaConf.update(cfg, key, value)
-    return cfg
+SETTINGS = {"methods": ["head2toe", "linear"], "pooling.target_size": 64, "score.lam": 2e-3, "score.tol": 1e-3,
+            "score.memory_budget_mb": 512, "select.fraction": 0.2, "select.entry_steps": 2, "head.lr": 0.05,
+            "head.steps": 60, "head.batch_size": 32, "linear.layer": "layer3", "store.view_fraction": 0.5,
+            "probe.fit_on": ["train"], "tune.folds": 0, "tune.grid.target_size": [None],
+            "tune.grid.lam": [2e-3, 2e-2], "tune.grid.fraction": [0.05, 0.3], "tune.grid.head_lr": [0.05],
+            "tune.grid.head_steps": [30, 60]}
 
 
-def run(store, cfg):
-    return tune(cfg, lambda _cfg: (store, 0))
+def tune_cfg(**over):
+    """The tune job of these tests: the schema's defaults, SETTINGS, then `over` (dotted keys)."""
+    return schema_cfg(**{**SETTINGS, **over}).tune_job()
+
+
+def run(store, job):
+    return tune(job, lambda _job: (store, 0))
 
 
 def test_each_candidate_is_the_probe_of_its_setting_on_its_rows(store):
@@ -46,10 +48,13 @@ def test_each_candidate_is_the_probe_of_its_setting_on_its_rows(store):
     results, candidates = run(store, cfg)
     assert len(candidates) == 2 * 2 * 2 + 2  # head2toe: lam x fraction x steps; linear: steps
     for c in [c for c in candidates if c["method"] == "head2toe"][::3] + [candidates[0]]:
-        one = OmegaConf.merge(cfg, {"probe": {"fit_on": ["train"]}, "head": {"lr": c["head_lr"], "steps": c["head_steps"]}})
+        probe = cfg.probe
+        one = replace(probe, method=Method(c["method"]), fit_on=["train"],
+                      head=replace(probe.head, lr=c["head_lr"], steps=c["head_steps"]))
         if c["method"] == "head2toe":
-            one = OmegaConf.merge(one, {"score": {"lam": c["lam"]}, "select": {"fraction": c["fraction"]}})
-        probed = probe_store(store, one, c["method"])
+            one = replace(one, score=replace(probe.score, lam=c["lam"]),
+                          select=replace(probe.select, fraction=c["fraction"]))
+        probed = probe_store(store, one)
         assert probed["val_accuracy"] == pytest.approx(c["val_accuracy"], abs=1e-9), c
         assert probed["n_features_selected"] == c["n_features_selected"]
 
@@ -71,15 +76,15 @@ def test_the_winner_has_the_best_mean_validation_accuracy_and_is_refitted_on_tra
         assert np.mean(means[(chosen["lam"], chosen["fraction"], chosen["head_lr"], chosen["head_steps"])]) == pytest.approx(best)
         assert result["n_candidates"] == len(means) and result["folds"] == folds
         assert result["fit_on"]["rows"] == {"train": 96, "val": 32} and result["val_accuracy"] is None
-        refit = probe_store(store, refit_config(cfg, chosen), method)
+        refit = probe_store(store, refit_job(cfg, Method(method), chosen))
         assert refit["test_accuracy"] == result["test_accuracy"]
 
 
 def test_folds_validate_on_disjoint_rows_of_train_and_val(store):
-    folds = rounds(store, tune_cfg(**{"tune.folds": 4}))
+    folds = rounds(store, tune_cfg(**{"tune.folds": 4}).tune)
     sizes = [val.size(store) for _, val in folds]
     assert sum(sizes) == 128 and max(sizes) - min(sizes) <= 1
-    (fit, val), = rounds(store, tune_cfg())
+    (fit, val), = rounds(store, tune_cfg().tune)
     assert fit.counts(store) == {"train": 96} and val.counts(store) == {"val": 32}
 
 
@@ -104,16 +109,22 @@ def test_a_second_tune_reuses_every_score(store):
 @pytest.mark.parametrize("key,value,culprit", [
     ("tune.grid.fraction", [0.1, 1.5], "tune.grid.fraction values must be in \\(0, 1\\], got 1.5"),
     ("tune.grid.lam", [0], "tune.grid.lam values must be > 0, got 0"),
-    ("tune.grid.head_steps", [10.5], "tune.grid.head_steps values must be integers >= 1"),
+    ("tune.grid.head_steps", [0], "tune.grid.head_steps values must be integers >= 1"),
     ("tune.grid.head_lr", [], "tune.grid.head_lr is empty"),
     ("tune.grid.target_size", [-4], "tune.grid.target_size values must be positive integers"),
     ("tune.folds", 1, "tune.folds must be 0 .* or an integer >= 2, got 1"),
-    ("methods", ["head2toe", "ridge"], "unknown method 'ridge'"),
-    ("select.tie_rule", "random", "select.tie_rule must be one of gradient, entry"),
+    ("select.fraction", 0, "select.fraction"),
 ])
 def test_bad_settings_are_refused_before_any_work(key, value, culprit):
     cfg = tune_cfg(**{key: value})
     with pytest.raises(H2TError, match=culprit):
-        check_config(cfg)
+        check_job(cfg)
     with pytest.raises(H2TError, match=culprit):
-        tune(cfg, lambda _cfg: pytest.fail("a store was asked for"))
+        tune(cfg, lambda _job: pytest.fail("a store was asked for"))
+
+
+@pytest.mark.parametrize("key,value", [("tune.grid.head_steps", [10.5]), ("methods", ["head2toe", "ridge"]),
+                                       ("select.tie_rule", "random"), ("tune.folds", "two")])
+def test_a_wrong_type_or_unknown_choice_is_refused_by_the_schema(key, value):
+    with pytest.raises(ValidationError, match=key.split(".")[-1]):
+        tune_cfg(**{key: value})

@@ -135,9 +135,10 @@ def _pool_split(name: str, pool: Pool, order: np.ndarray) -> Split:
         images = np.ascontiguousarray(pool.array[order])
         return Split(name, labels, ids, lambda start, stop: images[start:stop], hashlib.sha256(images.data).hexdigest())
     read_bytes = None
-    if pool.path_of is not None:
+    path_of = pool.path_of
+    if path_of is not None:
         def read_bytes(start: int, stop: int) -> list[tuple[str, bytes]]:
-            paths = [pool.path_of(int(i)) for i in order[start:stop]]
+            paths = [path_of(int(i)) for i in order[start:stop]]
             return [(str(path), read_file(path)) for path in paths]
     return Split(name, labels, ids, lambda start, stop: [pool.read(int(i)) for i in order[start:stop]],
                  read_bytes=read_bytes)

@@ -6,9 +6,11 @@ import importlib.resources
 
 import numpy as np
 from PIL import Image, ImageDraw
+from sklearn.datasets import load_digits
 
 from ..errors import H2TError
 from .base import Dataset, in_memory_split, register, split_indices
+
 
 def _from_arrays(name, images, labels, num_classes, sizes, seed, source) -> Dataset:
     idx = split_indices(len(labels), sizes, seed, name)
@@ -19,8 +21,6 @@ def _from_arrays(name, images, labels, num_classes, sizes, seed, source) -> Data
 @register("digits")
 def digits(sizes: dict, seed: int = 0, name: str = "digits") -> Dataset:
     """sklearn's 1,797 8x8 handwritten digits (0..16 intensities scaled to uint8)."""
-    from sklearn.datasets import load_digits
-
     bunch = load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     return _from_arrays(name, images, bunch.target.astype(np.int64), 10, sizes, seed,
@@ -43,6 +43,7 @@ def mnist5k(sizes: dict, seed: int = 0, name: str = "mnist5k") -> Dataset:
 # --- procedural structured tasks (in the spirit of VTAB's dSprites / CLEVR) -----------------------------
 
 def _polygon(kind: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
+    base: list[tuple[float, float]]
     if kind == "square":
         base = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
     elif kind == "triangle":
@@ -63,7 +64,8 @@ def _draw(draw: ImageDraw.ImageDraw, kind: str, cx, cy, radius, angle, colour) -
 
 
 def _colour(rng) -> tuple[int, int, int]:
-    return tuple(int(v) for v in rng.integers(96, 256, size=3))
+    r, g, b = (int(v) for v in rng.integers(96, 256, size=3))
+    return r, g, b
 
 
 def _render_location(rng, size: int, num_classes: int):

@@ -32,7 +32,7 @@ def _file_pool(root: Path, paths: list[Path], labels: list[int]) -> Pool:
 
 def _file_stats(root: Path, pools: dict[str, Pool]) -> list:
     """Size and mtime of every file: a changed or replaced file changes the dataset id."""
-    out = []
+    out: list[tuple[str, int | None, int | None]] = []
     for pool in pools.values():
         for rel in pool.ids:
             try:
@@ -187,7 +187,7 @@ def npz(path: str | None = None, num_classes: int | None = None, val_fraction: f
         if labels.ndim != 1 or len(labels) != len(images):
             raise H2TError(f"{file}:{yk}: expected {len(images)} labels, got shape {labels.shape}")
         pools[split] = Pool([f"{split}/{i}" for i in range(len(labels))], labels.astype(np.int64),
-                            lambda i, im=images: im[i], images)
+                            lambda i, im=images: im[i], images)  # type: ignore[misc]
     k = num_classes or int(max(p.labels.max() for p in pools.values())) + 1
     for split, pool in pools.items():
         bad = np.flatnonzero((pool.labels < 0) | (pool.labels >= k))

@@ -8,12 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torchvision.datasets as tvd
 
 from ..errors import H2TError
 from .base import Pool, assemble, register
+from .files import to_rgb_array
 
 # name -> (constructor arguments per split, where the files must be under ROOT)
-TORCHVISION_DATASETS = {
+TORCHVISION_DATASETS: dict[str, tuple[dict[str, dict], str]] = {
     "CIFAR10": ({"train": {"train": True}, "test": {"train": False}}, "ROOT/cifar-10-batches-py/ (python version)"),
     "CIFAR100": ({"train": {"train": True}, "test": {"train": False}}, "ROOT/cifar-100-python/"),
     "SVHN": ({"train": {"split": "train"}, "test": {"split": "test"}}, "ROOT/train_32x32.mat, ROOT/test_32x32.mat"),
@@ -37,8 +39,6 @@ def _labels(ds) -> np.ndarray:
 
 def _reader(ds):
     def read(i: int) -> np.ndarray:
-        from .files import to_rgb_array
-
         image = ds[i][0]
         return to_rgb_array(image, f"{type(ds).__name__}[{i}]")
     return read
@@ -48,8 +48,6 @@ def _reader(ds):
 def torchvision_dataset(dataset: str | None = None, root: str | None = None, val_fraction: float = 0.2,
                         test_fraction: float = 0.2, seed: int = 0, name: str | None = None,
                         sizes: dict | None = None, on_error: str = "error"):
-    import torchvision.datasets as tvd
-
     if dataset not in TORCHVISION_DATASETS:
         raise H2TError(f"unknown data.dataset={dataset!r}; supported: {', '.join(TORCHVISION_DATASETS)}")
     if not root:
@@ -72,11 +70,11 @@ def torchvision_dataset(dataset: str | None = None, root: str | None = None, val
         n_test = max(1, int(round(len(order) * float(test_fraction))))
         for split, idx in (("test", order[:n_test]), ("train", order[n_test:])):
             pools[split] = Pool([whole.ids[i].replace("all/", "", 1) for i in idx], whole.labels[idx],
-                                lambda i, idx=idx: whole.read(int(idx[i])))
+                                lambda i, idx=idx: whole.read(int(idx[i])))  # type: ignore[misc]
     k = len(classes) if classes else int(max(p.labels.max() for p in pools.values())) + 1
     source = {"source": "torchvision", "dataset": dataset, "root": str(base.resolve()),
               "test_fraction": test_fraction, "files": _stat_tree(base)}
-    return assemble(name or dataset.lower(), pools, k, [str(c) for c in classes] or [str(c) for c in range(k)],
+    return assemble(name or dataset.lower(), pools, k, [str(c) for c in classes or range(k)],
                     source, sizes, seed, val_fraction, on_error)
 
 

@@ -63,7 +63,7 @@ def _dsprites_pools(path: Path, task: str, seed: int) -> dict[str, Pool]:
     pools = {}
     for split, idx in (("train", train_idx), ("test", order[int(0.9 * len(order)):])):
         pools[split] = Pool([f"{split}/{i}" for i in idx], labels[idx].astype(np.int64),
-                            lambda i, idx=idx: np.repeat(images[idx[i]][..., None] * 255, 3, axis=-1).astype(np.uint8))
+                            lambda i, idx=idx: np.repeat(images[idx[i]][..., None] * 255, 3, axis=-1).astype(np.uint8))  # type: ignore[misc]
     return pools
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
+from ..config import S3Config, StoreConfig
 from ..errors import H2TError
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
@@ -39,19 +40,17 @@ WHERE_CREDENTIALS_GO = ("credentials are not settings (runs save their settings 
                         "profile with store.s3.profile")
 
 
-def storage_options(store_cfg=None) -> dict:
+def storage_options(settings: StoreConfig | None = None) -> dict:
     """fsspec options for s3:// roots: the endpoint (store.s3.endpoint_url, else AWS_ENDPOINT_URL) and a named
-    profile (store.s3.profile); keys come from the environment or the AWS credential files, never settings."""
-    s3 = dict((store_cfg or {}).get("s3") or {}) if store_cfg is not None else {}
-    given = [name for name in CREDENTIAL_SETTINGS if s3.get(name)]
-    if given:
-        raise H2TError(f"store.s3.{given[0]}: {WHERE_CREDENTIALS_GO}")
-    endpoint = s3.get("endpoint_url") or os.environ.get("AWS_ENDPOINT_URL")
-    options = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 5, "read_timeout": 60}}
+    profile (store.s3.profile); keys come from the environment or the AWS credential files, never settings
+    (the schema has no field for them)."""
+    s3 = settings.s3 if settings is not None else S3Config()
+    endpoint = s3.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    options: dict = {"config_kwargs": {"retries": {"max_attempts": 2}, "connect_timeout": 5, "read_timeout": 60}}
     if endpoint:
         options["endpoint_url"] = endpoint
-    if s3.get("profile"):
-        options["profile"] = s3["profile"]
+    if s3.profile:
+        options["profile"] = s3.profile
     return options
 
 
