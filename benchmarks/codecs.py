@@ -24,7 +24,9 @@ from hydra import compose, initialize_config_dir
 from numcodecs import LZ4, Blosc, Zstd
 
 from pipeline.cli import CONF_DIR
+from pipeline.config import settings
 from pipeline.extract import extract
+from pipeline.storage import configure_io
 
 CODECS = {
     "zstd level 1 (store.compression=zstd)": Zstd(level=1),
@@ -49,6 +51,7 @@ def timed(fn, items, repeats: int) -> float:
 
 
 def main() -> None:
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--target-size", type=int, default=1024)
@@ -64,7 +67,7 @@ def main() -> None:
                 f"data={args.data}", f"pooling.target_size={args.target_size}", f"store.root={root}",
                 "store.compression=none",
                 "extract.progress=false", f"data.sizes.train={n}", "data.sizes.val=1", "data.sizes.test=1"])
-        store = extract(cfg).store
+        store = extract(settings(cfg).extract_job()).store
         chunks = [np.ascontiguousarray(store.features("train", layer["name"])[:64, :256]) for layer in store.layers]
         raw = sum(c.nbytes for c in chunks)
         mib = raw / 2**20

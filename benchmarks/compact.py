@@ -29,10 +29,12 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli import CONF_DIR
-from pipeline.runtime import keep_freed_memory
+from pipeline.config import settings
 from pipeline.extract import ensure_store
 from pipeline.head import read_columns
+from pipeline.runtime import keep_freed_memory
 from pipeline.score import FeatureMatrix, MultinomialLogistic
+from pipeline.storage import configure_io
 from pipeline.tune import tune
 
 SUITE = "shapes_location,shapes_orientation,shapes_count,digits,mnist5k"
@@ -75,6 +77,7 @@ def compose_cfg(name: str, overrides: list[str]):
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=SUITE)
     parser.add_argument("--target-size", type=int, default=1024)
@@ -95,13 +98,13 @@ def main() -> None:
             common = [*overrides, f"store.dtype={dtype}", f"pooling.target_size={args.target_size}",
                       f"store.root={root}/stores-{compression}", "extract.progress=false",
                       f"store.compression={compression}"]  # its own root: the codec is not in the store id
-            cfg = compose_cfg("tune", common)
-            store = ensure_store(cfg).store
+            cfg = settings(compose_cfg("tune", common))
+            store = ensure_store(cfg.extract_job()).store
             per_value = feature_bytes(store) / (sum(store.splits().values()) * store.n_features)
             t_pass, t_read = speeds(store)
             accuracy = "-"
             if not args.skip_tune and task != "folder" and compression == "lz4":  # zstd: the same numbers
-                results, _ = tune(cfg, lambda c: (lambda r: (r.store, r.backbone_images))(ensure_store(c)))
+                results, _ = tune(cfg.tune_job(), lambda job: (lambda r: (r.store, r.backbone_images))(ensure_store(job)))
                 accuracy = f"{100 * next(r for r in results if r['method'] == 'head2toe')['test_accuracy']:.1f}"
             print(f"{task:20s} {dtype + '+' + compression:12s} {per_value:13.3f} {accuracy:>11s} {t_pass:7.2f} "
                   f"{t_read:7.2f}", flush=True)

@@ -27,8 +27,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli import CONF_DIR
+from pipeline.config import settings
+from pipeline.extract import extract, plan_store, resolve_device
 from pipeline.runtime import keep_freed_memory
-from pipeline.extract import resolve_device, extract, plan_store
+from pipeline.storage import configure_io
 
 CASES = {
     "resnet50@224 T=8192": ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224",
@@ -50,6 +52,7 @@ class SyntheticForward:
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--writers", default="1,2,4")
@@ -70,6 +73,7 @@ def main() -> None:
                     f"extract.workers={args.workers}", "data=shapes_location",
                     f"data.sizes.train={n}", "data.sizes.val=1", "data.sizes.test=1"])
             cfg.data.image_size = cfg.data.get("image_size") or 64
+            cfg = settings(cfg).extract_job()
             plan = plan_store(cfg)
             batch = int(cfg.extract.batch_size)
             forward = SyntheticForward(plan.layers, batch, device)

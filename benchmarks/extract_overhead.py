@@ -22,12 +22,15 @@ from hydra import compose, initialize_config_dir
 
 from pipeline.backbone import build_model
 from pipeline.cli import CONF_DIR
-from pipeline.runtime import keep_freed_memory
+from pipeline.config import settings
 from pipeline.extract import extract, plan_store
+from pipeline.runtime import keep_freed_memory
+from pipeline.storage import configure_io
 
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--model-config", default="efficientnet_lite0")
@@ -40,6 +43,7 @@ def main() -> None:
         cfg = compose(config_name="extract", overrides=[
             f"model={args.model_config}", f"pooling.target_size={args.target_size}", f"store.root={root}",
             "extract.progress=false", f"data.sizes.train={n // 2}", "data.sizes.val=0", f"data.sizes.test={n - n // 2}"])
+    cfg = settings(cfg).extract_job()
     plan = plan_store(cfg)
     model = build_model(cfg.model)
     batch = int(cfg.extract.batch_size)
@@ -60,7 +64,8 @@ def main() -> None:
         assert result.backbone_images == n
         return result.seconds, result.stage_seconds
 
-    bare(); stored()  # warm-up: allocator, thread pools, page cache
+    bare()  # warm-up: allocator, thread pools, page cache
+    stored()
     pairs = [(bare(), stored()) for _ in range(args.repeats)]
     t_bare, t_store = min(p[0] for p in pairs), min(p[1][0] for p in pairs)
     t_stage = min(p[1][1] for p in pairs)

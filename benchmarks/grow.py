@@ -20,14 +20,16 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli import CONF_DIR
+from pipeline.config import settings
 from pipeline.extract import extract, plan_store
+from pipeline.storage import configure_io
 
 
 def config(root: str, images: int, model: str, overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="extract", overrides=[
+        return settings(compose(config_name="extract", overrides=[
             f"model={model}", f"store.root={root}", "extract.progress=false", f"data.sizes.train={images // 2}",
-            "data.sizes.val=0", f"data.sizes.test={images - images // 2}", *overrides])
+            "data.sizes.val=0", f"data.sizes.test={images - images // 2}", *overrides])).extract_job()
 
 
 def taps_override(names: list[str]) -> str:
@@ -35,6 +37,7 @@ def taps_override(names: list[str]) -> str:
 
 
 def main() -> None:
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--model-config", default="efficientnet_lite0")

@@ -38,17 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import google_crc32c
 import numpy as np
 import torch
+from decode import photos
+from extract_ceiling import SyntheticForward
 from hydra import compose, initialize_config_dir
 from numcodecs import Blosc
 from PIL import Image
 
-from decode import photos
-from extract_ceiling import SyntheticForward
 from pipeline.backbone import build_model
 from pipeline.cli import CONF_DIR
-from pipeline.runtime import keep_freed_memory
+from pipeline.config import settings
 from pipeline.extract import decodes_on_device, extract, plan_store, resolve_device
+from pipeline.runtime import keep_freed_memory
 from pipeline.stages import Loader, Shard
+from pipeline.storage import configure_io
 
 RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
 CASES = {
@@ -69,7 +71,7 @@ def make_folder(root: Path, n: int, size: int = 256) -> None:
 
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="extract", overrides=overrides)
+        return settings(compose(config_name="extract", overrides=overrides)).extract_job()
 
 
 def stage_rate(run, cfg, plan, repeats: int = 2) -> float:
@@ -264,6 +266,7 @@ def report(r: dict, writers: list[int]) -> None:
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=None, help="JPEGs (default: 2048 on CUDA, 256 on a CPU)")
     parser.add_argument("--forward-images", type=int, default=96, help="CPU only: images through the real model")

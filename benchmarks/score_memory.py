@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 
 from pipeline.score import FeatureMatrix, MultinomialLogistic
+from pipeline.storage import configure_io
 from pipeline.storage.store import create_store
 
 
@@ -64,6 +65,7 @@ def build(path: str, rows: int, features: int, layers: int = 8, shard_rows: int 
 
 
 def main() -> None:
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
     parser.add_argument("--features", type=int, default=65536)

@@ -55,30 +55,32 @@ def generate(path: Path, rows: int, features: int, seed: int = 0) -> None:
 
 
 def score_once(path: str, mode: str, budget_mb: float, lam: float, half: bool) -> dict:
-    from omegaconf import OmegaConf
-
+    from pipeline.config import ScoreConfig, Solver
     from pipeline.rows import Rows
+    from pipeline.score.cluster import ScoreRuntime
     from pipeline.score.relevance import score_store
+    from pipeline.storage import configure_io
     from pipeline.storage.store import open_store
 
+    configure_io()  # as the h2t command does
     store = open_store(path)
     n = store.splits()["train"]
     rows = Rows((("train", np.arange(n // 2)),), "first half") if half else Rows.of(store, "train")
-    cfg = OmegaConf.create({"lam": lam, "solver": "working_set", "max_iter": 30, "tol": 0.01,
-                            "memory_budget_mb": budget_mb, "cluster": None if mode == "threads" else mode})
+    cfg = ScoreConfig(lam=lam, solver=Solver.working_set, max_iter=30, tol=0.01, memory_budget_mb=budget_mb,
+                      cluster=None if mode == "threads" else mode)
     for key in list(store.group["derived/relevance"].group_keys()) if "derived" in store.group else []:
         del store.group[f"derived/relevance/{key}"]  # always solve, never load
+    runtime = ScoreRuntime()
     start = time.perf_counter()
-    _, info = score_store(store, cfg, rows)
+    _, info = score_store(store, cfg, rows, runtime=runtime)
     seconds = time.perf_counter() - start
     out = {"mode": mode, "rows": rows.size(store), "seconds": seconds, "passes": info["passes"],
            "kkt_over_lam": info["kkt_violation"] / lam, "converged": info["converged"],
            "nonzero": info["nonzero_rows"], "driver_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if mode != "threads":
-        from pipeline.score.cluster import client_for
-
-        peaks = client_for(mode).run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        peaks = runtime.client(mode).run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         out["worker_peak_mb"] = sorted(round(v) for v in peaks.values())
+    runtime.close()
     return out
 
 

@@ -22,9 +22,10 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
+from pipeline.config import settings
 from pipeline.head import read_columns
 from pipeline.select import column_plan
-from pipeline.storage import CODEC_PIPELINES
+from pipeline.storage import CODEC_PIPELINES, configure_io
 from pipeline.storage.store import FeatureStore, create_store, open_store
 from pipeline.storage.views import build_view, find_view
 
@@ -40,7 +41,7 @@ def default_layer_dims() -> list[int]:
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="extract", overrides=["data.sizes.train=1", "data.sizes.val=0", "data.sizes.test=1"])
-        return [layer["dim"] for layer in plan_store(cfg).layers]
+        return [layer["dim"] for layer in plan_store(settings(cfg).extract_job()).layers]
     except Exception:  # noqa: BLE001 - the benchmark still runs with a synthetic table
         return FALLBACK_DIMS
 
@@ -94,6 +95,7 @@ def raw_benchmark(tmp: Path, blocks) -> float:
 
 
 def main() -> None:
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--shard-rows", type=int, default=64)

@@ -19,13 +19,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hydra import compose, initialize_config_dir
 
 from pipeline.cli import CONF_DIR
+from pipeline.config import settings
 from pipeline.extract import ensure_store
 from pipeline.probe import probe_store
+from pipeline.storage import configure_io
 
 SUITE = "shapes_location,shapes_orientation,shapes_count,digits,mnist5k"
 
 
 def main() -> None:
+    configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=SUITE)
     parser.add_argument("--fractions", default="0.01,0.1")
@@ -40,9 +43,10 @@ def main() -> None:
                     cfg = compose(config_name="probe", overrides=[f"data={task}", f"select.fraction={fraction}",
                                                                   f"select.tie_rule={rule}", "extract.progress=false",
                                                                   *args.overrides])
-                store = ensure_store(cfg).store
+                typed = settings(cfg)
+                store = ensure_store(typed.extract_job()).store
                 start = time.perf_counter()
-                r = probe_store(store, cfg, "head2toe")
+                r = probe_store(store, typed.probe_job("head2toe"))
                 seconds = time.perf_counter() - start
                 rows.append((task, fraction, rule, r))
                 print(f"{task:20s} {fraction:5g} {rule:9s} {r['scoring']['nonzero_rows']:7d} "
