@@ -5,6 +5,7 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -94,24 +95,58 @@ def evaluate(head, store, rows: Rows | str, plan: dict[str, np.ndarray], view=No
 
 
 def train_linear_head(X: np.ndarray, y: np.ndarray, num_classes: int, lr: float, steps: int,
-                      batch_size: int, seed: int = 0) -> torch.nn.Linear:
+                      batch_size: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Linear:
     """Unregularised softmax regression: Adam (0.9, 0.999, eps 1e-7), cosine decay to 0; batches follow one
     seeded permutation per epoch (`epoch_batches`), so every row is trained on every epoch."""
+    return train_linear_heads(X, y, num_classes, [(lr, steps)], batch_size, seed, device)[0]
+
+
+def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings: Sequence[tuple[float, int]],
+                       batch_size: int, seed: int = 0, device: str | torch.device = "cpu") -> list[torch.nn.Linear]:
+    """One head per (lr, steps) of `settings`, all on the same rows, trained as one computation.
+
+    Each head is what `train_linear_head` alone gives (tests/test_head.py compares them with torch's own
+    Adam): the same seeded batches (they depend on the rows and the seed only), its own learning rate and
+    cosine schedule, Adam's moments per head. The heads' weights sit side by side in one (d, heads x K)
+    matrix, so a step gathers the batch once and does two matrix products for all of them; the gradient of
+    the mean cross-entropy is written out (softmax - one-hot) instead of recorded by autograd."""
+    device = torch.device(device)
+    n, d = X.shape
+    m, K = len(settings), int(num_classes)
+    lrs = torch.tensor([float(lr) for lr, _ in settings], dtype=torch.float64)
+    steps = torch.tensor([int(s) for _, s in settings], dtype=torch.float64)
+    Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)).to(device)
+    yt = torch.as_tensor(np.asarray(y, np.int64)).to(device)
+    W = torch.zeros(d, m * K, device=device)
+    b = torch.zeros(m * K, device=device)
+    moments = [torch.zeros_like(p) for p in (W, W, b, b)]  # Adam's first and second moments of W, then b
+    beta1, beta2, eps = 0.9, 0.999, 1e-7
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    head = torch.nn.Linear(X.shape[1], num_classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimiser = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    Xt, yt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.float32)), torch.from_numpy(np.asarray(y, np.int64))
-    for idx in epoch_batches(len(yt), batch_size, steps, generator):
-        loss = torch.nn.functional.cross_entropy(head(Xt[idx]), yt[idx])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    return head
+    rows = torch.arange(min(batch_size, n), device=device)
+    with torch.no_grad():
+        for t, idx in enumerate(epoch_batches(n, batch_size, int(steps.max()), generator)):
+            # each head's lr at this step (LambdaLR: the factor of the steps taken so far), 0 once it is done
+            factor = torch.where(steps > t, 0.5 * (1 + torch.cos(math.pi * torch.clamp(t / steps, max=1.0))), 0.0)
+            step_size = (lrs * factor / (1 - beta1 ** (t + 1))).to(torch.float32).repeat_interleave(K).to(device)
+            xb = Xt[idx.to(device)]
+            logits = torch.addmm(b, xb, W).view(len(idx), m, K)
+            grad = torch.softmax(logits, dim=2)
+            grad[rows, :, yt[idx.to(device)]] -= 1.0
+            grad = grad.view(len(idx), m * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
+            correction = math.sqrt(1 - beta2 ** (t + 1))
+            for param, g, first, second in ((W, xb.T @ grad, moments[0], moments[1]),
+                                            (b, grad.sum(0), moments[2], moments[3])):
+                first.lerp_(g, 1 - beta1)
+                second.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                param.sub_(first / (second.sqrt() / correction + eps) * step_size)
+    heads = []
+    for h in range(m):
+        head = torch.nn.Linear(d, K)
+        with torch.no_grad():
+            head.weight.copy_(W[:, h * K:(h + 1) * K].T)
+            head.bias.copy_(b[h * K:(h + 1) * K])
+        heads.append(head)
+    return heads
 
 
 def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

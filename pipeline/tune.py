@@ -25,7 +25,7 @@ import numpy as np
 
 from .config import HeadConfig, Method, ProbeJob, TuneConfig, TuneJob
 from .errors import H2TError
-from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_head
+from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_heads
 from .probe import check_settings, probe_store, rankings
 from .rows import Rows, kfold
 from .score.cluster import ScoreRuntime
@@ -91,9 +91,11 @@ def rounds(store, settings: TuneConfig) -> list[tuple[Rows, Rows]]:
 
 
 def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig):
-    """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid."""
-    for lr, steps in itertools.product(values["head_lr"], values["head_steps"]):
-        head = train_linear_head(X_fit, y_fit, num_classes, lr, steps, int(head_cfg.batch_size), int(head_cfg.seed))
+    """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid: the heads
+    share their rows, so they are trained as one computation (`train_linear_heads`)."""
+    settings = list(itertools.product(values["head_lr"], values["head_steps"]))
+    heads = train_linear_heads(X_fit, y_fit, num_classes, settings, int(head_cfg.batch_size), int(head_cfg.seed))
+    for (lr, steps), head in zip(settings, heads):
         yield lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val)
 
 

@@ -1,10 +1,13 @@
 """The head (pipeline/head.py): only the planned columns are read, each layer's subset is normalised per
 example, a subset of a wider raw read equals a direct read, training is deterministic and learns."""
+import math
+
 import numpy as np
 import pytest
+import torch
 
-from pipeline.head import (accuracy, evaluate, normalise_layers, plan_positions, predict, read_columns,
-                           train_linear_head)
+from pipeline.head import (accuracy, epoch_batches, evaluate, normalise_layers, plan_positions, predict, read_columns,
+                           train_linear_head, train_linear_heads)
 from pipeline.rows import Rows
 from pipeline.select import column_plan
 from tests.conftest import make_store
@@ -61,7 +64,6 @@ def test_every_row_is_trained_on_every_epoch_in_a_fresh_order(rng):
     (a fixed order that restarted before its partial batch never trained on those 32 rows)."""
     import torch
 
-    from pipeline.head import epoch_batches
 
     batches = list(epoch_batches(800, 128, 13, torch.Generator().manual_seed(0)))
     assert all(len(b) == 128 for b in batches)
@@ -77,3 +79,36 @@ def test_every_row_is_trained_on_every_epoch_in_a_fresh_order(rng):
     a = train_linear_head(X, y, 2, lr=0.1, steps=7, batch_size=128, seed=0)
     b = train_linear_head(changed, y, 2, lr=0.1, steps=7, batch_size=128, seed=0)
     assert not np.array_equal(a.weight.detach().numpy(), b.weight.detach().numpy())
+
+
+def _alone_with_torch_adam(X, y, num_classes, lr, steps, batch_size, seed=0):
+    """One head trained the textbook way: autograd, torch.optim.Adam and LambdaLR's cosine decay."""
+    generator = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(X.shape[1], num_classes)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    optimiser = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    for idx in epoch_batches(len(yt), batch_size, steps, generator):
+        loss = torch.nn.functional.cross_entropy(head(Xt[idx]), yt[idx])
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    return head
+
+
+def test_heads_trained_together_are_the_heads_trained_alone(rng):
+    n, d, k = 150, 40, 3
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] > X[:, 2]).astype(np.int64) + (X[:, 3] > 1)
+    settings = [(0.05, 30), (0.01, 70), (0.2, 45)]
+    together = train_linear_heads(X, y, k, settings, batch_size=32, seed=3)
+    for (lr, steps), head in zip(settings, together):
+        alone = _alone_with_torch_adam(X, y, k, lr, steps, 32, seed=3)
+        np.testing.assert_allclose(head.weight.detach().numpy(), alone.weight.detach().numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(head.bias.detach().numpy(), alone.bias.detach().numpy(), rtol=1e-4, atol=1e-5)
+        single = train_linear_head(X, y, k, lr, steps, 32, seed=3)
+        assert torch.equal(single.weight, head.weight) or np.allclose(single.weight.detach(), head.weight.detach(), atol=1e-6)
+    assert not np.allclose(together[0].weight.detach(), together[1].weight.detach())  # each its own lr and steps
