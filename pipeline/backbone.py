@@ -6,11 +6,11 @@ import hashlib
 import importlib
 import os
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants as hub_constants
 import timm
 import torch
-from typing import Any
 from safetensors.torch import load_file
 from timm.models import load_checkpoint, remap_state_dict
 
@@ -165,16 +165,3 @@ def _create_pretrained(name: str, kwargs: dict, allow_download: bool) -> torch.n
                        f"(or allow model.download=true), or use model.pretrained=false for random weights") from None
     finally:
         hub_constants.HF_HUB_OFFLINE = saved
-
-
-def resolve_device(name: str) -> torch.device:
-    """`extract.device` (or predict's --device): auto is the CUDA device when there is one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise H2TError(f"extract.device={name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise H2TError(f"extract.device={name}: no CUDA device on this machine")
-    return device

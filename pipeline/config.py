@@ -193,6 +193,7 @@ class HeadConfig:
     steps: int = 1000
     batch_size: int = 128
     seed: int = 0
+    device: str = "auto"  # where heads train: auto is the CUDA device when there is one
 
 
 @dataclass

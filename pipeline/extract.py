@@ -12,12 +12,13 @@ import timm
 import torch
 from tqdm.auto import tqdm
 
-from .backbone import build_model, check_model_name, create, create_kwargs, resolve_device, weights_fingerprint
+from .backbone import build_model, check_model_name, create, create_kwargs, weights_fingerprint
 from .config import Decode, ExtractConfig, ExtractJob, OnIncomplete
 from .data import Dataset, build_dataset
 from .errors import H2TError
 from .pooling import validate_target_size
 from .preprocess import build_preprocess
+from .runtime import resolve_device
 from .stages import DeviceStage, Loader, ShardQueue, Writer
 from .storage import location
 from .storage.catalog import human_bytes

@@ -10,6 +10,7 @@ from .config import HeadConfig, Method, ProbeJob, ScoreConfig, SelectConfig, Tie
 from .errors import H2TError
 from .head import accuracy, evaluate, read_columns, save_head, train_linear_head
 from .rows import Rows
+from .runtime import resolve_device
 from .score.cluster import ScoreRuntime
 from .score.relevance import score_params, score_path
 from .select import column_plan, kept, ranking, whole_layers
@@ -56,6 +57,7 @@ def check_head(head: HeadConfig) -> None:
     for key in ("lr", "steps", "batch_size"):
         if not getattr(head, key) > 0:
             raise H2TError(f"head.{key} must be > 0, got {getattr(head, key)!r}")
+    resolve_device(head.device, "head.device")  # a device this machine lacks is named before any work
 
 
 def rankings(store, score: ScoreConfig, select: SelectConfig, rows: Rows, lams, progress: bool = False,
@@ -130,8 +132,9 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     X_train, y_train = read_columns(store, fit, plan, view), fit.labels(store)
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
+    device = resolve_device(head_cfg.device, "head.device")
     head = train_linear_head(X_train, y_train, store.meta["num_classes"], float(head_cfg.lr),
-                             int(head_cfg.steps), int(head_cfg.batch_size), int(head_cfg.seed))
+                             int(head_cfg.steps), int(head_cfg.batch_size), int(head_cfg.seed), device)
     timings["head"] = time.perf_counter() - t
     t = time.perf_counter()
     train_accuracy = accuracy(head, X_train, y_train)
@@ -144,6 +147,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": str(method), "target_size": spec["pooling"]["target_size"],
         "lam": lam, "fraction": fraction, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
+        "head_device": str(device),
         "tie_rule": str(job.select.tie_rule) if method == Method.head2toe else None,
         "n_features_total": store.n_features, "n_features_selected": n_selected,
         "selected_per_layer": ({layer["name"]: int(len(plan.get(layer["name"], ()))) for layer in store.layers}

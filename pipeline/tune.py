@@ -28,6 +28,7 @@ from .errors import H2TError
 from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_heads
 from .probe import check_settings, probe_store, rankings
 from .rows import Rows, kfold
+from .runtime import resolve_device
 from .score.cluster import ScoreRuntime
 from .select import column_plan, kept, whole_layers
 
@@ -94,7 +95,8 @@ def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig
     """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid: the heads
     share their rows, so they are trained as one computation (`train_linear_heads`)."""
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
-    heads = train_linear_heads(X_fit, y_fit, num_classes, settings, int(head_cfg.batch_size), int(head_cfg.seed))
+    heads = train_linear_heads(X_fit, y_fit, num_classes, settings, int(head_cfg.batch_size), int(head_cfg.seed),
+                               resolve_device(head_cfg.device, "head.device"))
     for (lr, steps), head in zip(settings, heads):
         yield lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val)
 

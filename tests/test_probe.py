@@ -2,6 +2,7 @@
 and the order of the group lasso's exact zeros."""
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import SelectConfig, TieRule
 from pipeline.errors import H2TError
@@ -63,3 +64,13 @@ def test_entry_order_ranks_zero_rows_by_the_largest_lam_at_which_they_enter(stor
     rest = entry[order[nonzero:]]
     assert (np.diff(rest) <= 0).all() and rest[0] > 0  # then by entry lam, largest first
     assert info["entry_path"] == [lam / 2, lam / 4, lam / 8] and info["ranking_key"].endswith("-entry3")
+
+
+def test_the_head_trains_where_head_device_says_and_results_say_where(store):
+    result = probe_store(store, cfg(**{"head.device": "cpu", "probe.fit_on": ["train"]}))
+    assert result["head_device"] == "cpu" and result["test_accuracy"] is not None
+    if not torch.cuda.is_available():
+        with pytest.raises(H2TError, match="head.device=cuda: no CUDA device"):
+            check_settings(cfg(**{"head.device": "cuda"}))
+    with pytest.raises(H2TError, match="head.device='tpu9' is not a torch device"):
+        check_settings(cfg(**{"head.device": "tpu9"}))

@@ -128,3 +128,30 @@ def test_bad_settings_are_refused_before_any_work(key, value, culprit):
 def test_a_wrong_type_or_unknown_choice_is_refused_by_the_schema(key, value):
     with pytest.raises(ValidationError, match=key.split(".")[-1]):
         tune_cfg(**{key: value})
+
+
+def _one_at_a_time(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
+    """Each head alone, the textbook way (autograd, torch.optim.Adam, LambdaLR): what tune did before heads
+    that share rows were trained together."""
+    from tests.test_head import _alone_with_torch_adam
+
+    return [_alone_with_torch_adam(np.ascontiguousarray(X, np.float32), np.asarray(y, np.int64), num_classes, lr,
+                                   steps, batch_size, seed) for lr, steps in settings]
+
+
+@pytest.mark.parametrize("task", ["sum", "product"])
+def test_heads_trained_together_choose_what_heads_trained_alone_choose(tmp_path, rng, monkeypatch, task):
+    n = {"train": 96, "val": 32, "test": 40}
+    X = {s: np.abs(rng.standard_normal((m, sum(WIDTHS)))).astype(np.float32) for s, m in n.items()}
+    rule = (lambda x: x[:, 3] + x[:, 50] > x[:, 70] + x[:, 100]) if task == "sum" else (lambda x: x[:, 5] * x[:, 90] > 0.5)
+    store = make_store(tmp_path / f"{task}.zarr", X, {s: rule(x).astype(np.int64) for s, x in X.items()}, 2,
+                       dtype="float16", spec={"widths": WIDTHS, "pooling": {"target_size": 64}})
+    job = tune_cfg(**{"tune.folds": 2, "tune.grid.head_lr": [0.01, 0.1]})
+    together, candidates = run(store, job)
+    monkeypatch.setattr("pipeline.tune.train_linear_heads", _one_at_a_time)
+    alone, alone_candidates = run(store, job)
+    for a, b in zip(together, alone):
+        assert a["chosen"] == b["chosen"] and a["method"] == b["method"]
+        assert a["selection_score"] == pytest.approx(b["selection_score"], abs=1 / 64)
+    for a, b in zip(candidates, alone_candidates):
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 64 + 1e-9), (a, b)
