@@ -16,12 +16,11 @@ import os
 import socket
 import time
 import uuid
-
 from pathlib import Path
 
-from zarr.core.buffer import default_buffer_prototype
 from zarr.storage import LocalStore
-from zarr.core.sync import sync as zarr_sync
+
+from . import zarr_compat
 
 
 class Claims:
@@ -40,10 +39,9 @@ class Claims:
             except FileNotFoundError:
                 return None
         else:
-            buf = zarr_sync(self.store.get(key, prototype=default_buffer_prototype()))
-            if buf is None:
+            data = zarr_compat.run(zarr_compat.get_bytes(self.store, key))
+            if data is None:
                 return None
-            data = buf.to_bytes()
         try:
             return json.loads(data)
         except ValueError:
@@ -59,7 +57,7 @@ class Claims:
             if self.root is not None:
                 create_local(self.root / key, body)
             else:
-                zarr_sync(create_if_absent(self.store, key, body))
+                zarr_compat.run(create_if_absent(self.store, key, body))
             current = self._read(key)
             if current is not None and current.get("owner") == self.owner:
                 self.held.add(unit)
@@ -86,11 +84,8 @@ class Claims:
 
     def held_by_others(self, pattern) -> list[str]:
         """Units matching `pattern` (a compiled regex) on which another live process holds a claim."""
-        async def units():
-            return [key.removeprefix("claims/") async for key in self.store.list_prefix("claims/")]
-
         out = []
-        for unit in zarr_sync(units()):
+        for unit in (key.removeprefix("claims/") for key in zarr_compat.collect(self.store.list_prefix("claims/"))):
             if unit in self.held or not pattern.match(unit):
                 continue
             claim = self._read(f"claims/{unit}")
@@ -114,7 +109,7 @@ class Claims:
         if self.root is not None:
             (self.root / key).unlink(missing_ok=True)
         else:
-            zarr_sync(self.store.delete(key))
+            zarr_compat.run(self.store.delete(key))
 
 
 def create_local(path: Path, body: bytes) -> bool:
@@ -139,7 +134,7 @@ async def create_if_absent(store, key: str, body: bytes) -> None:
     """Write `key` unless it exists; on S3 atomically, through a conditional put the server arbitrates."""
     fs = getattr(store, "fs", None)
     if fs is None or "s3" not in fs.protocol:  # protocol is a name or a tuple of names
-        await store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(body))
+        await zarr_compat.set_bytes_if_absent(store, key, body)
         return
     if not await store.exists(key):
         await put_if_absent(fs, f"{store.path}/{key}", body)
@@ -148,7 +143,7 @@ async def create_if_absent(store, key: str, body: bytes) -> None:
 async def put_if_absent(fs, path: str, body: bytes) -> bool:
     """One S3 PUT with `If-None-Match: *` through obstore's atomic create (`mode="create"`, a public API):
     True if this call created the object, False if it existed."""
-    import obstore
+    import obstore  # imported here: only s3:// roots need obstore (optional for local stores)
     from obstore.exceptions import AlreadyExistsError
 
     bucket, _, key = path.partition("/")
@@ -164,7 +159,7 @@ _OBJECT_STORES: dict[tuple, object] = {}
 
 def _object_store(fs, bucket: str):
     """An obstore S3Store for the bucket, configured like the fsspec filesystem zarr uses."""
-    from obstore.store import S3Store
+    from obstore.store import S3Store  # only s3:// roots need obstore (optional for local stores)
 
     options = dict(getattr(fs, "storage_options", {}) or {})
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") \
@@ -192,7 +187,7 @@ def _object_store(fs, bucket: str):
 def _credentials(profile: str | None) -> tuple[str | None, str | None, str | None]:
     """Keys as s3fs finds them (botocore's chain: the environment, ~/.aws/credentials and config, the named
     profile): obstore is given the same ones, in memory only."""
-    import botocore.session
+    import botocore.session  # only s3:// roots need botocore (s3fs's; optional for local stores)
 
     found = botocore.session.Session(profile=profile).get_credentials()
     if found is None:

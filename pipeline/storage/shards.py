@@ -22,8 +22,9 @@ from typing import Callable
 import google_crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
-from zarr.codecs.sharding import ShardingCodecIndexLocation
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec, ShardingCodecIndexLocation, ZstdCodec
+
+from .zarr_compat import array_codecs, chunk_key
 
 BLOSC_SHUFFLE = {"noshuffle": Blosc.NOSHUFFLE, "shuffle": Blosc.SHUFFLE, "bitshuffle": Blosc.BITSHUFFLE}
 
@@ -120,22 +121,21 @@ class ShardEncoder:
 def encoder_for(array) -> ShardEncoder | None:
     """The encoder of a zarr v3 2-D array with one shard (or chunk) across all its columns, or None when its
     layout or codecs are not the ones this module writes."""
-    meta = array.metadata
-    if getattr(meta, "zarr_format", None) != 3 or len(array.shape) not in (1, 2):
+    codecs = array_codecs(array)
+    if codecs is None or len(array.shape) not in (1, 2):
         return None
-    codecs = list(meta.codecs)
+    grid = array.shards or array.chunks  # the shape of one stored object
     if len(array.shape) == 1:  # unsharded 1-D: the ledger
         steps = None if isinstance(codecs[0], ShardingCodec) else _pipeline(codecs)
         if steps is None:
             return None
-        rows = meta.chunk_grid.chunk_shape[0]
-        return ShardEncoder(lambda shard: meta.encode_chunk_key((shard,)), np.dtype(array.dtype), (rows, 1), 1,
+        return ShardEncoder(lambda shard: chunk_key(array, (shard,)), np.dtype(array.dtype), (grid[0], 1), 1,
                             steps, None)
-    grid_rows, grid_cols = meta.chunk_grid.chunk_shape
+    grid_rows, grid_cols = grid
     if grid_cols < array.shape[1]:
         return None
     dtype = np.dtype(array.dtype)
-    key_of = lambda shard: meta.encode_chunk_key((shard, 0))  # noqa: E731
+    key_of = lambda shard: chunk_key(array, (shard, 0))  # noqa: E731
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
         sharding = codecs[0]
         inner_rows, inner_cols = sharding.chunk_shape
