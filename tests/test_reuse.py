@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from pipeline import extract as extract_module
+from pipeline.backbone import build_model
+from pipeline.extract import format_plan, planned_bytes, planned_reuse
 from pipeline.storage.catalog import remove, verify
+from pipeline.taps import TappedForward, select_taps
 from pipeline.extract import extract
 from pipeline.storage.reuse import find_reuse
 from tests.conftest import tiny_cfg
@@ -87,7 +90,7 @@ def test_stores_of_other_weights_data_or_dtype_are_not_reused(tmp_path, knob, va
 
 def test_incomplete_stores_are_not_sources(tmp_path):
     first = extract(tiny_cfg(tmp_path, **{"taps.include": EARLY_TAPS})).store
-    first._update_meta(status="writing")
+    first.handle.write_attrs(status="writing")
     plan = extract_module.plan_store(tiny_cfg(tmp_path))
     assert find_reuse(plan.spec, plan.path, plan.layers).sources == {}
 
@@ -100,9 +103,6 @@ def test_grown_store_keeps_the_shard_size_of_its_source(tmp_path):
 
 
 def test_forward_stops_after_the_last_tap(tmp_path):
-    from pipeline.backbone import build_model
-    from pipeline.taps import TappedForward, select_taps
-
     cfg = tiny_cfg(tmp_path)
     model = build_model(cfg.model)
     calls = []
@@ -119,8 +119,6 @@ def test_forward_stops_after_the_last_tap(tmp_path):
 
 
 def test_plan_says_what_is_reused_and_counts_only_the_rest(tmp_path):
-    from pipeline.extract import format_plan, planned_bytes, planned_reuse
-
     first = extract(tiny_cfg(tmp_path, **{"taps.include": EARLY_TAPS})).store
     cfg = tiny_cfg(tmp_path)
     plan = extract_module.plan_store(cfg)

@@ -1,10 +1,21 @@
+import shutil
+from collections import namedtuple
+
 import numpy as np
 import pytest
+import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
+import pipeline.extract as extract_module
+from pipeline.backbone import build_model
 from pipeline.errors import H2TError
-from pipeline.extract import extract, plan_store
-from pipeline.storage.store import STATUS_WRITING, create_store, open_store
+from pipeline.extract import extract, plan_store, planned_bytes
+from pipeline.head import read_columns
+from pipeline.score.matrix import FeatureMatrix
+from pipeline.storage.catalog import verify
+from pipeline.storage.store import STATUS_WRITING, create_store, from_bfloat16_bits, open_store, to_bfloat16_bits
+from pipeline.taps import TappedForward, select_taps
 from tests.conftest import make_store, tiny_cfg
 
 
@@ -25,10 +36,6 @@ def test_extract_fills_every_split_then_reuses_the_store(tmp_path):
 
 
 def test_extracted_features_equal_a_direct_forward(tmp_path):
-    import torch
-    from pipeline.backbone import build_model
-    from pipeline.taps import TappedForward, select_taps
-
     cfg = tiny_cfg(tmp_path, **{"store.dtype": "float32"})
     plan = plan_store(cfg)
     store = extract(cfg, plan).store
@@ -112,11 +119,6 @@ def test_interrupted_extraction_resumes_from_the_ledger(tmp_path):
 
 
 def test_preflight_refuses_a_destination_without_space(tmp_path, monkeypatch):
-    import shutil
-    from collections import namedtuple
-
-    from pipeline.extract import planned_bytes
-
     cfg = tiny_cfg(tmp_path)
     plan = plan_store(cfg)
     need = sum(sum(t.values()) for t in planned_bytes(plan).values())
@@ -146,7 +148,6 @@ def test_float16_overflow_is_named_or_widened(tmp_path):
 
 
 def test_probe_policy_on_a_store_being_written(tmp_path):
-
     from pipeline.probe import wait_for_store
 
     cfg = tiny_cfg(tmp_path)
@@ -162,8 +163,6 @@ def test_probe_policy_on_a_store_being_written(tmp_path):
         wait_for_store(cfg, plan, clock=lambda: next(ticks), sleep=lambda _s: None)
     extract(tiny_cfg(tmp_path), plan)  # someone finishes it
     wait_for_store(cfg, plan)  # returns at once: complete
-    from omegaconf.errors import ValidationError
-
     with pytest.raises(ValidationError, match="expected one of \\[extract, wait, error\\]"):
         cfg.probe.on_incomplete = "maybe"  # the schema refuses it
     hand_made = OmegaConf.merge(OmegaConf.to_container(cfg, enum_to_str=True), {"probe": {"on_incomplete": "maybe"}})
@@ -173,10 +172,6 @@ def test_probe_policy_on_a_store_being_written(tmp_path):
 
 
 def test_bfloat16_bits_round_to_nearest_even_like_torch():
-    import torch
-
-    from pipeline.storage.store import from_bfloat16_bits, to_bfloat16_bits
-
     rng = np.random.default_rng(0)
     values = np.concatenate([
         rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 10_000),
@@ -187,12 +182,6 @@ def test_bfloat16_bits_round_to_nearest_even_like_torch():
 
 
 def test_bfloat16_store_holds_the_rounded_float32_values(tmp_path):
-    import torch
-
-    from pipeline.storage.catalog import verify
-    from pipeline.head import read_columns
-    from pipeline.score.matrix import FeatureMatrix
-
     exact = extract(tiny_cfg(tmp_path, **{"store.dtype": "float32"})).store
     store = extract(tiny_cfg(tmp_path, **{"store.dtype": "bfloat16"})).store
     assert store.id != exact.id and store.complete and verify(store) == []
@@ -209,13 +198,11 @@ def test_bfloat16_store_holds_the_rounded_float32_values(tmp_path):
 
 
 def test_code_schema_version_is_in_the_id_and_other_versions_are_refused(tmp_path, monkeypatch):
-    import pipeline.extract as extract_module
-
     store = extract(tiny_cfg(tmp_path)).store
     monkeypatch.setattr(extract_module, "SCHEMA_VERSION", 2)  # what the next schema's code would plan
     assert plan_store(tiny_cfg(tmp_path)).spec["schema_version"] == 2
     assert plan_store(tiny_cfg(tmp_path)).path != store.path
-    store._update_meta(schema_version=0)  # a store written by another version of the code
+    store.handle.write_attrs(schema_version=0)  # a store written by another version of the code
     with pytest.raises(H2TError, match="schema version 0, this h2t reads version 1"):
         open_store(store.path)
 

@@ -15,6 +15,7 @@ from pipeline.extract import extract, plan_store
 from pipeline.storage import catalog, quant
 from pipeline.storage.schema import FEATURES, QUANT
 from pipeline.storage.store import FeatureStore, create_store, open_store
+from pipeline.storage.writer import ShardWriter
 from tests.conftest import tiny_cfg
 
 BATCH = 8  # rows per shard
@@ -92,7 +93,7 @@ def test_writing_never_changes_zarrs_process_wide_settings(tmp_path, monkeypatch
         switched.append((args, kwargs))
         return set_config(*args, **kwargs)
 
-    write_shard = FeatureStore.write_shard
+    write_shard = ShardWriter.write_shard
 
     def recording_write_shard(self, array, shard, block):
         seen.append(zarr.config.get("codec_pipeline.path"))
@@ -100,7 +101,7 @@ def test_writing_never_changes_zarrs_process_wide_settings(tmp_path, monkeypatch
         seen.append(zarr.config.get("codec_pipeline.path"))
 
     monkeypatch.setattr(zarr.config, "set", spy_set)
-    monkeypatch.setattr(FeatureStore, "write_shard", recording_write_shard)
+    monkeypatch.setattr(ShardWriter, "write_shard", recording_write_shard)
     cfg = black_cfg(tmp_path, writers=4)
     store = extract(cfg, plan_store(cfg, mixed_dataset(0))).store
     assert store.complete and catalog.verify(open_store(store.path)) == []

@@ -9,11 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from zarr.core.sync import sync as zarr_sync
-
-from . import location
 from ..errors import H2TError
-from . import views
+from . import location, views, zarr_compat
 from .quant import DequantizedArray, QuantizedBlock, dequantize
 from .schema import check_arrays, check_attrs
 from .store import STATUS_COMPLETE, FeatureStore, open_store
@@ -25,10 +22,8 @@ def options() -> dict:
 
 
 def _children(store, prefix: str) -> list[str]:
-    async def collect():
-        return [name.rstrip("/") async for name in store.list_dir(prefix)]
     try:
-        return zarr_sync(collect())
+        return [name.rstrip("/") for name in zarr_compat.collect(store.list_dir(prefix))]
     except Exception as exc:  # noqa: BLE001 - remote listing failures
         raise H2TError(location.describe_failure(str(prefix), exc)) from None
 
@@ -43,7 +38,7 @@ def find_stores(root: str) -> list[str]:
         for model in _children(store, ""):
             for dataset in _children(store, model):
                 for name in _children(store, f"{model}/{dataset}"):
-                    if name.endswith(".zarr") and zarr_sync(store.exists(f"{model}/{dataset}/{name}/zarr.json")):
+                    if name.endswith(".zarr") and zarr_compat.run(store.exists(f"{model}/{dataset}/{name}/zarr.json")):
                         found.append(location.join(root, model, dataset, name))
         return sorted(found)
     base = location.local_path(root)
@@ -91,7 +86,7 @@ def open_resolved(path: str) -> FeatureStore:
 def _size_on_storage(store: FeatureStore) -> int:
     if not location.is_remote(store.path):
         return sum(f.stat().st_size for f in location.local_path(store.path).rglob("*") if f.is_file())
-    return int(zarr_sync(store.group.store.getsize_prefix("")))
+    return int(zarr_compat.run(store.group.store.getsize_prefix("")))
 
 
 def _last_modified(path: Path) -> float:
@@ -99,13 +94,13 @@ def _last_modified(path: Path) -> float:
 
 
 def summary(store: FeatureStore) -> dict:
-    meta, spec = store.meta, store.meta["spec"]
+    info, spec = store.info, store.info.spec
     return {
-        "id": store.id, "path": str(store.path), "model": spec["model"]["name"], "dataset": spec["dataset"]["name"],
-        "splits": store.splits(), "taps": len(store.layers), "features": store.n_features,
+        "id": info.id, "path": str(store.path), "model": spec["model"]["name"], "dataset": spec["dataset"]["name"],
+        "splits": dict(info.splits), "taps": len(info.layers), "features": info.n_features,
         "target_size": spec.get("pooling", {}).get("target_size"), "dtype": spec.get("dtype"),
-        "size_bytes": _size_on_storage(store), "status": meta["status"],
-        "created_at": meta.get("created_at"), "created_by": meta.get("created_by"),
+        "size_bytes": _size_on_storage(store), "status": info.status,
+        "created_at": info.created_at, "created_by": info.created_by,
     }
 
 
@@ -124,7 +119,7 @@ def verify(store: FeatureStore) -> list[str]:
     problems = check_attrs(store.meta) + check_arrays(store.group, store.meta)
     if problems:
         return problems  # the arrays are not what the attributes say: reading them would mislead
-    shard_rows = store.meta["shard_rows"]
+    shard_rows = store.info.shard_rows
     for split, n in store.splits().items():
         done = store.shards_done(split)
         n_shards = -(-n // shard_rows)
@@ -157,7 +152,7 @@ def verify(store: FeatureStore) -> list[str]:
                     problems.append(f"{where}: non-finite values")
         try:
             labels = store.labels(split)
-            if len(labels) != n or labels.min() < 0 or labels.max() >= store.meta["num_classes"]:
+            if len(labels) != n or labels.min() < 0 or labels.max() >= store.info.num_classes:
                 problems.append(f"{split}/labels: {len(labels)} labels, range {labels.min()}..{labels.max()}")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"{split}/labels: {type(exc).__name__}: {str(exc).splitlines()[0]}")
@@ -193,16 +188,16 @@ def remove_derived(path: str) -> None:
         raise H2TError(f"{path} is not a store")
     if store.read_only:
         raise H2TError(f"store {path} is read-only")
-    zarr_sync(store.group.store.delete_dir("derived"))
+    zarr_compat.run(store.group.store.delete_dir("derived"))
 
 
 def remove(path: str) -> None:
     if location.is_remote(path):
         location.ensure_writable_root(path)
         store = location.zarr_store(path, options())
-        if not zarr_sync(store.exists("zarr.json")):
+        if not zarr_compat.run(store.exists("zarr.json")):
             raise H2TError(f"{path} is not a store")
-        zarr_sync(store.delete_dir(""))
+        zarr_compat.run(store.delete_dir(""))
         return
     path = location.local_path(path)
     if not (path / "zarr.json").is_file():
@@ -223,7 +218,7 @@ def abandoned(root: str, older_than_s: float) -> list[str]:
     out = []
     for path in find_stores(root):
         try:
-            status = open_store(path).meta["status"]
+            status = open_store(path).info.status
         except H2TError:
             status = "unreadable"
         if status != STATUS_COMPLETE and now - _last_modified(location.local_path(path)) > older_than_s:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from zarr.core.sync import sync as zarr_sync
-
-from . import location
 from ..errors import H2TError
 from ..pooling import column_recipe
+from . import location, zarr_compat
 from .schema import canonical_json
 from .store import FeatureStore, open_store
 
@@ -57,11 +55,8 @@ def sibling_paths(path: str, options: dict | None) -> list[str]:
     parent, _, own = str(path).rstrip("/").rpartition("/")
     if location.is_remote(path):
         folder = location.zarr_store(parent, options, read_only=True)
-
-        async def names():
-            return [name.rstrip("/") async for name in folder.list_dir("")]
         try:
-            found = zarr_sync(names())
+            found = [name.rstrip("/") for name in zarr_compat.collect(folder.list_dir(""))]
         except Exception:  # noqa: BLE001 - nothing listed: nothing reused, the extraction still runs
             return []
     else:
@@ -79,17 +74,17 @@ def find_reuse(spec: dict, path: str, layers: list[dict], options: dict | None =
             store = open_store(sibling, None, options)
         except H2TError:
             continue  # another schema or not a store: not a source
-        if store is None or not store.complete or family(store.meta["spec"]) != family(spec):
+        if store is None or not store.complete or family(store.info.spec) != family(spec):
             continue
-        pooling = store.meta["spec"]["pooling"]
+        pooling = store.info.spec["pooling"]
         matches = {wanted[key] for key in (layer_key(layer, pooling) for layer in store.layers) if key in wanted}
         if matches:
-            candidates.append((len(matches), store.meta.get("completed_at", ""), store, matches))
+            candidates.append((len(matches), store.info.completed_at or "", store, matches))
     reuse = Reuse()
     for _n, _at, store, matches in sorted(candidates, key=lambda c: (-c[0], c[1])):
         if reuse.shard_rows is None:
-            reuse.shard_rows = store.meta["shard_rows"]
-        if store.meta["shard_rows"] != reuse.shard_rows:
+            reuse.shard_rows = store.info.shard_rows
+        if store.info.shard_rows != reuse.shard_rows:
             continue  # its shards would not line up with the ledger
         for name in matches:
             reuse.sources.setdefault(name, store)

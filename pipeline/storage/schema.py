@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from .quant import quantize
+
 SCHEMA_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32", "int8")
 COMPRESSIONS = ("lz4", "zstd", "none")
@@ -159,3 +161,16 @@ def to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
 def from_bfloat16_bits(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns -> float32, exactly."""
     return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_values(block: np.ndarray, dtype: str):
+    """A float32 block as a tap of store dtype `dtype` stores it (int8: a quant.QuantizedBlock)."""
+    if dtype == "int8":
+        return quantize(block)
+    return to_bfloat16_bits(block) if dtype == "bfloat16" else block.astype(dtype, copy=False)
+
+
+def decode_values(block: np.ndarray, dtype: str) -> np.ndarray:
+    """Values read from a tap of store dtype `dtype` as numbers: bfloat16 bits become float32, others are
+    returned as stored (an int8 tap's values are read through quant.DequantizedArray)."""
+    return from_bfloat16_bits(block) if dtype == "bfloat16" else block

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
+from tqdm.auto import tqdm
 
+from .claims import Claims
 from .quant import DequantizedArray
 from .schema import QUANT, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, quant_codecs, store_id
 
@@ -77,8 +79,6 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
                progress: bool = False) -> ColumnView:
     """Copy the first n_columns of `ranking` (global indices) from every split into a new view: one pass
     over the store, a row block of whole shards at a time."""
-    from tqdm.auto import tqdm
-
     columns = np.asarray(ranking[:n_columns], dtype=np.int64)
     key = view_key(relevance_key, len(columns))
     layers = store.layers
@@ -89,7 +89,7 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
     same = len(stored) == 1 and len(set(dtypes.values())) == 1
     dtype = np.dtype(next(iter(stored))) if same else np.dtype("float32")
     encoding = next(iter(dtypes.values())) if same and next(iter(dtypes.values())) in ("bfloat16", "int8") else ""
-    shard_rows = store.meta["shard_rows"]
+    shard_rows = store.info.shard_rows
     rows = max(shard_rows, budget_bytes // max(1, len(columns) * dtype.itemsize) // shard_rows * shard_rows)
     group = store.group.require_group(f"{ROOT}/{key}")
     group.attrs.clear()  # an interrupted build is rebuilt from the start
@@ -130,8 +130,8 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
                     out[:, where] = values[:, cols]
                 if quant is not None:
                     for s, row in enumerate(out_params):
-                        store.write_shard(quant, r0 // shard_rows + s, row[None])
-                store.write_shard(arr, r0 // block_rows, out)  # all-zero blocks kept too
+                        store.writer.write_shard(quant, r0 // shard_rows + s, row[None])
+                store.writer.write_shard(arr, r0 // block_rows, out)  # all-zero blocks kept too
                 bar.update(r1 - r0)
     group.attrs.update({"relevance_key": relevance_key, "n_columns": int(len(columns)), "order": ORDER,
                         "dtype": str(dtype), "encoding": encoding, "shard_rows": shard_rows, "complete": True})
@@ -156,8 +156,6 @@ def view_for(store, relevance_key: str, ranking: np.ndarray, k: int, min_fractio
     found = find_view(store, relevance_key, k)
     if found is not None or store.read_only:
         return found
-    from .claims import Claims
-
     width = min(len(ranking), max(k, math.ceil(min_fraction * len(ranking))))
     claims = Claims(store.group.store, ttl_s=3600)
     unit = f"views/{view_key(relevance_key, width)}"
