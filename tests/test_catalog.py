@@ -12,7 +12,7 @@ from pipeline.storage import catalog
 from pipeline.errors import H2TError
 from pipeline.extract import extract
 from pipeline.storage.store import create_store, open_store
-from tests.conftest import tiny_cfg
+from tests.conftest import make_store, tiny_cfg
 
 
 def store_cli(*args, cwd):
@@ -115,8 +115,6 @@ def test_store_commands_given_the_wrong_thing_say_so_in_one_line(extracted, tmp_
 
 
 def test_an_all_zero_shard_is_present_and_told_from_a_deleted_one(tmp_path):
-    from tests.conftest import make_store
-
     rng = np.random.default_rng(0)
     X = {"train": np.abs(rng.standard_normal((48, 24))).astype(np.float32), "test": np.ones((16, 24), np.float32)}
     X["train"][16:32, 8:16] = 0.0  # a dead tap for one whole shard (16 rows)

@@ -1,14 +1,20 @@
 """Two `h2t extract` of one store at once: shards split between them, nothing lost, result = a single run."""
+import os
 import re
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from zarr.storage import LocalStore
 
 from pipeline.extract import extract, plan_store
-from pipeline.storage.store import open_store
+from pipeline.storage.claims import Claims
+from pipeline.storage.store import StaleShard, create_store, open_store
 from tests.conftest import ARGS, OVERRIDES, tiny_cfg
 
 
@@ -33,12 +39,6 @@ def test_two_writers_share_the_work_and_match_a_single_run(tmp_path):
 
 
 def test_claims_are_exclusive_and_lapse(tmp_path):
-    import time
-
-    from zarr.storage import LocalStore
-
-    from pipeline.storage.claims import Claims
-
     store = LocalStore(str(tmp_path / "s"))
     a, b = Claims(store, ttl_s=0.3), Claims(store, ttl_s=0.3)
     assert a.try_claim("train/0") and not b.try_claim("train/0") and not a.try_claim("train/0")
@@ -71,8 +71,6 @@ print("images", result.backbone_images)
 def overflowing_forward(dims: list[int], tap: int = 2):
     """A stand-in backbone: per-image values that float16 holds exactly, except tap `tap`, which reaches 1e6
     on a third of the images (those whose mean pixel is high): the first such batch widens that tap."""
-    import torch
-
     def forward(x):
         base = torch.round(x.flatten(1) * 8) / 8
         out = [base[:, :d].repeat(1, -(-d // base.shape[1]))[:, :d].float() for d in dims]
@@ -83,8 +81,6 @@ def overflowing_forward(dims: list[int], tap: int = 2):
 
 
 def test_two_writers_widen_a_tap_safely_and_match_a_single_run(tmp_path):
-    import os
-
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     reference = subprocess.run([sys.executable, "-c", WIDEN_SCRIPT, str(tmp_path / "ref")], env=env,
                                capture_output=True, text=True, timeout=300)
@@ -105,12 +101,6 @@ def test_two_writers_widen_a_tap_safely_and_match_a_single_run(tmp_path):
 
 
 def test_a_write_that_overlaps_a_widening_is_not_marked_done(tmp_path):
-    import threading
-    import time
-
-    from pipeline.storage.claims import Claims
-    from pipeline.storage.store import StaleShard, create_store
-
     layers = [{"name": "t0", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0},
               {"name": "t1", "role": "t", "raw_shape": [4], "dim": 4, "offset": 4}]
     store = create_store(str(tmp_path / "w.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers,

@@ -1,5 +1,6 @@
 """kill -9 a real `h2t extract` at several moments; rerunning finishes a store bitwise equal to an uninterrupted run."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,5 @@ def test_kill_minus_nine_then_resume_is_bitwise_identical(tmp_path):
             b = reference.features(split, layer["name"])[:]
             assert a.tobytes() == b.tobytes(), f"{split}/{layer['name']}"
     # the last run only did what was left of the 480 images
-    import re
     images = int(re.search(rb"(\d+) images through the backbone", out).group(1))
     assert 0 < images < 480

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
+from pipeline.errors import H2TError
 from pipeline.head import read_columns
 from pipeline.probe import probe_store
 from pipeline.select import column_plan, ranking
@@ -103,8 +104,6 @@ def test_verify_checks_views_and_rm_derived_drops_them(store, rng, tmp_path):
 
 
 def test_a_bad_view_fraction_is_named_before_any_scoring(store):
-    from pipeline.errors import H2TError
-
     for bad in (0, 1.5, "many"):
         with pytest.raises(H2TError, match="store.view_fraction must be in"):
             probe_store(store, probe_cfg(view_fraction=bad), "head2toe")
