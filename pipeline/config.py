@@ -12,12 +12,17 @@ and checks its own keys (pipeline/data/).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from pathlib import Path
 from typing import Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+# The shipped configs (inside the package, found wherever h2t runs); H2T_CONF_DIR points elsewhere.
+CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parent / "conf"))
 
 
 class Choice(str, Enum):
@@ -223,6 +228,7 @@ class TuneConfig:
     seed: int = 0
     pool: List[str] = field(default_factory=lambda: ["train", "val"])
     grid: GridConfig = field(default_factory=GridConfig)
+    plan_only: bool = False
 
 
 @dataclass

@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 from .backbone import build_model, check_model_name, create, create_kwargs, weights_fingerprint
 from .config import Decode, ExtractConfig, ExtractJob, OnIncomplete
 from .data import Dataset, build_dataset
+from .devices import resolve_device
 from .errors import H2TError
 from .pooling import validate_target_size
 from .preprocess import build_preprocess
-from .runtime import resolve_device
 from .stages import DeviceStage, Loader, ShardQueue, Writer
 from .storage import location
 from .storage.catalog import human_bytes
@@ -99,6 +99,25 @@ def planned_reuse(job: ExtractJob, plan: Plan) -> Reuse:
     if open_store(plan.path, plan.spec, options) is not None:
         return Reuse()
     return find_reuse(plan.spec, plan.path, plan.layers, options)
+
+
+def store_status(job: ExtractJob, plan: Plan) -> str:
+    """What a run would do for this store: nothing (complete), join its writers, or extract (and copy what
+    sibling stores hold)."""
+    options = location.storage_options(job.store)
+    store = open_store(plan.path, plan.spec, options)
+    if store is not None and store.complete:
+        return "complete"
+    images = sum(plan.spec["dataset"]["splits"].values())
+    if store is not None:
+        done = sum(int(store.shards_done(s).sum()) for s in store.splits())
+        total = sum(len(store.shards_done(s)) for s in store.splits())
+        return f"incomplete ({done} of {total} shards written): the rest to extract"
+    reuse = find_reuse(plan.spec, plan.path, plan.layers, options)
+    copied = f"; {len(reuse.sources)} of {len(plan.layers)} taps copied from complete stores" if reuse.sources else ""
+    if reuse.covers(plan.layers):
+        return "to grow: every tap copied from complete stores, no forward"
+    return f"to extract: {images} images through the backbone{copied}"
 
 
 def format_plan(plan: Plan, per_tap: bool = False, reuse: Reuse | None = None) -> str:

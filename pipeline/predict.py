@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from .backbone import build_model, weights_fingerprint
 from .config import ModelConfig
 from .data.files import IMAGE_EXTENSIONS, load_image
+from .devices import resolve_device
 from .errors import H2TError
 from .head import load_head, normalise_layers, plain_json
 from .preprocess import build_preprocess
-from .runtime import resolve_device
 from .score.matrix import cast_into
 from .stages import DeviceStage
 from .storage.schema import from_bfloat16_bits

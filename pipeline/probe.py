@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import HeadConfig, Method, ProbeJob, ScoreConfig, SelectConfig, TieRule
+from .devices import resolve_device
 from .errors import H2TError
 from .head import accuracy, evaluate, read_columns, save_head, train_linear_head
 from .rows import Rows
-from .runtime import resolve_device
 from .score.cluster import ScoreRuntime
 from .score.relevance import score_params, score_path
 from .select import column_plan, kept, ranking, whole_layers

@@ -5,17 +5,11 @@ maps it again, zero-filled, on the next allocation; a CPU forward allocates and 
 to hundreds of MiB per layer, so a third of its time went to page faults (EfficientNet-Lite0 @ 160, batch
 64, 2 cores: 36 img/s, 8 s of system time in 14 s; 115 img/s with freed memory kept for reuse, the same
 peak RSS). PyTorch's CPU tuning guides reach the same end with jemalloc or tcmalloc; this needs neither.
-
-`resolve_device`: the device a stage runs on (the backbone, the heads).
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-
-import torch
-
-from .errors import H2TError
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 KEEP_BYTES = 1 << 30
@@ -31,17 +25,3 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_BYTES))
-
-
-def resolve_device(name: str, setting: str = "extract.device") -> torch.device:
-    """A device setting (`extract.device`, `head.device`, predict's --device): auto is the CUDA device when
-    there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise H2TError(f"{setting}={name!r} is not a torch device") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise H2TError(f"{setting}={name}: no CUDA device on this machine")
-    return device

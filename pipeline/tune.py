@@ -17,18 +17,20 @@ from __future__ import annotations
 import csv
 import itertools
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
-from .config import HeadConfig, Method, ProbeJob, TuneConfig, TuneJob
+from .config import ExtractJob, HeadConfig, Method, ProbeJob, TuneConfig, TuneJob
+from .devices import resolve_device
 from .errors import H2TError
 from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_heads
 from .probe import check_settings, probe_store, rankings
 from .rows import Rows, kfold
-from .runtime import resolve_device
 from .score.cluster import ScoreRuntime
 from .select import column_plan, kept, whole_layers
 
@@ -91,6 +93,82 @@ def rounds(store, settings: TuneConfig) -> list[tuple[Rows, Rows]]:
     return kfold(store, [s for s in pool if s in store.splits()], int(settings.folds), int(settings.seed))
 
 
+@dataclass
+class TunePlan:
+    """What a tune will do, known before it starts: per T its store and what making it costs, the rounds,
+    the candidates and the head trainings, with an estimate of the heads' time on this machine."""
+    stores: list[tuple[int, str, str]]  # (T, path, status: complete / to extract ... / to grow ...)
+    rounds: int
+    fit_rows: int  # rows each round's heads are trained on
+    candidates: dict[str, int]  # per method, over every T and round
+    groups: list[tuple[int, int, int]]  # heads trained together: (columns, heads, steps of the longest)
+    heads_seconds: float  # estimated from a short run of the same computation here
+    device: str
+
+    @property
+    def total(self) -> int:
+        return sum(self.candidates.values())
+
+    def describe(self) -> str:
+        lines = [f"tune plan: {self.total} candidates "
+                 f"({', '.join(f'{m} {n}' for m, n in self.candidates.items())}) over {len(self.stores)} store(s) x "
+                 f"{self.rounds} round(s) of {self.fit_rows} fitted rows"]
+        lines += [f"  T={T:<6d} {status}: {path}" for T, path, status in self.stores]
+        lines.append(f"  heads: {len(self.groups)} batched trainings of {sum(h for _, h, _ in self.groups)} heads on "
+                     f"{self.device}, about {self.heads_seconds:.0f} s; scoring: "
+                     f"{len(self.stores) * self.rounds} group-lasso paths (cached scores are reused), not estimated")
+        return "\n".join(lines)
+
+
+def plan_tune(job: TuneJob, values: dict[str, list], status_of: Callable[[ExtractJob], tuple[str, str, dict]]) -> TunePlan:
+    """The plan of `tune(job)`: `status_of(extract_job)` gives (store path, status, the store's split sizes)."""
+    stores, splits = [], {}
+    for T in values["target_size"]:
+        path, status, splits = status_of(job.extract.with_target_size(T))
+        stores.append((int(T), path, status))
+    pool = sum(splits.get(s, 0) for s in job.tune.pool)
+    folds = int(job.tune.folds)
+    rounds = max(folds, 1)
+    fit_rows = pool - splits.get("val", 0) if folds == 0 else pool * (folds - 1) // folds
+    device = resolve_device(job.probe.head.device, "head.device")
+    return TunePlan(stores, rounds, fit_rows, count_candidates(job, values), [], 0.0, str(device))
+
+
+def count_candidates(job: TuneJob, values: dict[str, list]) -> dict[str, int]:
+    """Candidates per method: every grid point of every round and T."""
+    per_round = len(values["target_size"]) * max(int(job.tune.folds), 1) * len(values["head_lr"]) * len(values["head_steps"])
+    return {str(method): per_round * (len(values["lam"]) * len(values["fraction"]) if method == Method.head2toe else 1)
+            for method in job.methods}
+
+
+def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], num_classes: int,
+                   head: HeadConfig) -> TunePlan:
+    """The plan with its head trainings listed (`widths`: the columns of each group of heads of one round,
+    over every T) and their time estimated from 20 steps of the same computation at the smallest and
+    largest width."""
+    settings = list(itertools.product(values["head_lr"], values["head_steps"]))
+    longest = max(values["head_steps"])
+    groups = [(w, len(settings), longest) for w in widths] * plan.rounds
+    rng = np.random.default_rng(0)
+    device = torch.device(plan.device)
+
+    def step_seconds(width: int) -> float:
+        X = rng.random((max(plan.fit_rows, 1), width), dtype=np.float32)
+        y = rng.integers(0, num_classes, len(X))
+        short = [(lr, 20) for lr, _ in settings]
+        train_linear_heads(X, y, num_classes, short, int(head.batch_size), 0, device)  # warm-up
+        start = time.perf_counter()
+        train_linear_heads(X, y, num_classes, short, int(head.batch_size), 0, device)
+        return (time.perf_counter() - start) / 20
+
+    low, high = min(widths), max(widths)
+    t_low = step_seconds(low)
+    t_high = step_seconds(high) if high != low else t_low
+    per_step = lambda w: t_low + (t_high - t_low) * (w - low) / max(high - low, 1)  # noqa: E731
+    seconds = sum(steps * per_step(w) for w, _, steps in groups)
+    return replace(plan, groups=groups, heads_seconds=seconds)
+
+
 def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig):
     """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid: the heads
     share their rows, so they are trained as one computation (`train_linear_heads`)."""
@@ -102,8 +180,8 @@ def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig
 
 
 def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress: bool = False,
-                         runtime: ScoreRuntime | None = None) -> list[dict]:
-    """Every grid point of every round on one store (one T)."""
+                         runtime: ScoreRuntime | None = None, bar=None) -> list[dict]:
+    """Every grid point of every round on one store (one T); `bar` (a tqdm) advances by each candidate."""
     T = int(store.meta["spec"]["pooling"]["target_size"])
     num_classes = store.meta["num_classes"]
     probe = job.probe
@@ -116,6 +194,8 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
             X_fit, X_val = read_columns(store, fit, plan), read_columns(store, val, plan)
             n = int(X_fit.shape[1])
             for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, probe.head):
+                if bar is not None:
+                    bar.update(1)
                 rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
                                  "head_steps": steps, "n_features_selected": n, "train_accuracy": train_acc,
                                  "val_accuracy": val_acc})
@@ -133,6 +213,8 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
                 X_fit = normalise_layers(raw_fit[:, where], plan)
                 X_val = normalise_layers(raw_val[:, where], plan)
                 for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, probe.head):
+                    if bar is not None:
+                        bar.update(1)
                     rows_out.append({"method": "head2toe", **base, "lam": lam, "fraction": fraction, "head_lr": lr,
                                      "head_steps": steps, "n_features_selected": int(X_fit.shape[1]),
                                      "train_accuracy": train_acc, "val_accuracy": val_acc})
@@ -177,10 +259,12 @@ def tune(job: TuneJob, ensure_store: Callable, progress: bool = False, save_head
     start = time.perf_counter()
     values = check_job(job)
     stores, backbone_images, candidates = {}, 0, []
-    for T in values["target_size"]:
-        stores[T], images = ensure_store(job.extract.with_target_size(T))
-        backbone_images += images
-        candidates += candidates_for_store(stores[T], job, values, progress, runtime)
+    with tqdm(total=sum(count_candidates(job, values).values()), unit="candidate", desc="tune", disable=not progress) as bar:
+        for T in values["target_size"]:
+            stores[T], images = ensure_store(job.extract.with_target_size(T))
+            backbone_images += images
+            # one bar over every candidate: the scoring paths' own bars stay off
+            candidates += candidates_for_store(stores[T], job, values, False, runtime, bar)
     folds = int(job.tune.folds)
     pool = "+".join(job.tune.pool)
     results: list[dict] = []

@@ -4,12 +4,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from hydra import compose, initialize_config_dir
-
 from pipeline.cli import CONF_DIR
-from pipeline.config import H2TConfig, ModelConfig, ScoreConfig, settings
+from pipeline.config import ExtractJob, H2TConfig, ModelConfig, ScoreConfig, settings
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage import configure_io
 from pipeline.storage.store import create_store
@@ -41,6 +40,11 @@ def tiny_cfg(tmp_path, verb: str = "extract", **over) -> H2TConfig:
     """The small random ResNet on a 4-class shapes task, composed from conf/ and typed as the CLI types it;
     `over`: dotted key -> value."""
     return _typed(compose_cfg(verb, TINY_OVERRIDES + [f"store.root={tmp_path / 'stores'}"]), over)
+
+
+def tiny_job(tmp_path, **over) -> ExtractJob:
+    """The extraction of `tiny_cfg`."""
+    return tiny_cfg(tmp_path, **over).extract_job()
 
 
 def schema_cfg(**over) -> H2TConfig:

@@ -3,8 +3,8 @@ import torch
 from omegaconf import OmegaConf
 
 from pipeline.backbone import build_model, weights_fingerprint
-from pipeline.preprocess import build_preprocess
 from pipeline.errors import H2TError
+from pipeline.preprocess import build_preprocess
 from tests.conftest import model_cfg
 
 

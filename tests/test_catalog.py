@@ -8,11 +8,11 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.storage import catalog
 from pipeline.errors import H2TError
 from pipeline.extract import extract
+from pipeline.storage import catalog
 from pipeline.storage.store import create_store, open_store
-from tests.conftest import make_store, tiny_cfg
+from tests.conftest import make_store, tiny_job
 
 
 def store_cli(*args, cwd):
@@ -22,7 +22,7 @@ def store_cli(*args, cwd):
 
 @pytest.fixture
 def extracted(tmp_path):
-    return extract(tiny_cfg(tmp_path)).store
+    return extract(tiny_job(tmp_path)).store
 
 
 def shard_file(store, split="train", layer=None, shard=1):

@@ -15,13 +15,13 @@ from zarr.storage import LocalStore
 from pipeline.extract import extract, plan_store
 from pipeline.storage.claims import Claims
 from pipeline.storage.store import StaleShard, create_store, open_store
-from tests.conftest import ARGS, OVERRIDES, tiny_cfg
+from tests.conftest import ARGS, OVERRIDES, tiny_job
 
 
 def test_two_writers_share_the_work_and_match_a_single_run(tmp_path):
-    reference = extract(tiny_cfg(tmp_path / "ref", **OVERRIDES)).store
+    reference = extract(tiny_job(tmp_path / "ref", **OVERRIDES)).store
     root = tmp_path / "stores"
-    path = plan_store(tiny_cfg(tmp_path, **OVERRIDES)).path
+    path = plan_store(tiny_job(tmp_path, **OVERRIDES)).path
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", *ARGS, f"store.root={root}", "extract.poll_s=0.05"]
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -62,8 +62,8 @@ from tests.conftest import tiny_cfg
 from tests.test_concurrency import overflowing_forward
 cfg = tiny_cfg(__import__('pathlib').Path(sys.argv[1]), **{"store.on_overflow": "widen", "extract.poll_s": 0.05,
                "extract.writers": 1, "extract.lease_s": 60})
-plan = plan_store(cfg)
-result = extract(cfg, plan, forward=overflowing_forward([l["dim"] for l in plan.layers]))
+plan = plan_store(cfg.extract_job())
+result = extract(cfg.extract_job(), plan, forward=overflowing_forward([l["dim"] for l in plan.layers]))
 print("images", result.backbone_images)
 """
 

@@ -144,8 +144,8 @@ def test_loader_decoding_on_the_device_gives_the_same_batch(tmp_path):
 def test_extraction_decoding_on_the_device_writes_the_cpu_paths_store(tmp_path):
     """The whole extraction of a JPEG folder with extract.decode=device (torchvision's batched decode, on the
     CPU here) writes the same store, bit for bit, as the CPU path: same id, same values."""
-    from pipeline.extract import decodes_on_device, extract, plan_store
     from pipeline.config import settings
+    from pipeline.extract import decodes_on_device, extract, plan_store
     from tests.conftest import TINY_OVERRIDES, compose_cfg
 
     for split in ("train", "test"):

@@ -6,8 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.head import (accuracy, epoch_batches, evaluate, normalise_layers, plan_positions, predict, read_columns,
-                           train_linear_head, train_linear_heads)
+from pipeline.head import (
+    accuracy,
+    epoch_batches,
+    evaluate,
+    normalise_layers,
+    plan_positions,
+    predict,
+    read_columns,
+    train_linear_head,
+    train_linear_heads,
+)
 from pipeline.rows import Rows
 from pipeline.select import column_plan
 from tests.conftest import make_store

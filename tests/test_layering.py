@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 
 # The data flow, upstream first: a module may import its own layer and the layers above it, never below.
 LAYERS = [
-    ("errors", "config", "runtime"),
+    ("errors", "config", "runtime", "devices"),
     ("decode", "rows", "pooling", "select"),
     ("storage",),
     ("data",),
@@ -22,6 +22,7 @@ LAYERS = [
     ("tune",),
     ("predict",),
     ("report",),
+    ("jobs",),
     ("cli",),
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}

@@ -4,8 +4,8 @@ from dataclasses import fields
 import pytest
 from zarr.storage import FsspecStore, LocalStore
 
-from pipeline.errors import H2TError
 from pipeline.config import S3Config, StoreConfig
+from pipeline.errors import H2TError
 from pipeline.storage import location
 
 

@@ -10,8 +10,7 @@ import numpy as np
 
 from pipeline.extract import extract, plan_store
 from pipeline.storage.store import open_store
-from tests.conftest import ARGS, OVERRIDES, tiny_cfg
-
+from tests.conftest import ARGS, OVERRIDES, tiny_cfg, tiny_job
 
 
 def cli_extract(root, cwd):
@@ -31,7 +30,7 @@ def test_kill_minus_nine_then_resume_is_bitwise_identical(tmp_path):
     reference_cfg = tiny_cfg(tmp_path / "ref", **OVERRIDES)
     reference = extract(reference_cfg).store
     root = tmp_path / "stores"
-    path = plan_store(tiny_cfg(tmp_path, **OVERRIDES)).path
+    path = plan_store(tiny_job(tmp_path, **OVERRIDES)).path
     assert path.startswith(str(root))
     total = sum(-(-n // 16) for n in (320, 32, 128))
     rng = np.random.default_rng(0)

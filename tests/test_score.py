@@ -5,8 +5,19 @@ import numpy as np
 import pytest
 
 from pipeline.errors import H2TError
-from pipeline.score import (SOLVERS, Datafit, FeatureMatrix, GroupL2Rows, Matrix, MultinomialLogistic, Penalty,
-                            ScoreRuntime, open_matrix, score_path, score_store)
+from pipeline.score import (
+    SOLVERS,
+    Datafit,
+    FeatureMatrix,
+    GroupL2Rows,
+    Matrix,
+    MultinomialLogistic,
+    Penalty,
+    ScoreRuntime,
+    open_matrix,
+    score_path,
+    score_store,
+)
 from pipeline.score.contracts import BlockMatrix
 from pipeline.score.matrix import DenseMatrix, l2_normalise_rows
 from tests.conftest import make_store, score_cfg

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
 from pipeline.errors import H2TError
 from pipeline.head import read_columns
@@ -14,7 +14,7 @@ from pipeline.probe import probe_store
 from pipeline.select import column_plan, ranking
 from pipeline.storage import catalog, views
 from pipeline.storage.store import open_store
-from tests.conftest import make_store, score_cfg
+from tests.conftest import make_store, schema_cfg
 
 WIDTHS = [40, 24, 64, 8]
 
@@ -28,10 +28,10 @@ def store(tmp_path, rng):
 
 
 def probe_cfg(**store_over):
-    return OmegaConf.create({
-        "score": dict(score_cfg(lam=2e-3)), "select": {"fraction": 0.2},
-        "head": {"lr": 0.05, "steps": 60, "batch_size": 32, "seed": 0}, "linear": {"layer": "layer3"},
-        "store": {"column_views": True, "view_fraction": 0.5, **store_over}})
+    over = {"score.lam": 2e-3, "score.tol": 1e-3, "score.memory_budget_mb": 512, "select.fraction": 0.2,
+            "head.lr": 0.05, "head.steps": 60, "head.batch_size": 32, "linear.layer": "layer3",
+            "store.column_views": True, "store.view_fraction": 0.5}
+    return schema_cfg(**{**over, **{f"store.{k}": v for k, v in store_over.items()}}).probe_job("head2toe")
 
 
 def test_a_prefix_of_the_view_reads_exactly_the_selected_columns(store, rng):
@@ -62,11 +62,11 @@ def test_views_are_found_by_key_and_width_and_never_half_built(store, rng):
 
 
 def test_probe_gives_the_same_results_with_and_without_views(store):
-    with_view = probe_store(store, probe_cfg(), "head2toe")
+    with_view = probe_store(store, probe_cfg())
     assert with_view["column_view"] is not None and with_view["column_view"]["width"] >= 27
-    again = probe_store(store, probe_cfg(), "head2toe")  # the view is reused, not rebuilt
+    again = probe_store(store, probe_cfg())  # the view is reused, not rebuilt
     assert again["column_view"] == with_view["column_view"] and len(views.list_views(store)) == 1
-    without = probe_store(store, probe_cfg(column_views=False), "head2toe")
+    without = probe_store(store, probe_cfg(column_views=False))
     assert without["column_view"] is None
     for key in ("train_accuracy", "val_accuracy", "test_accuracy", "selected_per_layer", "n_features_selected"):
         assert with_view[key] == without[key], key
@@ -104,7 +104,9 @@ def test_verify_checks_views_and_rm_derived_drops_them(store, rng, tmp_path):
 
 
 def test_a_bad_view_fraction_is_named_before_any_scoring(store):
-    for bad in (0, 1.5, "many"):
+    for bad in (0, 1.5):
         with pytest.raises(H2TError, match="store.view_fraction must be in"):
-            probe_store(store, probe_cfg(view_fraction=bad), "head2toe")
+            probe_store(store, probe_cfg(view_fraction=bad))
+    with pytest.raises(ValidationError, match="view_fraction"):  # not a number: the schema refuses it
+        probe_cfg(view_fraction="many")
     assert "derived" not in open_store(store.path).group  # nothing was scored, no view was built

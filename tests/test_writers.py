@@ -71,7 +71,7 @@ def assert_every_shard_on_disk(store: FeatureStore) -> None:
 def test_black_and_other_shards_from_four_writers_are_all_written_every_time(tmp_path):
     for run in range(6):  # the race lost a shard now and then: several fresh stores
         cfg = black_cfg(tmp_path / f"run{run}")
-        result = extract(cfg, plan_store(cfg, mixed_dataset(run)))
+        result = extract(cfg.extract_job(), plan_store(cfg.extract_job(), mixed_dataset(run)))
         store = open_store(result.store.path)
         assert store.complete and result.backbone_images == sum(SIZES.values())
         assert catalog.verify(store) == [], run
@@ -103,7 +103,7 @@ def test_writing_never_changes_zarrs_process_wide_settings(tmp_path, monkeypatch
     monkeypatch.setattr(zarr.config, "set", spy_set)
     monkeypatch.setattr(ShardWriter, "write_shard", recording_write_shard)
     cfg = black_cfg(tmp_path, writers=4)
-    store = extract(cfg, plan_store(cfg, mixed_dataset(0))).store
+    store = extract(cfg.extract_job(), plan_store(cfg.extract_job(), mixed_dataset(0))).store
     assert store.complete and catalog.verify(open_store(store.path)) == []
     assert zarr.config.get("codec_pipeline.path") == before
     assert seen and set(seen) == {before}  # the same inside every writer thread, during every write

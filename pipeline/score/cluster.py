@@ -101,7 +101,10 @@ class ScoreRuntime:
 
 def _start_local(spec: str):
     """`local:N`: a LocalCluster of N worker processes and a client of it."""
-    from distributed import Client, LocalCluster  # optional dependency: only `score.cluster` needs it
+    try:
+        from distributed import Client, LocalCluster  # noqa: PLC0415 - optional (h2t[cluster]): only `score.cluster` needs it
+    except ImportError:
+        raise H2TError(f"score.cluster={spec} needs Dask's distributed: pip install 'h2t[cluster]'") from None
 
     n = int(spec.split(":", 1)[1])
     threads = max(1, (os.cpu_count() or 1) // n)
@@ -116,7 +119,10 @@ def _start_local(spec: str):
 
 def _connect(spec: str):
     """A client of the scheduler at `spec`, which must have workers."""
-    from distributed import Client  # optional dependency: only `score.cluster` needs it
+    try:
+        from distributed import Client  # noqa: PLC0415 - optional (h2t[cluster]): only `score.cluster` needs it
+    except ImportError:
+        raise H2TError(f"score.cluster={spec} needs Dask's distributed: pip install 'h2t[cluster]'") from None
 
     _reachable(spec)
     try:
@@ -260,7 +266,7 @@ class ClusterMatrix(Closing):
 
     def _per_worker(self, task, *args):
         """One task per worker over the blocks placed on it; yields (its blocks, its result) as they finish."""
-        from distributed import as_completed  # optional dependency: only `score.cluster` needs it
+        from distributed import as_completed  # noqa: PLC0415 - optional (h2t[cluster]): only `score.cluster` needs it
 
         futures = {self.client.submit(task, self.ref, self.token, items, *args, workers=[worker],
                                       allow_other_workers=True, pure=False): items

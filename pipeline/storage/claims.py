@@ -18,6 +18,10 @@ import time
 import uuid
 from pathlib import Path
 
+import botocore.session
+import obstore
+from obstore.exceptions import AlreadyExistsError
+from obstore.store import S3Store
 from zarr.storage import LocalStore
 
 from . import zarr_compat
@@ -143,9 +147,6 @@ async def create_if_absent(store, key: str, body: bytes) -> None:
 async def put_if_absent(fs, path: str, body: bytes) -> bool:
     """One S3 PUT with `If-None-Match: *` through obstore's atomic create (`mode="create"`, a public API):
     True if this call created the object, False if it existed."""
-    import obstore  # imported here: only s3:// roots need obstore (optional for local stores)
-    from obstore.exceptions import AlreadyExistsError
-
     bucket, _, key = path.partition("/")
     try:
         await obstore.put_async(_object_store(fs, bucket), key, body, mode="create")
@@ -159,8 +160,6 @@ _OBJECT_STORES: dict[tuple, object] = {}
 
 def _object_store(fs, bucket: str):
     """An obstore S3Store for the bucket, configured like the fsspec filesystem zarr uses."""
-    from obstore.store import S3Store  # only s3:// roots need obstore (optional for local stores)
-
     options = dict(getattr(fs, "storage_options", {}) or {})
     endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url") \
         or os.environ.get("AWS_ENDPOINT_URL")
@@ -187,8 +186,6 @@ def _object_store(fs, bucket: str):
 def _credentials(profile: str | None) -> tuple[str | None, str | None, str | None]:
     """Keys as s3fs finds them (botocore's chain: the environment, ~/.aws/credentials and config, the named
     profile): obstore is given the same ones, in memory only."""
-    import botocore.session  # only s3:// roots need botocore (s3fs's; optional for local stores)
-
     found = botocore.session.Session(profile=profile).get_credentials()
     if found is None:
         return None, None, None

@@ -66,7 +66,7 @@ def configure_io(codec_pipeline: str | None = None, io_threads: int = IO_THREADS
 
 def _zarrs_available() -> bool:
     try:
-        import zarrs  # noqa: F401  optional at run time: without it zarr's own codec pipeline is used
+        import zarrs  # noqa: F401, PLC0415 - optional at run time: without it zarr's own codec pipeline is used
     except ImportError:
         return False
     return True
