@@ -113,8 +113,10 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     device = torch.device(device)
     n, d = X.shape
     m, K = len(settings), int(num_classes)
-    lrs = torch.tensor([float(lr) for lr, _ in settings], dtype=torch.float64)
-    steps = torch.tensor([int(s) for _, s in settings], dtype=torch.float64)
+    # longest first, so that the heads still training are always the first columns (no work for the others)
+    order = sorted(range(m), key=lambda h: -int(settings[h][1]))
+    lrs = torch.tensor([float(settings[h][0]) for h in order], dtype=torch.float64)
+    steps = torch.tensor([int(settings[h][1]) for h in order], dtype=torch.float64)
     Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)).to(device)
     yt = torch.as_tensor(np.asarray(y, np.int64)).to(device)
     W = torch.zeros(d, m * K, device=device)
@@ -126,26 +128,27 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     with torch.no_grad():
         for t, idx in enumerate(epoch_batches(n, batch_size, int(steps.max()), generator)):
             # each head's lr at this step (LambdaLR: the factor of the steps taken so far), 0 once it is done
-            factor = torch.where(steps > t, 0.5 * (1 + torch.cos(math.pi * torch.clamp(t / steps, max=1.0))), 0.0)
-            step_size = (lrs * factor / (1 - beta1 ** (t + 1))).to(torch.float32).repeat_interleave(K).to(device)
+            active = int((steps > t).sum())
+            factor = 0.5 * (1 + torch.cos(math.pi * t / steps[:active]))
+            step_size = (lrs[:active] * factor / (1 - beta1 ** (t + 1))).to(torch.float32).repeat_interleave(K)
+            step_size = step_size.to(device)
+            cols = active * K
             xb = Xt[idx.to(device)]
-            logits = torch.addmm(b, xb, W).view(len(idx), m, K)
+            logits = torch.addmm(b[:cols], xb, W[:, :cols]).view(len(idx), active, K)
             grad = torch.softmax(logits, dim=2)
             grad[rows, :, yt[idx.to(device)]] -= 1.0
-            grad = grad.view(len(idx), m * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
+            grad = grad.view(len(idx), cols).div_(len(idx))  # d(mean cross-entropy) / d(logits)
             correction = math.sqrt(1 - beta2 ** (t + 1))
-            for param, g, first, second in ((W, xb.T @ grad, moments[0], moments[1]),
-                                            (b, grad.sum(0), moments[2], moments[3])):
+            for param, g, first, second in ((W[:, :cols], xb.T @ grad, moments[0][:, :cols], moments[1][:, :cols]),
+                                            (b[:cols], grad.sum(0), moments[2][:cols], moments[3][:cols])):
                 first.lerp_(g, 1 - beta1)
                 second.mul_(beta2).addcmul_(g, g, value=1 - beta2)
                 param.sub_(first / (second.sqrt() / correction + eps) * step_size)
-    heads = []
-    for h in range(m):
-        head = torch.nn.Linear(d, K)
+    heads: list[torch.nn.Linear] = [torch.nn.Linear(d, K) for _ in range(m)]
+    for position, h in enumerate(order):
         with torch.no_grad():
-            head.weight.copy_(W[:, h * K:(h + 1) * K].T)
-            head.bias.copy_(b[h * K:(h + 1) * K])
-        heads.append(head)
+            heads[h].weight.copy_(W[:, position * K:(position + 1) * K].T)
+            heads[h].bias.copy_(b[position * K:(position + 1) * K])
     return heads
 
 

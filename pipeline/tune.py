@@ -175,13 +175,24 @@ def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     heads = train_linear_heads(X_fit, y_fit, num_classes, settings, int(head_cfg.batch_size), int(head_cfg.seed),
                                resolve_device(head_cfg.device, "head.device"))
-    for (lr, steps), head in zip(settings, heads):
-        yield lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val)
+    return [(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
+            for (lr, steps), head in zip(settings, heads)]
 
 
 def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress: bool = False,
-                         runtime: ScoreRuntime | None = None, bar=None) -> list[dict]:
-    """Every grid point of every round on one store (one T); `bar` (a tqdm) advances by each candidate."""
+                         runtime: ScoreRuntime | None = None, bar=None,
+                         seconds: dict[str, float] | None = None) -> list[dict]:
+    """Every grid point of every round on one store (one T); `bar` (a tqdm) advances by each candidate;
+    `seconds` adds up the time of each stage: score (the lam paths), read (columns), heads."""
+    seconds = {} if seconds is None else seconds
+
+    def timed(stage, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
     T = int(store.meta["spec"]["pooling"]["target_size"])
     num_classes = store.meta["num_classes"]
     probe = job.probe
@@ -191,9 +202,10 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         base = {"target_size": T, "round": r}
         if Method.linear in job.methods:
             plan = whole_layers(store.layers, [probe.linear_layer])
-            X_fit, X_val = read_columns(store, fit, plan), read_columns(store, val, plan)
+            X_fit, X_val = timed("read", read_columns, store, fit, plan), timed("read", read_columns, store, val, plan)
             n = int(X_fit.shape[1])
-            for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, probe.head):
+            for lr, steps, train_acc, val_acc in timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes,
+                                                       values, probe.head):
                 if bar is not None:
                     bar.update(1)
                 rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
@@ -202,17 +214,19 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         if Method.head2toe not in job.methods:
             continue
         D = store.n_features
-        ranked = rankings(store, probe.score, probe.select, fit, values["lam"], progress=progress, runtime=runtime)
+        ranked = timed("score", rankings, store, probe.score, probe.select, fit, values["lam"], progress=progress,
+                       runtime=runtime)
         for lam, (order, _info) in zip(values["lam"], ranked):
             widest = column_plan(order[:kept(D, max(values["fraction"]))], store.layers)
-            raw_fit = read_columns(store, fit, widest, normalise=False)
-            raw_val = read_columns(store, val, widest, normalise=False)
+            raw_fit = timed("read", read_columns, store, fit, widest, normalise=False)
+            raw_val = timed("read", read_columns, store, val, widest, normalise=False)
             for fraction in values["fraction"]:
                 plan = column_plan(order[:kept(D, fraction)], store.layers)
                 where = plan_positions(widest, plan)
                 X_fit = normalise_layers(raw_fit[:, where], plan)
                 X_val = normalise_layers(raw_val[:, where], plan)
-                for lr, steps, train_acc, val_acc in _heads(X_fit, y_fit, X_val, y_val, num_classes, values, probe.head):
+                for lr, steps, train_acc, val_acc in timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes,
+                                                           values, probe.head):
                     if bar is not None:
                         bar.update(1)
                     rows_out.append({"method": "head2toe", **base, "lam": lam, "fraction": fraction, "head_lr": lr,
@@ -259,12 +273,13 @@ def tune(job: TuneJob, ensure_store: Callable, progress: bool = False, save_head
     start = time.perf_counter()
     values = check_job(job)
     stores, backbone_images, candidates = {}, 0, []
+    stage_seconds: dict[str, float] = {}
     with tqdm(total=sum(count_candidates(job, values).values()), unit="candidate", desc="tune", disable=not progress) as bar:
         for T in values["target_size"]:
             stores[T], images = ensure_store(job.extract.with_target_size(T))
             backbone_images += images
             # one bar over every candidate: the scoring paths' own bars stay off
-            candidates += candidates_for_store(stores[T], job, values, False, runtime, bar)
+            candidates += candidates_for_store(stores[T], job, values, False, runtime, bar, stage_seconds)
     folds = int(job.tune.folds)
     pool = "+".join(job.tune.pool)
     results: list[dict] = []
@@ -280,6 +295,7 @@ def tune(job: TuneJob, ensure_store: Callable, progress: bool = False, save_head
     seconds = time.perf_counter() - start
     for r in results:
         r["timings_s"]["tune"] = round(seconds, 3)
+        r["timings_s"].update({f"tune_{stage}": round(s, 3) for stage, s in stage_seconds.items()})
     return results, candidates
 
 

@@ -59,7 +59,7 @@ WIDEN_SCRIPT = """
 import sys, torch
 from pipeline.extract import extract, plan_store
 from tests.conftest import tiny_cfg
-from tests.test_concurrency import overflowing_forward
+from tests.test_claims import overflowing_forward
 cfg = tiny_cfg(__import__('pathlib').Path(sys.argv[1]), **{"store.on_overflow": "widen", "extract.poll_s": 0.05,
                "extract.writers": 1, "extract.lease_s": 60})
 plan = plan_store(cfg.extract_job())

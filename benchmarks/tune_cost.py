@@ -1,0 +1,107 @@
+"""What `h2t tune` costs, heads trained one at a time against heads that share rows trained together.
+
+    python benchmarks/tune_cost.py [--modes alone,together] [overrides ...]
+    python benchmarks/tune_cost.py tune.folds=5 "tune.grid.target_size=[512,2048]"   # the paper's protocol
+
+The tune's stores are made first (extraction is not timed). Then, in this run and on the same stores, the
+same tune runs once per mode, each from cold scores (the cached relevance and column views are deleted
+before each run, so both pay the scoring path):
+  alone     every head trained by itself with autograd, torch.optim.Adam and LambdaLR (the way tune worked
+            before heads were batched; kept here as the baseline)
+  together  the heads of one (round, T, lam, F) as one computation (pipeline/head.py train_linear_heads)
+Printed per mode: wall time, candidates/s, time per stage (the lam paths, column reads, heads) and the
+chosen settings with their test accuracy; then whether the choices agree and the speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+
+import pipeline.tune as tune_module
+from pipeline.cli import CONF_DIR
+from pipeline.config import settings
+from pipeline.extract import ensure_store
+from pipeline.head import epoch_batches
+from pipeline.runtime import keep_freed_memory
+from pipeline.score.cluster import ScoreRuntime
+from pipeline.storage import catalog, configure_io
+
+BATCHED = tune_module.train_linear_heads
+
+
+def heads_alone(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
+    """Each head by itself: autograd, torch.optim.Adam (0.9, 0.999, eps 1e-7) and LambdaLR's cosine decay."""
+    heads = []
+    Xt, yt = torch.from_numpy(np.ascontiguousarray(X, np.float32)), torch.from_numpy(np.asarray(y, np.int64))
+    for lr, steps in settings:
+        generator = torch.Generator().manual_seed(seed)
+        head = torch.nn.Linear(X.shape[1], num_classes)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        optimiser = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda s, steps=steps: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        for idx in epoch_batches(len(yt), batch_size, steps, generator):
+            loss = torch.nn.functional.cross_entropy(head(Xt[idx]), yt[idx])
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+        heads.append(head)
+    return heads
+
+
+def run(job, stores, mode: str) -> dict:
+    for store in stores.values():
+        catalog.remove_derived(store.path)  # cold scores: every mode pays the scoring path
+    tune_module.train_linear_heads = heads_alone if mode == "alone" else BATCHED
+    start = time.perf_counter()
+    with ScoreRuntime() as runtime:
+        results, candidates = tune_module.tune(job, lambda extract_job: (stores[extract_job.pooling.target_size], 0),
+                                               runtime=runtime)
+    seconds = time.perf_counter() - start
+    tune_module.train_linear_heads = BATCHED
+    timings = results[0]["timings_s"]
+    return {"seconds": seconds, "candidates": len(candidates), "results": results,
+            "stages": {k.removeprefix("tune_"): timings.get(k, 0.0) for k in ("tune_score", "tune_read", "tune_heads")}}
+
+
+def main() -> None:
+    keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    configure_io()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modes", default="alone,together")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="tune", overrides=["extract.progress=false", *args.overrides])
+    job = settings(cfg).tune_job()
+    values = tune_module.check_job(job)
+    stores = {T: ensure_store(job.extract.with_target_size(T)).store for T in values["target_size"]}
+    print(f"{job.extract.model.name} on {stores[values['target_size'][0]].meta['spec']['dataset']['name']}: "
+          f"T {values['target_size']}, folds {job.tune.folds}, torch threads {torch.get_num_threads()}")
+    print(f"{'mode':9s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
+    outcome = {}
+    for mode in args.modes.split(","):
+        r = outcome[mode] = run(job, stores, mode)
+        chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
+        s = r["stages"]
+        print(f"{mode:9s} {r['seconds']:8.1f} {r['candidates'] / r['seconds']:7.2f} {s['score']:8.1f} "
+              f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
+    if {"alone", "together"} <= set(outcome):
+        a, b = outcome["alone"], outcome["together"]
+        same = [x["chosen"] for x in a["results"]] == [x["chosen"] for x in b["results"]]
+        print(f"together / alone: wall {b['seconds'] / a['seconds']:.2f}, heads "
+              f"{b['stages']['heads'] / max(a['stages']['heads'], 1e-9):.3f}; same choices: {same}")
+
+
+if __name__ == "__main__":
+    main()
