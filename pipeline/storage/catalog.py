@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import H2TError
 from . import location, views, zarr_compat
+from .handle import array_at, group_at, read_all
 from .quant import DequantizedArray, QuantizedBlock, dequantize
 from .schema import check_arrays, check_attrs
 from .store import STATUS_COMPLETE, FeatureStore, open_store
@@ -108,7 +109,9 @@ def list_summaries(root: str) -> list[dict]:
     out = []
     for path in find_stores(root):
         try:
-            out.append(summary(open_store(path, options=options())))
+            store = open_store(path, options=options())
+            assert store is not None, f"{path}: no store"  # find_stores lists paths with a zarr.json
+            out.append(summary(store))
         except H2TError as exc:
             out.append({"id": _stem(path), "path": path, "status": f"unreadable: {exc}"})
     return out
@@ -167,15 +170,16 @@ def _verify_views(store: FeatureStore) -> list[str]:
         if not view.get("complete"):
             continue  # an interrupted build: never read, rebuilt when needed
         try:
-            group = store.group[where]
-            columns = group["columns"][:]
+            group = group_at(store.group, where)
+            columns = read_all(array_at(group, "columns"))
             for split, n in store.splits().items():
-                if group[split].shape != (n, len(columns)):
-                    problems.append(f"{where}/{split}: shape {group[split].shape}, expected {(n, len(columns))}")
+                values = array_at(group, split)
+                if values.shape != (n, len(columns)):
+                    problems.append(f"{where}/{split}: shape {values.shape}, expected {(n, len(columns))}")
                     continue
-                group[split][:]
+                values[:]
                 if f"{split}_quant" in group:
-                    group[f"{split}_quant"][:]
+                    array_at(group, f"{split}_quant")[:]
         except Exception as exc:  # noqa: BLE001 - any decode failure is corruption
             problems.append(f"{where}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     return problems
@@ -199,11 +203,11 @@ def remove(path: str) -> None:
             raise H2TError(f"{path} is not a store")
         zarr_compat.run(store.delete_dir(""))
         return
-    path = location.local_path(path)
-    if not (path / "zarr.json").is_file():
-        raise H2TError(f"{path} is not a store")
-    shutil.rmtree(path)
-    for parent in (path.parent, path.parent.parent):  # drop empty <dataset>/ and <model>/ directories
+    local = location.local_path(path)
+    if not (local / "zarr.json").is_file():
+        raise H2TError(f"{local} is not a store")
+    shutil.rmtree(local)
+    for parent in (local.parent, local.parent.parent):  # drop empty <dataset>/ and <model>/ directories
         try:
             parent.rmdir()
         except OSError:
@@ -218,7 +222,9 @@ def abandoned(root: str, older_than_s: float) -> list[str]:
     out = []
     for path in find_stores(root):
         try:
-            status = open_store(path).info.status
+            store = open_store(path)
+            assert store is not None, f"{path}: no store"  # find_stores lists paths with a zarr.json
+            status = store.info.status
         except H2TError:
             status = "unreadable"
         if status != STATUS_COMPLETE and now - _last_modified(location.local_path(path)) > older_than_s:
@@ -226,7 +232,7 @@ def abandoned(root: str, older_than_s: float) -> list[str]:
     return out
 
 
-def human_bytes(n: int) -> str:
+def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import botocore.session
 import obstore
@@ -25,6 +26,9 @@ from obstore.store import S3Store
 from zarr.storage import LocalStore
 
 from . import zarr_compat
+
+if TYPE_CHECKING:
+    from obstore.store import S3Config  # a type only: not importable at runtime
 
 
 class Claims:
@@ -37,6 +41,7 @@ class Claims:
         self.root = Path(zstore.root) if isinstance(zstore, LocalStore) else None
 
     def _read(self, key: str) -> dict | None:
+        data: bytes | None
         if self.root is not None:  # a local store: read in this thread (no hop to zarr's event loop)
             try:
                 data = (self.root / key).read_bytes()
@@ -171,13 +176,13 @@ def _object_store(fs, bucket: str):
         or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
     cache_key = (bucket, endpoint, key, region, options.get("profile"))
     if cache_key not in _OBJECT_STORES:
-        config = {"region": region}
+        config: S3Config = {"region": region}
         if endpoint:
             config["endpoint"] = endpoint
         if key and secret:
-            config.update(access_key_id=key, secret_access_key=secret)
+            config["access_key_id"], config["secret_access_key"] = key, secret
             if token:
-                config["token"] = token
+                config["session_token"] = token  # obstore's documented name ("token" is its alias)
         _OBJECT_STORES[cache_key] = S3Store(bucket, config=config,
                                             client_options={"allow_http": str(endpoint or "").startswith("http://")})
     return _OBJECT_STORES[cache_key]

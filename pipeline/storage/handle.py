@@ -7,7 +7,9 @@ another, and a re-read of the attributes is seen by all of them.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
+import numpy as np
 import zarr
 
 from . import location, shards
@@ -26,17 +28,17 @@ class StoreHandle:
         self.arrays: dict = {}  # key -> opened zarr array (or an int8 tap's DequantizedArray)
         self.encoders: dict = {}  # array path -> shards.ShardEncoder, or None for layouts left to zarr
         self.group = group
-        self.info = StoreMeta.parse(group.attrs["h2t"])
+        self.info = StoreMeta.parse(h2t_attrs(group))
 
     @property
-    def attrs(self) -> dict:
+    def attrs(self) -> dict[str, Any]:
         """attrs["h2t"] as read or last written by this process (the raw form of `info`)."""
-        return self.group.attrs["h2t"]
+        return h2t_attrs(self.group)
 
     def array(self, key: str) -> zarr.Array:
         array = self.arrays.get(key)
         if array is None:
-            array = self.arrays[key] = self.group[key].with_config(WRITE_EMPTY)
+            array = self.arrays[key] = array_at(self.group, key).with_config(WRITE_EMPTY)
         return array
 
     def encoder(self, array: zarr.Array) -> shards.ShardEncoder | None:
@@ -62,9 +64,35 @@ class StoreHandle:
     def adopt(self, group: zarr.Group) -> None:
         """Use a group read again from storage: its attributes parsed, every opened array forgotten."""
         self.group = group
-        self.info = StoreMeta.parse(group.attrs["h2t"])
+        self.info = StoreMeta.parse(h2t_attrs(group))
         self.forget_arrays()
 
     def local_root(self) -> Path | None:
         """The store's directory on a local disk; None for remote roots."""
         return None if location.is_remote(self.path) else location.local_path(self.path)
+
+
+# zarr types `group[key]` as an array or a group, and attribute values as any JSON: these say which one the
+# store's layout (schema.py) puts there.
+def array_at(group: zarr.Group, key: str) -> zarr.Array:
+    """The array at `key` of a group."""
+    node = group[key]
+    assert isinstance(node, zarr.Array), f"{key} is a group, not an array"
+    return node
+
+
+def group_at(group: zarr.Group, key: str) -> zarr.Group:
+    """The group at `key` of a group."""
+    node = group[key]
+    assert isinstance(node, zarr.Group), f"{key} is an array, not a group"
+    return node
+
+
+def read_all(array: zarr.Array) -> np.ndarray:
+    """Every value of an array (zarr types a read as an array or a scalar)."""
+    return cast(np.ndarray, array[:])
+
+
+def h2t_attrs(group: zarr.Group) -> dict[str, Any]:
+    """A store group's attrs["h2t"]: a JSON object (schema.py's ATTRS)."""
+    return cast("dict[str, Any]", group.attrs["h2t"])

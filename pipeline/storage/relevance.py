@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .claims import Claims
-from .handle import StoreHandle
+from .handle import StoreHandle, group_at, read_all
 
 ROOT = "derived/relevance"
 
@@ -46,9 +46,9 @@ class RelevanceCache:
     def load(self, key: str) -> tuple[dict[str, np.ndarray], dict] | None:
         """The committed scores of `key` and their attrs; None when absent or interrupted."""
         try:
-            group = self.handle.group[f"{ROOT}/{key}"]
+            group = group_at(self.handle.group, f"{ROOT}/{key}")
         except KeyError:
             return None
         if "params" not in group.attrs:  # an interrupted write: recompute
             return None
-        return {name: arr[:] for name, arr in group.arrays()}, dict(group.attrs)
+        return {name: read_all(arr) for name, arr in group.arrays()}, dict(group.attrs)

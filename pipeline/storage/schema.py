@@ -22,11 +22,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from .quant import quantize
+
+if TYPE_CHECKING:
+    from zarr.core.array_spec import ArrayConfigParams
 
 SCHEMA_VERSION = 1
 DTYPES = ("float16", "bfloat16", "float32", "int8")
@@ -88,7 +92,7 @@ def storage_dtype(dtype: str) -> str:
 
 # Chunks equal to the fill value are written like any other: an all-zero shard (a dead ReLU tap, a black
 # batch) is then present on storage, and `h2t store verify` can tell it from a deleted one.
-WRITE_EMPTY = {"write_empty_chunks": True}
+WRITE_EMPTY: ArrayConfigParams = {"write_empty_chunks": True}
 
 
 def quant_codecs() -> list:
@@ -113,7 +117,7 @@ def expected_arrays(meta: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every array the attributes promise: key -> (shape, zarr dtype)."""
     dtype = meta.get("dtype") or meta["spec"]["dtype"]
     shard_rows = meta["shard_rows"]
-    out = {}
+    out: dict[str, tuple[tuple[int, ...], str]] = {}
     for split, n in meta["splits"].items():
         for layer in meta["layers"]:
             layer_dtype = layer.get("dtype") or dtype

@@ -12,13 +12,15 @@ import getpass
 import os
 import shutil
 import socket
+from typing import Any, cast
 
 import numpy as np
 import zarr
+from zarr.storage import FsspecStore
 
 from ..errors import H2TError
 from . import location, zarr_compat
-from .handle import StoreHandle
+from .handle import StoreHandle, array_at, h2t_attrs, read_all
 from .meta import StoreMeta
 from .quant import DequantizedArray
 from .relevance import RelevanceCache
@@ -148,13 +150,14 @@ class FeatureStore:
         return self.handle.array(FEATURES.key(split, layer))
 
     def labels(self, split: str) -> np.ndarray:
-        return self.group[LABELS.key(split)][:]
+        return read_all(array_at(self.group, LABELS.key(split)))
 
     def sample_ids(self, split: str) -> np.ndarray:
-        return np.array(self.group[SAMPLE_IDS.key(split)][:].tolist(), dtype=str)  # numpy's StringDType -> str
+        ids = read_all(array_at(self.group, SAMPLE_IDS.key(split)))
+        return np.array(ids.tolist(), dtype=str)  # numpy's StringDType -> str
 
     def shards_done(self, split: str) -> np.ndarray:
-        return self.handle.array(LEDGER.key(split))[:]
+        return read_all(self.handle.array(LEDGER.key(split)))
 
     def ledger_entry(self, split: str, shard: int) -> bool:
         """Whether one shard is marked written (one chunk read)."""
@@ -230,7 +233,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     if compression not in COMPRESSIONS:
         raise H2TError(f"store.compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     compressors = feature_codecs(compression, np.dtype(storage_dtype(dtype)).itemsize)
-    meta = {
+    meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
         "shard_rows": int(shard_rows), "dtype": dtype, "status": STATUS_CREATING, "skipped": list(skipped or []),
@@ -305,7 +308,8 @@ def _copy_array(source: FeatureStore, target_path: str, target_group: zarr.Group
     if src_fs is not None and dst_fs is not None and "s3" in src_fs.protocol and \
             src_fs.storage_options == dst_fs.storage_options:
         # one object store: server-side copies (CopyObject), no bytes through this machine
-        zarr_compat.run(zarr_compat.copy_tree(src_fs, f"{src.path}/{key}", f"{dst.path}/{key}"))
+        src_path, dst_path = cast(FsspecStore, src).path, cast(FsspecStore, dst).path  # stores with an `fs`
+        zarr_compat.run(zarr_compat.copy_tree(src_fs, f"{src_path}/{key}", f"{dst_path}/{key}"))
         return
     keys = zarr_compat.collect(src.list_prefix(f"{key}/"))
 
@@ -345,7 +349,7 @@ def open_store(path: str, spec: dict | None = None, options: dict | None = None)
         if not zarr_compat.run(store.exists("zarr.json")):
             return None
         group = zarr.open_group(store=store, mode="r" if read_only else "r+", zarr_format=3)
-        meta = group.attrs["h2t"]
+        meta = h2t_attrs(group)
     except KeyError:
         if zarr_compat.run(store.exists("claims/create")):  # being laid out by another writer: not there yet
             return None

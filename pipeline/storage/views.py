@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
 from .claims import Claims
+from .handle import array_at
 from .quant import DequantizedArray
 from .schema import QUANT, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, quant_codecs, store_id
 
@@ -53,7 +55,7 @@ class ColumnView:
         """The first k view columns of `rows` as numbers (float32 or the stored float type)."""
         if self.encoding == "int8":
             return DequantizedArray(self.group[split], self.group[f"{split}_quant"], self.shard_rows)[rows, :k]
-        block = self.group[split][rows, :k]
+        block = cast(np.ndarray, array_at(self.group, split)[rows, :k])
         return from_bfloat16_bits(block) if self.encoding == "bfloat16" else block
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import H2TError
 from .claims import Claims
-from .handle import StoreHandle
+from .handle import StoreHandle, h2t_attrs, read_all
 from .schema import FEATURES, LEDGER, decode_values
 
 if TYPE_CHECKING:  # annotations only: writer.py imports this module
@@ -59,12 +59,12 @@ class Widening:
                 time.sleep(poll_s)  # writes in flight elsewhere finish (and are found stale) first
             for split in handle.info.splits:
                 old = handle.array(FEATURES.key(split, layer))
-                data = decode_values(old[:], dtype).astype(np.float32)
+                data = decode_values(read_all(old), dtype).astype(np.float32)
                 new = handle.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
                                                 shards=old.shards, compressors=old.compressors, fill_value=0,
                                                 overwrite=True)
                 handle.forget_arrays()  # the encoder of the old dtype
-                rows, done = old.chunks[0], handle.array(LEDGER.key(split))[:]
+                rows, done = old.chunks[0], read_all(handle.array(LEDGER.key(split)))
                 for shard, r0 in enumerate(range(0, len(data), rows)):
                     if done[shard]:  # shards not yet written stay absent
                         writer.write_shard(new, shard, data[r0:r0 + rows])
@@ -103,6 +103,6 @@ class Widening:
                 return
             self._attrs_stat = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         fresh = handle.fresh_group()
-        meta, known = fresh.attrs["h2t"], handle.attrs
+        meta, known = h2t_attrs(fresh), handle.attrs
         if (meta.get("widened"), meta.get("widening")) != (known.get("widened"), known.get("widening")):
             handle.adopt(fresh)

@@ -13,7 +13,7 @@ import zarr
 
 from ..errors import H2TError
 from . import location, shards, zarr_compat
-from .handle import StoreHandle
+from .handle import StoreHandle, read_all
 from .quant import QuantizedBlock
 from .schema import FEATURES, LEDGER, QUANT, STATUS_COMPLETE, from_bfloat16_bits
 from .widening import Widening
@@ -66,7 +66,7 @@ class ShardWriter:
         """Record the store complete: every shard of every split is marked written, or H2TError."""
         handle = self.handle
         for split in handle.info.splits:
-            done = handle.array(LEDGER.key(split))[:]
+            done = read_all(handle.array(LEDGER.key(split)))
             if not done.all():
                 raise H2TError(f"store {handle.path}: split {split} has {int((done == 0).sum())} unwritten shards")
         handle.write_attrs(status=STATUS_COMPLETE,

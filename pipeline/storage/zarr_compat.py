@@ -95,6 +95,6 @@ def array_codecs(array: zarr.Array) -> list | None:
     """A Zarr v3 array's codec chain as declared in its metadata (a sharded array: one ShardingCodec);
     None for Zarr v2 arrays."""
     metadata = array.metadata
-    if getattr(metadata, "zarr_format", None) != 3:
+    if metadata.zarr_format != 3:
         return None
     return list(metadata.codecs)
