@@ -109,46 +109,48 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     Adam): the same seeded batches (they depend on the rows and the seed only), its own learning rate and
     cosine schedule, Adam's moments per head. The heads' weights sit side by side in one (d, heads x K)
     matrix, so a step gathers the batch once and does two matrix products for all of them; the gradient of
-    the mean cross-entropy is written out (softmax - one-hot) instead of recorded by autograd."""
+    the mean cross-entropy is written out (softmax - one-hot) instead of recorded by autograd, and Adam is
+    torch's fused kernel over all of them at once. On `device` (a GPU when there is one)."""
     device = torch.device(device)
     n, d = X.shape
     m, K = len(settings), int(num_classes)
-    # longest first, so that the heads still training are always the first columns (no work for the others)
-    order = sorted(range(m), key=lambda h: -int(settings[h][1]))
-    lrs = torch.tensor([float(settings[h][0]) for h in order], dtype=torch.float64)
-    steps = torch.tensor([int(settings[h][1]) for h in order], dtype=torch.float64)
+    lrs = torch.tensor([float(lr) for lr, _ in settings], dtype=torch.float64)
+    steps = torch.tensor([int(s) for _, s in settings], dtype=torch.float64)
     Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)).to(device)
     yt = torch.as_tensor(np.asarray(y, np.int64)).to(device)
     W = torch.zeros(d, m * K, device=device)
     b = torch.zeros(m * K, device=device)
-    moments = [torch.zeros_like(p) for p in (W, W, b, b)]  # Adam's first and second moments of W, then b
-    beta1, beta2, eps = 0.9, 0.999, 1e-7
+    # Adam runs on a scratch copy of each parameter reset to 0 before every step, so that after the step it
+    # holds -m_hat / (sqrt(v_hat) + eps) (lr 1, torch's fused kernel: one pass); each head's own lr and
+    # schedule then scale its columns of that update into the weights.
+    updates = [torch.zeros_like(W, requires_grad=True), torch.zeros_like(b, requires_grad=True)]
+    adam = torch.optim.Adam(updates, lr=1.0, betas=(0.9, 0.999), eps=1e-7, fused=True)
     generator = torch.Generator().manual_seed(seed)
     rows = torch.arange(min(batch_size, n), device=device)
-    with torch.no_grad():
-        for t, idx in enumerate(epoch_batches(n, batch_size, int(steps.max()), generator)):
-            # each head's lr at this step (LambdaLR: the factor of the steps taken so far), 0 once it is done
-            active = int((steps > t).sum())
-            factor = 0.5 * (1 + torch.cos(math.pi * t / steps[:active]))
-            step_size = (lrs[:active] * factor / (1 - beta1 ** (t + 1))).to(torch.float32).repeat_interleave(K)
-            step_size = step_size.to(device)
-            cols = active * K
-            xb = Xt[idx.to(device)]
-            logits = torch.addmm(b[:cols], xb, W[:, :cols]).view(len(idx), active, K)
-            grad = torch.softmax(logits, dim=2)
-            grad[rows, :, yt[idx.to(device)]] -= 1.0
-            grad = grad.view(len(idx), cols).div_(len(idx))  # d(mean cross-entropy) / d(logits)
-            correction = math.sqrt(1 - beta2 ** (t + 1))
-            for param, g, first, second in ((W[:, :cols], xb.T @ grad, moments[0][:, :cols], moments[1][:, :cols]),
-                                            (b[:cols], grad.sum(0), moments[2][:cols], moments[3][:cols])):
-                first.lerp_(g, 1 - beta1)
-                second.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                param.sub_(first / (second.sqrt() / correction + eps) * step_size)
-    heads: list[torch.nn.Linear] = [torch.nn.Linear(d, K) for _ in range(m)]
-    for position, h in enumerate(order):
+    for t, idx in enumerate(epoch_batches(n, batch_size, int(steps.max()), generator)):
         with torch.no_grad():
-            heads[h].weight.copy_(W[:, position * K:(position + 1) * K].T)
-            heads[h].bias.copy_(b[position * K:(position + 1) * K])
+            # each head's lr at this step (LambdaLR: the factor of the steps taken so far), 0 once it is done
+            factor = torch.where(steps > t, 0.5 * (1 + torch.cos(math.pi * torch.clamp(t / steps, max=1.0))), 0.0)
+            scale = (lrs * factor).to(torch.float32).repeat_interleave(K).to(device)
+            idx = idx.to(device)
+            xb = Xt[idx]
+            logits = torch.addmm(b, xb, W).view(len(idx), m, K)
+            grad = torch.softmax(logits, dim=2)
+            grad[rows, :, yt[idx]] -= 1.0
+            grad = grad.view(len(idx), m * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
+            updates[0].grad = xb.T @ grad
+            updates[1].grad = grad.sum(0)
+            for update in updates:
+                update.zero_()
+        adam.step()
+        with torch.no_grad():
+            W.addcmul_(updates[0], scale)
+            b.addcmul_(updates[1], scale)
+    heads: list[torch.nn.Linear] = [torch.nn.Linear(d, K) for _ in range(m)]
+    with torch.no_grad():
+        for h, head in enumerate(heads):
+            head.weight.copy_(W[:, h * K:(h + 1) * K].T)
+            head.bias.copy_(b[h * K:(h + 1) * K])
     return heads
 
 

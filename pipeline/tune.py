@@ -122,7 +122,8 @@ class TunePlan:
 
 def plan_tune(job: TuneJob, values: dict[str, list], status_of: Callable[[ExtractJob], tuple[str, str, dict]]) -> TunePlan:
     """The plan of `tune(job)`: `status_of(extract_job)` gives (store path, status, the store's split sizes)."""
-    stores, splits = [], {}
+    stores: list[tuple[int, str, str]] = []
+    splits: dict = {}
     for T in values["target_size"]:
         path, status, splits = status_of(job.extract.with_target_size(T))
         stores.append((int(T), path, status))

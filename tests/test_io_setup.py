@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 IMPORT_ONLY = """
 import json, warnings
-import torch, zarr, zarr.core.sync  # third-party imports first: their own warning filters are not ours
+import torch, zarr, zarr.core.sync, botocore.session, obstore  # third-party imports first: their own warning filters are not ours
 import pipeline.errors, pipeline.pooling
 before = (zarr.config.get("codec_pipeline.path"), [repr(f) for f in warnings.filters])
 import pipeline.storage

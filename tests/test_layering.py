@@ -94,6 +94,7 @@ import warnings, zarr
 from zarr.core import sync
 # the libraries the package imports first: some install warning filters of their own at import
 import torch, torchvision.io, timm, sklearn.model_selection, matplotlib.figure, hydra, dask.array, numcodecs  # noqa
+import botocore.session, obstore  # noqa: F401 - urllib3 (under botocore) adds filters of its own
 import torch._dynamo  # noqa: F401 - torch adds its own filters lazily
 before = (dict(zarr.config.get("codec_pipeline")), len(warnings.filters), sync._get_loop()._default_executor)
 import pipeline.cli, pipeline.storage, pipeline.extract, pipeline.tune, pipeline.predict  # noqa: F401
