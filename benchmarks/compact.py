@@ -57,9 +57,9 @@ def fastest(fn, repeats: int = 3) -> float:
 
 def speeds(store) -> tuple[float, float]:
     matrix = FeatureMatrix(store, "train", 64 * 2**20)
-    datafit = MultinomialLogistic(store.labels("train"), store.meta["num_classes"])
-    W = np.zeros((store.n_features, store.meta["num_classes"]), np.float32)
-    b = np.zeros(store.meta["num_classes"], np.float32)
+    datafit = MultinomialLogistic(store.labels("train"), store.info.num_classes)
+    W = np.zeros((store.n_features, store.info.num_classes), np.float32)
+    b = np.zeros(store.info.num_classes, np.float32)
     t_pass = fastest(lambda: datafit.value_grad(matrix, W, b))
     rng = np.random.default_rng(0)
     plan = {}

@@ -86,7 +86,7 @@ def main() -> None:
     job = settings(cfg).tune_job()
     values = tune_module.check_job(job)
     stores = {T: ensure_store(job.extract.with_target_size(T)).store for T in values["target_size"]}
-    print(f"{job.extract.model.name} on {stores[values['target_size'][0]].meta['spec']['dataset']['name']}: "
+    print(f"{job.extract.model.name} on {stores[values['target_size'][0]].info.spec['dataset']['name']}: "
           f"T {values['target_size']}, folds {job.tune.folds}, torch threads {torch.get_num_threads()}")
     print(f"{'mode':9s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
     outcome = {}

@@ -120,15 +120,15 @@ def _store_command(args: list[str]) -> None:
             return
         store = catalog.open_resolved(path)
         if opts.action == "info":
-            info = {**catalog.summary(store), "spec": store.meta["spec"], "layers": store.layers,
-                    "skipped": store.meta.get("skipped", [])}
+            info = {**catalog.summary(store), "spec": store.info.spec, "layers": store.layers,
+                    "skipped": store.info.skipped}
             if opts.json:
                 print(json.dumps(info, indent=2))
                 return
             for key in ("id", "path", "status", "model", "dataset", "splits", "features", "created_at", "created_by"):
                 print(f"{key:11s} {info[key]}")
             print(f"{'size':11s} {catalog.human_bytes(info['size_bytes'])}")
-            print("provenance " + json.dumps(store.meta["spec"], sort_keys=True))
+            print("provenance " + json.dumps(store.info.spec, sort_keys=True))
             print(f"\n{'#':>3s} {'tap':40s} {'role':18s} {'raw shape':>16s} {'dim':>7s} {'offset':>8s}  stored")
             dtypes = store.layer_dtypes()
             for i, layer in enumerate(store.layers):
@@ -142,7 +142,7 @@ def _store_command(args: list[str]) -> None:
             print(line)
         if problems:
             fail(f"store {store.id} at {path}: {len(problems)} problem(s), first: {problems[0]}")
-        print(f"store {store.id} at {path}: every shard present and its checksums match ({store.meta['status']})")
+        print(f"store {store.id} at {path}: every shard present and its checksums match ({store.info.status})")
     except H2TError as exc:
         fail(str(exc))
 

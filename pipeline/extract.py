@@ -205,7 +205,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
             raise H2TError(f"extract.{key} must be >= 1, got {getattr(settings, key)}")
     dataset = plan.dataset
     location.ensure_writable_root(plan.path)
-    if store is not None and store.meta["status"] != STATUS_CREATING:
+    if store is not None and store.info.status != STATUS_CREATING:
         reuse = Reuse()  # laid out already: its layer table says what is copied
     elif reuse is None:
         reuse = find_reuse(plan.spec, plan.path, plan.layers, options)
@@ -215,11 +215,11 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
     model = None if forward is not None or reuse.covers(plan.layers) else _build(job, device)
     claims = Claims(location.zarr_store(plan.path, options), float(settings.lease_s))
     poll_s = float(settings.poll_s)
-    while store is None or store.meta["status"] == STATUS_CREATING:
+    while store is None or store.info.status == STATUS_CREATING:
         if claims.try_claim("create"):
             try:
                 store = open_store(plan.path, plan.spec, options)
-                if store is None or store.meta["status"] == STATUS_CREATING:
+                if store is None or store.info.status == STATUS_CREATING:
                     if not location.is_remote(plan.path):
                         preflight(plan, job.store.root, reuse)
                     layers = [reused_layer(layer, reuse.sources[layer["name"]]) if layer["name"] in reuse.sources
@@ -236,7 +236,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
         else:  # another process is laying the store out
             time.sleep(poll_s)
             store = open_store(plan.path, plan.spec, options)
-    shard_rows = store.meta["shard_rows"]  # resuming keeps the layout the store was created with
+    shard_rows = store.info.shard_rows  # resuming keeps the layout the store was created with
 
     queue = ShardQueue(store, dataset, claims, shard_rows)
     remaining = queue.remaining_rows()

@@ -186,14 +186,14 @@ def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarr
     by_name = {layer["name"]: layer for layer in store.layers}
     dtypes = store.layer_dtypes()
     artefact = {
-        "format": FORMAT, "method": str(result["method"]), "store_id": store.id, "spec": plain_json(store.meta["spec"]),
+        "format": FORMAT, "method": str(result["method"]), "store_id": store.id, "spec": plain_json(store.info.spec),
         "model_cfg": plain_json(asdict(model_cfg)),
         "layers": [{"name": name, "role": by_name[name]["role"], "dim": int(by_name[name]["dim"]),
                     "dtype": dtypes[name], "columns": torch.from_numpy(np.asarray(cols, np.int64))}
                    for name, cols in plan.items()],
         "normalisation": "per_layer_l2",
         "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
-        "class_names": list(store.meta.get("class_names") or [str(i) for i in range(store.meta["num_classes"])]),
+        "class_names": list(store.info.class_names or [str(i) for i in range(store.info.num_classes)]),
         "reported": plain_json({k: result.get(k) for k in ("val_accuracy", "test_accuracy", "lam", "fraction")}),
     }
     torch.save(artefact, path)

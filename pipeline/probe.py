@@ -101,7 +101,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     `save_head_to` (a folder), the head and what applying it needs go to <method>.head.pt (pipeline/predict.py)."""
     method = Method(job.method)
     if not store.complete:
-        raise H2TError(f"store {store.path} is incomplete (status {store.meta['status']}): rerun h2t extract")
+        raise H2TError(f"store {store.path} is incomplete (status {store.info.status}): rerun h2t extract")
     head_cfg = job.head
     check_head(head_cfg)
     fit, validate = fit_rows(store, job.fit_on)
@@ -133,7 +133,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     timings["read"] = time.perf_counter() - t
     t = time.perf_counter()
     device = resolve_device(head_cfg.device, "head.device")
-    head = train_linear_head(X_train, y_train, store.meta["num_classes"], float(head_cfg.lr),
+    head = train_linear_head(X_train, y_train, store.info.num_classes, float(head_cfg.lr),
                              int(head_cfg.steps), int(head_cfg.batch_size), int(head_cfg.seed), device)
     timings["head"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -142,7 +142,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     val_accuracy = None if validate is None else evaluate(head, store, validate, plan, view, block_rows)
     test_accuracy = evaluate(head, store, "test", plan, view, block_rows)
     timings["evaluate"] = time.perf_counter() - t
-    spec = store.meta["spec"]
+    spec = store.info.spec
     result = {
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": str(method), "target_size": spec["pooling"]["target_size"],
@@ -154,7 +154,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
                                if method == Method.head2toe else {name: int(len(cols)) for name, cols in plan.items()}),
         "fit_on": fit.describe(store), "validate_on": None if validate is None else validate.describe(store),
         "train_accuracy": train_accuracy, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
-        "skipped_samples": [item["id"] for item in store.meta.get("skipped", [])],
+        "skipped_samples": [item["id"] for item in store.info.skipped],
         "scoring": {k: v for k, v in info.items()},
         "column_view": None if view is None else {"key": view.key, "width": view.width},
         "timings_s": {k: round(v, 3) for k, v in timings.items()},

@@ -194,8 +194,8 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         finally:
             seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
-    T = int(store.meta["spec"]["pooling"]["target_size"])
-    num_classes = store.meta["num_classes"]
+    T = int(store.info.spec["pooling"]["target_size"])
+    num_classes = store.info.num_classes
     probe = job.probe
     rows_out = []
     for r, (fit, val) in enumerate(rounds(store, job.tune)):

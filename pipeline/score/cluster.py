@@ -30,6 +30,7 @@ import numpy as np
 
 from ..errors import H2TError
 from ..rows import Rows, Segment
+from ..storage import configure_io
 from ..storage.store import open_store
 from .matrix import BlockReader, Closing, add_partials, as_sums, block_rows_for
 
@@ -165,6 +166,7 @@ _NORMS: dict[tuple[str, int], np.ndarray] = {}  # (token, block) -> the block's 
 def _reader(ref: StoreRef, token: str) -> BlockReader:
     reader = _READERS.get(token)
     if reader is None:
+        configure_io()  # this worker process's zarr I/O, as the command set its own (idempotent)
         store = open_store(ref.path, options=ref.options)
         if store is None:
             raise H2TError(f"worker: no store at {ref.path}")
@@ -242,10 +244,10 @@ class ClusterMatrix(Closing):
         self.D = sum(layer["dim"] for layer in self.layers)
         splits = tuple(split for split, _ in self.rows.parts)
         itemsize = max(np.dtype(store.features(s, layer["name"]).dtype).itemsize for s in splits for layer in self.layers)
-        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, store.meta["shard_rows"], self.n)
+        self.block_rows = block_rows_for(memory_budget_bytes, self.D, itemsize, store.info.shard_rows, self.n)
         self.ref = StoreRef(str(store.path), store.options, splits)
         self.token = uuid.uuid4().hex
-        self.segments = list(self.rows.segments(store, self.block_rows, align=store.meta["shard_rows"]))
+        self.segments = list(self.rows.segments(store, self.block_rows, align=store.info.shard_rows))
         workers = sorted(client.scheduler_info()["workers"])
         self.placement = [workers[i % len(workers)] for i in range(len(self.segments))]
         self.assignment: dict[str, list[tuple[int, Segment]]] = {}  # worker -> its blocks, in row order

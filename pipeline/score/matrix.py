@@ -229,7 +229,7 @@ class FeatureMatrix(Closing):
             raise H2TError(f"score.memory_budget_mb must be positive, got {memory_budget_bytes}")
         # In memory when the matrix and one block of raw values in flight fit.
         self.in_memory = self.n * self.D * 4 * 1.25 <= memory_budget_bytes
-        self.shard_rows = store.meta["shard_rows"]
+        self.shard_rows = store.info.shard_rows
         self.block_rows = block_rows_for(memory_budget_bytes, self.D, self.reader.itemsize, self.shard_rows, self.n)
         self.norms = np.ones((self.n, len(self.layers)), np.float32)  # each layer's row norm, from the first pass
         self._norms_known = False

@@ -82,7 +82,7 @@ def score_path(store, settings: ScoreConfig, rows: Rows | str, lams, progress: b
             start = time.perf_counter()
             if matrix is None:
                 matrix = open_matrix(store, rows, settings, runtime)
-                datafit = MultinomialLogistic(rows.labels(store), store.meta["num_classes"])
+                datafit = MultinomialLogistic(rows.labels(store), store.info.num_classes)
             solver = SOLVERS[settings.solver](max_iter=params[lam]["max_iter"], tol=params[lam]["tol"],
                                               progress=progress)
             solution = solver.solve(matrix, datafit, GroupL2Rows(lam), W0=W, b0=b)
