@@ -86,6 +86,7 @@ class DequantizedArray:
         self.shape, self.chunks, self.path = codes.shape, codes.chunks, codes.path
         self.dtype = np.dtype("float32")
         self.dim = codes.shape[1]
+        self.ndim = 2
         self._kept = None
 
     def __getitem__(self, key) -> np.ndarray:

@@ -39,7 +39,8 @@ class RelevanceCache:
     def _write(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         group = self.handle.group.require_group(f"{ROOT}/{key}")
         for name, values in arrays.items():
-            arr = group.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, overwrite=True)
+            arr = group.create_array(name, shape=values.shape, dtype="float32", chunks=values.shape, overwrite=True,
+                                     dimension_names=["feature"])
             arr[:] = values.astype(np.float32)
         group.attrs.update(attrs)
 

@@ -15,6 +15,11 @@ attributes against it, `h2t store verify` checks every array against it.
         derived/relevance/<key>/ weight_sq, grad_norm (D,) float32; attrs = parameters + certificate
         derived/views/<key>/     relevance-ordered columns per split (pipeline/storage/views.py)
 
+Every array names its dimensions (Zarr v3 `dimension_names`, layout only: not in the id), so that xarray
+opens a split's groups without h2t: `sample` (rows of a split), one axis per tap named after the tap (`<tap>.feature`),
+`shard`, and `<tap>.quant` for an int8 tap's scales and offsets (`dimensions`). Stores written before
+they had names read the same (`pipeline.open_dataset` names them itself).
+
 A reader trusts only `status == "complete"`; an interrupted writer resumes from the ledger.
 """
 from __future__ import annotations
@@ -78,6 +83,14 @@ class ArraySchema:
 
 
 FEATURES = ArraySchema("{split}/features/{layer}", "pooled activations of one tap, (n, dim)")
+SAMPLE, SHARD = "sample", "shard"
+
+
+def dimensions(kind: str, layer: str | None = None) -> list[str]:
+    """The dimension names of an array of the schema: `features`, `quant` (of a tap), `labels`,
+    `sample_ids`, `ledger`."""
+    return {"features": [SAMPLE, f"{layer}.feature"], "quant": [SHARD, f"{layer}.quant"], "labels": [SAMPLE],
+            "sample_ids": [SAMPLE], "ledger": [SHARD]}[kind]
 LABELS = ArraySchema("{split}/labels", "integer class of each sample, (n,) int64")
 SAMPLE_IDS = ArraySchema("{split}/sample_ids", "stable id of each sample, (n,) str")
 QUANT = ArraySchema("{split}/quant/{layer}", "scale and minimum per (shard, column) of an int8 tap, (n_shards, 2 dim)")

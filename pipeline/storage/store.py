@@ -39,6 +39,7 @@ from .schema import (
     canonical_json,
     check_attrs,
     decode_values,
+    dimensions,
     encode_values,
     feature_codecs,
     from_bfloat16_bits,
@@ -274,20 +275,23 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             to_create.append((FEATURES.key(split, layer["name"]), dict(
                 shape=(n, layer["dim"]), dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
                 shards=(shard_rows, -(-layer["dim"] // inner) * inner), compressors=compressors, fill_value=0,
+                dimension_names=dimensions("features", layer["name"]),
                 attributes={"h2t_encoding": "bfloat16"} if dtype == "bfloat16" else None)))
             if dtype == "int8":  # one row of scales and offsets per shard, one chunk each
                 to_create.append((QUANT.key(split, layer["name"]), dict(
                     shape=(n_shards, 2 * layer["dim"]), dtype="float32", chunks=(1, 2 * layer["dim"]),
-                    compressors=quant_codecs(), fill_value=0)))
+                    compressors=quant_codecs(), fill_value=0, dimension_names=dimensions("quant", layer["name"]))))
         label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
-                                         compressors=None, overwrite=True)
-        id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True)
+                                         compressors=None, overwrite=True, dimension_names=dimensions("labels"))
+        id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True,
+                                      dimension_names=dimensions("sample_ids"))
         if labels is not None:
             label_array[:] = labels[split]
         if sample_ids is not None:
             id_array[:] = sample_ids[split]
         group.create_array(LEDGER.key(split), shape=(n_shards,), dtype="uint8", chunks=(1,),
-                           fill_value=int(all_reused), compressors=None, overwrite=True)
+                           fill_value=int(all_reused), compressors=None, overwrite=True,
+                           dimension_names=dimensions("ledger"))
 
     # concurrently: one metadata write each, ~4 ms apiece one after another
     created = zarr_compat.create_arrays(group, [(key, dict(kwargs, overwrite=True)) for key, kwargs in to_create])

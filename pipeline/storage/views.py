@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .claims import Claims
 from .handle import array_at
 from .quant import DequantizedArray
-from .schema import QUANT, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, quant_codecs, store_id
+from .schema import QUANT, SAMPLE, SHARD, WRITE_EMPTY, feature_codecs, from_bfloat16_bits, quant_codecs, store_id
 
 COLUMN_CHUNK = 64  # view columns per inner chunk: a prefix of k columns reads at most 63 more
 SHARD_BYTES = 64 * 2**20  # raw bytes of one row block of the view, written as one shard
@@ -96,7 +96,7 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
     group = store.group.require_group(f"{ROOT}/{key}")
     group.attrs.clear()  # an interrupted build is rebuilt from the start
     col_array = group.create_array("columns", shape=columns.shape, dtype="int64", chunks=columns.shape,
-                                   overwrite=True)
+                                   overwrite=True, dimension_names=["view_column"])
     col_array[:] = columns
     inner = min(COLUMN_CHUNK, len(columns))
     total = sum(store.splits().values())
@@ -106,12 +106,13 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
             arr = group.create_array(split, shape=(n, len(columns)), dtype=dtype, chunks=(block_rows, inner),
                                      shards=(block_rows, math.ceil(len(columns) / inner) * inner),
                                      compressors=feature_codecs("lz4", dtype.itemsize), fill_value=0, overwrite=True,
-                                     config=WRITE_EMPTY)
+                                     config=WRITE_EMPTY, dimension_names=[SAMPLE, "view_column"])
             quant = None
             if encoding == "int8":
                 quant = group.create_array(f"{split}_quant", shape=(-(-n // shard_rows), 2 * len(columns)),
                                            dtype="float32", chunks=(1, 2 * len(columns)),
-                                           compressors=quant_codecs(), fill_value=0, overwrite=True)
+                                           compressors=quant_codecs(), fill_value=0, overwrite=True,
+                                           dimension_names=[SHARD, "view_column.quant"])
             for r0 in range(0, n, block_rows):
                 r1 = min(r0 + block_rows, n)
                 out = np.empty((r1 - r0, len(columns)), dtype)
