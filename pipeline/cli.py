@@ -21,7 +21,7 @@ VERBS = {
     "probe": "score, select and train a head from the store (method=head2toe|linear); -m for sweeps",
     "run": "extract if needed, probe head2toe and linear, print the comparison",
     "tune": "choose T, lam, F and the head's lr / steps on val or by K folds, refit on train+val, test once",
-    "predict": "apply a saved head to images: h2t predict HEAD.pt IMAGES_OR_FOLDERS... [--out predictions.csv]",
+    "predict": "apply a saved head to images: h2t predict HEAD.pt|RUN_DIR IMAGES_OR_FOLDERS... [--out predictions.csv]",
     "report": "one table (markdown, CSV) and plots over a -m sweep or a tune folder: h2t report DIR",
     "store": "ls | info | verify | rm | gc: the stores under a root (h2t store -h)",
 }
@@ -32,17 +32,19 @@ USAGE = "usage: h2t {" + ",".join(VERBS) + "} [key=value ...] [-m] [-q]\n" + "\n
 def _predict_command(args: list[str]) -> None:
     from . import predict  # noqa: PLC0415 - start-up time: torch and timm only for the verbs that run a model
     parser = argparse.ArgumentParser(prog="h2t predict", description=VERBS["predict"])
-    parser.add_argument("head", help="a <method>.head.pt written by probe, run or tune")
+    parser.add_argument("head", help="a <method>.head.pt written by probe, run or tune, or their output folder")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or .txt lists")
     parser.add_argument("--out", default="predictions.csv")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--method", default="head2toe", help="which head of an output folder (head2toe, linear, ...)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     opts = parser.parse_args(args)
     if opts.batch_size < 1:
         fail(f"--batch-size must be >= 1, got {opts.batch_size}")
     try:
-        out, n, acc = predict.predict_files(opts.head, opts.images, opts.out, opts.batch_size, opts.device, not opts.quiet)
+        out, n, acc = predict.predict_files(opts.head, opts.images, opts.out, opts.batch_size, opts.device,
+                                            not opts.quiet, opts.method)
     except H2TError as exc:
         fail(str(exc))
     tail = "" if acc is None else f"; accuracy against the folder names: {100 * acc:.1f} %"

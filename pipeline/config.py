@@ -39,6 +39,7 @@ class Choice(str, Enum):
 class Method(Choice):
     head2toe = "head2toe"
     linear = "linear"
+    per_layer = "per_layer"  # the linear head on each tap alone: which layer transfers best
 
 
 class Solver(Choice):

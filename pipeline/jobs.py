@@ -25,7 +25,7 @@ from .config import CONF_DIR, H2TConfig, Method, TuneJob, settings
 from .errors import H2TError, fail
 from .extract import ensure_store, extract, format_plan, plan_store, planned_reuse, store_status
 from .probe import check_settings, probe_store
-from .report import FAILED_FILE, format_table, pct, plot_selection
+from .report import FAILED_FILE, format_table, pct, plot_per_layer, plot_selection
 from .score.cluster import ScoreRuntime
 from .select import kept
 from .storage.location import CREDENTIAL_SETTINGS, WHERE_CREDENTIALS_GO
@@ -168,6 +168,9 @@ def _plot(results: list[dict], layers: list[str]) -> None:
     for r in results:
         if r["method"] == "head2toe":
             plot_selection(r, layers, _output_dir() / "selection.png")
+        if r["method"] == "per_layer":
+            others = [o for o in results if o["method"] in ("head2toe", "linear")]
+            plot_per_layer(r, others, _output_dir() / "per_layer.png")
 
 
 def _probe_task(cfg: DictConfig) -> float:

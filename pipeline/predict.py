@@ -30,6 +30,19 @@ from .storage.schema import from_bfloat16_bits
 from .taps import TappedForward, select_taps
 
 
+def head_file(path: str | Path, method: str = "head2toe") -> Path:
+    """A head file, or the output folder of a probe, run or tune (its `<method>.head.pt`)."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return path
+    found = path / f"{method}.head.pt"
+    if not found.is_file():
+        heads = sorted(p.name for p in path.glob("*.head.pt"))
+        raise H2TError(f"{path} holds no {found.name}" + (f" (it has {', '.join(heads)}: use --method)" if heads else
+                       " (probe, run and tune write <method>.head.pt in their output folder)"))
+    return found
+
+
 def image_paths(inputs: list[str]) -> list[Path]:
     """Files as given; folders searched recursively; a .txt file lists one path per line."""
     out: list[Path] = []
@@ -111,10 +124,10 @@ class Predictor:
 
 
 def predict_files(head_path: str, inputs: list[str], out: str | Path, batch_size: int = 64,
-                  device: str = "auto", progress: bool = True) -> tuple[Path, int, float | None]:
+                  device: str = "auto", progress: bool = True, method: str = "head2toe") -> tuple[Path, int, float | None]:
     """Predictions for every image -> CSV (path, class, class_index, probability). Returns (CSV path, images,
     accuracy against the images' parent folder names when every one of them names a class, else None)."""
-    artefact = load_head(head_path)
+    artefact = load_head(head_file(head_path, method))
     paths = image_paths(inputs)
     names = artefact["class_names"]
     predictor = Predictor(artefact, device)

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from .config import HeadConfig, Method, ProbeJob, ScoreConfig, SelectConfig, TieRule
 from .devices import resolve_device
@@ -91,6 +92,50 @@ def rankings(store, score: ScoreConfig, select: SelectConfig, rows: Rows, lams, 
     return out
 
 
+def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Path | None = None) -> dict:
+    """`method=per_layer`: the linear probe's head (the same lr, steps and rows) trained on each tap alone;
+    validation and test accuracy per tap, in network order. The result's own accuracies are those of the
+    tap with the best validation accuracy (the earliest on ties), whose head is the one saved."""
+    head_cfg = job.head
+    check_head(head_cfg)
+    fit, validate = fit_rows(store, job.fit_on)
+    device = resolve_device(head_cfg.device, "head.device")
+    y_fit = fit.labels(store)
+    start = time.perf_counter()
+    per_layer, best = [], None
+    for layer in tqdm(store.layers, unit="tap", desc="per-layer probes", disable=not progress, leave=False):
+        plan = whole_layers(store.layers, [layer["name"]])
+        X_fit = read_columns(store, fit, plan)
+        head = train_linear_head(X_fit, y_fit, store.info.num_classes, float(head_cfg.lr), int(head_cfg.steps),
+                                 int(head_cfg.batch_size), int(head_cfg.seed), device)
+        entry = {"layer": layer["name"], "dim": int(layer["dim"]), "train_accuracy": accuracy(head, X_fit, y_fit),
+                 "val_accuracy": None if validate is None else evaluate(head, store, validate, plan),
+                 "test_accuracy": evaluate(head, store, "test", plan)}
+        per_layer.append(entry)
+        key = entry["val_accuracy"] if validate is not None else entry["train_accuracy"]
+        if best is None or key > best[0]:
+            best = (key, entry, head, plan)
+    assert best is not None  # a store has at least one tap
+    _, chosen, head, plan = best
+    spec = store.info.spec
+    result = {
+        "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
+        "store_path": str(store.path), "method": str(Method.per_layer), "target_size": spec["pooling"]["target_size"],
+        "lam": None, "fraction": None, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
+        "head_device": str(device), "tie_rule": None, "n_features_total": store.n_features,
+        "n_features_selected": chosen["dim"], "selected_per_layer": {chosen["layer"]: chosen["dim"]},
+        "best_layer": chosen["layer"], "per_layer": per_layer,
+        "fit_on": fit.describe(store), "validate_on": None if validate is None else validate.describe(store),
+        "train_accuracy": chosen["train_accuracy"], "val_accuracy": chosen["val_accuracy"],
+        "test_accuracy": chosen["test_accuracy"], "skipped_samples": [item["id"] for item in store.info.skipped],
+        "scoring": {}, "column_view": None, "timings_s": {"per_layer": round(time.perf_counter() - start, 3)},
+    }
+    if save_head_to is not None:
+        path = save_head(Path(save_head_to) / "per_layer.head.pt", head, store, plan, job.model, result)
+        result["head_file"] = str(path)
+    return result
+
+
 def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path | None = None,
                 runtime: ScoreRuntime | None = None) -> dict:
     """Fit on `probe.fit_on`, report validation and test accuracy; the backbone is never touched.
@@ -102,6 +147,8 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     method = Method(job.method)
     if not store.complete:
         raise H2TError(f"store {store.path} is incomplete (status {store.info.status}): rerun h2t extract")
+    if method == Method.per_layer:
+        return probe_layers(store, job, progress, save_head_to)
     head_cfg = job.head
     check_head(head_cfg)
     fit, validate = fit_rows(store, job.fit_on)

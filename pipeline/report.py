@@ -50,6 +50,23 @@ def plot_selection(result: dict, layer_names: list[str], path: Path) -> Path:
     return path
 
 
+def plot_per_layer(result: dict, others: list[dict], path: Path) -> Path:
+    """Validation and test accuracy of the linear head on each tap alone, against depth, with Head2Toe's and
+    the linear probe's test accuracy (when in `others`) as horizontal lines."""
+    rows = result["per_layer"]
+    fig, ax = _figure((max(6, 0.18 * len(rows)), 3.6))
+    depth = range(len(rows))
+    if rows[0]["val_accuracy"] is not None:
+        ax.plot(depth, [100 * r["val_accuracy"] for r in rows], "-o", markersize=3, label="per tap: val")
+    ax.plot(depth, [100 * r["test_accuracy"] for r in rows], "--x", markersize=3, label="per tap: test")
+    for other, colour in zip(others, ("tab:green", "tab:red")):
+        ax.axhline(100 * other["test_accuracy"], color=colour, linestyle=":",
+                   label=f"{other['method']}: test ({other['n_features_selected']} features)")
+    ax.set_xticks(list(depth), [r["layer"] for r in rows], rotation=90, fontsize=6)
+    ax.set_title(f"{result['model']} on {result['task']}: best tap {result['best_layer']}", fontsize=9)
+    return _finish(fig, ax, "tap (network depth)", "accuracy %", path)
+
+
 # --- sweep reports: `h2t report DIR` and the Hydra callback ------------------------------------------------
 COLUMNS = ("job", "method", "task", "model", "target_size", "lam", "fraction", "head_lr", "head_steps",
            "n_features_selected", "val_accuracy", "test_accuracy", "best")

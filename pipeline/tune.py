@@ -74,6 +74,9 @@ def grid(job: TuneJob) -> dict[str, list]:
 def check_job(job: TuneJob) -> dict[str, list]:
     """Every tune setting that can be checked without data; returns the grid."""
     for method in job.methods:
+        if method == Method.per_layer:
+            raise H2TError("tune chooses settings for head2toe and linear; per_layer is a probe: "
+                           "h2t probe method=per_layer (or h2t run \"methods=[head2toe,linear,per_layer]\")")
         check_settings(replace(job.probe, method=method))
     folds = job.tune.folds
     if folds < 0 or folds == 1:

@@ -48,17 +48,18 @@ def probed(tmp_path_factory):
     out = tmp / "out"
     proc = h2t(tmp, "run", "model=resnet_tiny", "data=folder", f"data.root={tmp / 'imgs'}", "pooling.target_size=128",
                "score.max_iter=50", "head.steps=40", "extract.progress=false", f"store.root={tmp / 'stores'}",
-               f"hydra.run.dir={out}")
+               f"hydra.run.dir={out}", "methods=[head2toe,linear,per_layer]")
     assert proc.returncode == 0, proc.stderr
     return tmp, out, json.loads((out / "results.json").read_text())["results"]
 
 
-@pytest.mark.parametrize("method", ["head2toe", "linear"])
+@pytest.mark.parametrize("method", ["head2toe", "linear", "per_layer"])
 def test_a_test_folder_gets_the_reported_test_accuracy(probed, method):
     tmp, out, results = probed
     reported = next(r for r in results if r["method"] == method)["test_accuracy"]
     assert 0.0 < reported < 1.0
-    proc = h2t(tmp, "predict", str(out / f"{method}.head.pt"), str(tmp / "imgs" / "test"), "--out",
+    head = [str(out / f"{method}.head.pt")] if method != "per_layer" else [str(out), "--method", method]  # a run's folder
+    proc = h2t(tmp, "predict", *head, str(tmp / "imgs" / "test"), "--out",
                str(tmp / f"{method}.csv"), "--batch-size", "7", "-q")
     assert proc.returncode == 0, proc.stderr
     assert f"accuracy against the folder names: {100 * reported:.1f} %" in proc.stdout
@@ -100,6 +101,26 @@ def test_features_are_the_store_columns_and_the_forward_stops_at_the_last_tap(pr
         assert first["name"].startswith(("act1", "layer1")) and calls == []  # stopped after the last tap
     finally:
         predictor.close()
+
+
+def test_per_layer_probes_every_tap_alone_and_reports_the_best(probed):
+    tmp, out, results = probed
+    per_layer = next(r for r in results if r["method"] == "per_layer")
+    linear = next(r for r in results if r["method"] == "linear")
+    taps = [entry["layer"] for entry in per_layer["per_layer"]]
+    assert taps == list(next(r for r in results if r["method"] == "head2toe")["selected_per_layer"])  # every tap, in order
+    best = max(per_layer["per_layer"], key=lambda e: e["val_accuracy"])
+    assert per_layer["best_layer"] == best["layer"] and per_layer["test_accuracy"] == best["test_accuracy"]
+    # the tap the linear probe reads, alone, with the same head settings, is the linear probe
+    alone = next(e for e in per_layer["per_layer"] if e["layer"] == "pre_logits")
+    assert alone["test_accuracy"] == pytest.approx(linear["test_accuracy"])
+    assert per_layer["backbone_images"] == 0 and (out / "per_layer.png").is_file()
+
+
+def test_predict_names_the_head_it_cannot_find_in_a_folder(probed):
+    tmp, out, _ = probed
+    proc = h2t(tmp, "predict", str(out), str(tmp / "imgs" / "test"), "--method", "ridge")
+    assert proc.returncode == 2 and "holds no ridge.head.pt" in proc.stderr and "head2toe.head.pt" in proc.stderr
 
 
 def test_bad_head_files_are_one_line(tmp_path):

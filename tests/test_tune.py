@@ -114,6 +114,7 @@ def test_a_second_tune_reuses_every_score(store):
     ("tune.grid.target_size", [-4], "tune.grid.target_size values must be positive integers"),
     ("tune.folds", 1, "tune.folds must be 0 .* or an integer >= 2, got 1"),
     ("select.fraction", 0, "select.fraction"),
+    ("methods", ["head2toe", "per_layer"], "per_layer is a probe"),
 ])
 def test_bad_settings_are_refused_before_any_work(key, value, culprit):
     cfg = tune_cfg(**{key: value})
