@@ -147,12 +147,12 @@ def test_heads_trained_together_choose_what_heads_trained_alone_choose(tmp_path,
     rule = (lambda x: x[:, 3] + x[:, 50] > x[:, 70] + x[:, 100]) if task == "sum" else (lambda x: x[:, 5] * x[:, 90] > 0.5)
     store = make_store(tmp_path / f"{task}.zarr", X, {s: rule(x).astype(np.int64) for s, x in X.items()}, 2,
                        dtype="float16", spec={"widths": WIDTHS, "pooling": {"target_size": 64}})
-    job = tune_cfg(**{"tune.folds": 2, "tune.grid.head_lr": [0.01, 0.1]})
+    job = tune_cfg(**{"tune.grid.head_lr": [0.01, 0.1]})
     together, candidates = run(store, job)
     monkeypatch.setattr("pipeline.tune.train_linear_heads", _one_at_a_time)
     alone, alone_candidates = run(store, job)
     for a, b in zip(together, alone):
         assert a["chosen"] == b["chosen"] and a["method"] == b["method"]
-        assert a["selection_score"] == pytest.approx(b["selection_score"], abs=1 / 64)
+        assert a["selection_score"] == pytest.approx(b["selection_score"], abs=1 / 32)
     for a, b in zip(candidates, alone_candidates):
-        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 64 + 1e-9), (a, b)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 32 + 1e-9), (a, b)  # one of 32 rows
