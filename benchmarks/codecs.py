@@ -23,8 +23,7 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 from numcodecs import LZ4, Blosc, Zstd
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import extract
 from pipeline.storage import configure_io
 
@@ -52,6 +51,7 @@ def timed(fn, items, repeats: int) -> float:
 
 def main() -> None:
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--target-size", type=int, default=1024)

@@ -28,8 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 from hydra import compose, initialize_config_dir
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import ensure_store
 from pipeline.head import read_columns
 from pipeline.runtime import keep_freed_memory
@@ -78,6 +77,7 @@ def compose_cfg(name: str, overrides: list[str]):
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=SUITE)
     parser.add_argument("--target-size", type=int, default=1024)

@@ -26,8 +26,7 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import extract, plan_store, resolve_device
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage import configure_io
@@ -53,6 +52,7 @@ class SyntheticForward:
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1024)
     parser.add_argument("--writers", default="1,2,4")

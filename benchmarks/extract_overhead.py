@@ -21,8 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from pipeline.backbone import build_model
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import extract, plan_store
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage import configure_io
@@ -31,6 +30,7 @@ from pipeline.storage import configure_io
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--model-config", default="efficientnet_lite0")

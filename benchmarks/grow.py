@@ -19,8 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from hydra import compose, initialize_config_dir
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import extract, plan_store
 from pipeline.storage import configure_io
 
@@ -38,6 +37,7 @@ def taps_override(names: list[str]) -> str:
 
 def main() -> None:
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--model-config", default="efficientnet_lite0")

@@ -45,8 +45,7 @@ from numcodecs import Blosc
 from PIL import Image
 
 from pipeline.backbone import build_model
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import decodes_on_device, extract, plan_store, resolve_device
 from pipeline.runtime import keep_freed_memory
 from pipeline.stages import Loader, Shard
@@ -267,6 +266,7 @@ def report(r: dict, writers: list[int]) -> None:
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=None, help="JPEGs (default: 2048 on CUDA, 256 on a CPU)")
     parser.add_argument("--forward-images", type=int, default=96, help="CPU only: images through the real model")

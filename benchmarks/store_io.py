@@ -22,7 +22,7 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore, WrapperStore
 
-from pipeline.config import settings
+from pipeline.config import register, settings
 from pipeline.head import read_columns
 from pipeline.select import column_plan
 from pipeline.storage import CODEC_PIPELINES, configure_io
@@ -36,7 +36,7 @@ def default_layer_dims() -> list[int]:
     try:
         from hydra import compose, initialize_config_dir
 
-        from pipeline.cli import CONF_DIR
+        from pipeline.config import CONF_DIR
         from pipeline.extract import plan_store
 
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -96,6 +96,7 @@ def raw_benchmark(tmp: Path, blocks) -> float:
 
 def main() -> None:
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--shard-rows", type=int, default=64)

@@ -18,8 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hydra import compose, initialize_config_dir
 
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import ensure_store
 from pipeline.probe import probe_store
 from pipeline.storage import configure_io
@@ -29,6 +28,7 @@ SUITE = "shapes_location,shapes_orientation,shapes_count,digits,mnist5k"
 
 def main() -> None:
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default=SUITE)
     parser.add_argument("--fractions", default="0.01,0.1")

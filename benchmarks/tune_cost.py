@@ -26,8 +26,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pipeline.tune as tune_module
-from pipeline.cli import CONF_DIR
-from pipeline.config import settings
+from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import ensure_store
 from pipeline.head import epoch_batches
 from pipeline.runtime import keep_freed_memory
@@ -77,6 +76,7 @@ def run(job, stores, mode: str) -> dict:
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     configure_io()
+    register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="alone,together")
     parser.add_argument("overrides", nargs="*")

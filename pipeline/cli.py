@@ -14,7 +14,6 @@ from .runtime import keep_freed_memory
 from .storage import catalog
 
 __all__ = ["CONF_DIR", "main"]
-register()  # conf/<verb>.yaml start from the schema (pipeline/config.py)
 
 VERBS = {
     "extract": "run the backbone over a dataset once and fill the store",
@@ -158,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS:
         fail(f"unknown command {verb!r}\n{USAGE}")
     keep_freed_memory()  # every verb allocates large arrays: no page faults for each (pipeline/runtime.py)
+    register()  # conf/<verb>.yaml start from the schema (pipeline/config.py)
     storage.configure_io()  # zarr's codec pipeline and I/O threads, for this command (pipeline/storage/__init__.py)
     if verb == "store":
         _store_command(rest)

@@ -8,7 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pipeline.cli import CONF_DIR
-from pipeline.config import ExtractJob, H2TConfig, ModelConfig, ScoreConfig, settings
+from pipeline.config import ExtractJob, H2TConfig, ModelConfig, ScoreConfig, register, settings
 from pipeline.runtime import keep_freed_memory
 from pipeline.storage import configure_io
 from pipeline.storage.store import create_store
@@ -17,6 +17,7 @@ from pipeline.storage.store import create_store
 def pytest_configure(config):
     keep_freed_memory()  # as the h2t command does: in-process forwards without a page fault per activation
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O thread pool
+    register()  # the config schema conf/ starts from (pipeline/config.py)
 
 TINY_OVERRIDES = ["model=resnet_tiny", "data=shapes_location", "data.num_classes=4", "data.image_size=32",
                   "data.sizes.train=40", "data.sizes.val=8", "data.sizes.test=20", "pooling.target_size=128",
@@ -26,6 +27,7 @@ TINY_OVERRIDES = ["model=resnet_tiny", "data=shapes_location", "data.num_classes
 
 def compose_cfg(verb: str = "extract", overrides=()):
     """A config composed from the shipped conf/ as the CLI composes it (schema and defaults included)."""
+    register()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=verb, overrides=list(overrides))
 

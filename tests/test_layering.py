@@ -100,6 +100,8 @@ before = (dict(zarr.config.get("codec_pipeline")), len(warnings.filters), sync._
 import pipeline.cli, pipeline.storage, pipeline.extract, pipeline.tune, pipeline.predict  # noqa: F401
 after = (dict(zarr.config.get("codec_pipeline")), len(warnings.filters), sync._get_loop()._default_executor)
 assert before == after, (before, after)
+from hydra.core.config_store import ConfigStore
+assert "h2t_schema.yaml" not in ConfigStore.instance().repo  # the schema is registered by a command, not on import
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1",
                          "PATH": str(Path(sys.executable).parent)}, cwd=PACKAGE.parent)
