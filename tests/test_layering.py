@@ -23,6 +23,7 @@ LAYERS = [
     ("predict",),
     ("report",),
     ("jobs",),
+    ("tasks",),
     ("cli",),
 ]
 LAYER_OF = {name: depth for depth, names in enumerate(LAYERS) for name in names}
