@@ -1,11 +1,11 @@
 """The head (pipeline/head.py): only the planned columns are read, each layer's subset is normalised per
 example, a subset of a wider raw read equals a direct read, training is deterministic and learns."""
-import math
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.tune_cost import heads_alone
 from pipeline.head import (
     accuracy,
     epoch_batches,
@@ -91,21 +91,9 @@ def test_every_row_is_trained_on_every_epoch_in_a_fresh_order(rng):
 
 
 def _alone_with_torch_adam(X, y, num_classes, lr, steps, batch_size, seed=0):
-    """One head trained the textbook way: autograd, torch.optim.Adam and LambdaLR's cosine decay."""
-    generator = torch.Generator().manual_seed(seed)
-    head = torch.nn.Linear(X.shape[1], num_classes)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    optimiser = torch.optim.Adam(head.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-7)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    for idx in epoch_batches(len(yt), batch_size, steps, generator):
-        loss = torch.nn.functional.cross_entropy(head(Xt[idx]), yt[idx])
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
-        schedule.step()
-    return head
+    """One head trained the textbook way: autograd, torch.optim.Adam and LambdaLR's cosine decay (the
+    baseline benchmarks/tune_cost.py measures)."""
+    return heads_alone(X, y, num_classes, [(lr, steps)], batch_size, seed)[0]
 
 
 def test_heads_trained_together_are_the_heads_trained_alone(rng):
