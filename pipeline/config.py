@@ -65,6 +65,7 @@ class OnOverflow(Choice):
 
 
 class Compression(Choice):
+    auto = "auto"
     lz4 = "lz4"
     zstd = "zstd"
     none = "none"
@@ -153,7 +154,7 @@ class StoreConfig:
     root: str = "stores"
     dtype: StoreDtype = StoreDtype.float16
     on_overflow: OnOverflow = OnOverflow.error
-    compression: Compression = Compression.lz4
+    compression: Compression = Compression.auto
     col_chunk: int = 256
     s3: S3Config = field(default_factory=S3Config)
     column_views: bool = True

@@ -73,6 +73,8 @@ def plan_store(job: ExtractJob, dataset: Dataset | None = None) -> Plan:
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(),
                     "splits": {name: len(split) for name, split in dataset.splits.items()}},
     }
+    if job.store.dtype == "int8":  # float16 scales and minima (float32 before: other numbers, another id)
+        spec["quant"] = {"params": "float16"}
     if compute != "float32":  # other compute dtypes give other numbers (float32 stores keep their ids)
         spec["model"]["precision"] = compute
     return Plan(spec, store_path(job.store.root, spec), layers, dataset, taps, preprocess)

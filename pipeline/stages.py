@@ -217,8 +217,8 @@ class DeviceStage:
             batch = self._cast(pooled)
             # A value beyond a dtype's range casts to inf, so the extremes of each buffer (NaN propagates)
             # check NaN, inf and overflow at once (aminmax: ~30x cheaper than isfinite on a CPU); the culprit
-            # tap is looked for only when something is wrong. int8 taps: their scales and offsets are finite
-            # exactly when the values are.
+            # tap is looked for only when something is wrong. int8 taps: their float16 scales and minima are finite
+            # exactly when the values fit them.
             checked = [flat for dtype, flat in batch.flats.items() if dtype != "int8"] + [batch.params]
             extremes = torch.stack([torch.stack(torch.aminmax(flat)).float() for flat in checked
                                     if flat is not None and flat.numel()])
@@ -237,7 +237,7 @@ class DeviceStage:
             flat = torch.empty(sum(sizes[i] for i in taps), dtype=TORCH_DTYPES[dtype], device=self.device)
             quant = None
             if dtype == "int8":
-                quant = params = torch.empty(sum(2 * pooled[i].shape[1] for i in taps), dtype=torch.float32,
+                quant = params = torch.empty(sum(2 * pooled[i].shape[1] for i in taps), dtype=torch.float16,
                                              device=self.device)
             offset = poffset = 0
             for i in taps:
@@ -261,9 +261,10 @@ class DeviceStage:
             if not bool(torch.isfinite(p).all()):
                 raise H2TError(f"tap {name}: activations contain NaN or inf; not stored")
             dtype = self.dtypes[name]
-            if dtype not in ("float32", "int8") and not torch.isfinite(p.to(TORCH_DTYPES[dtype])).all():
+            if dtype != "float32" and not _fits(p, dtype):
                 if self.on_overflow != "widen":
-                    raise H2TError(f"tap {name}: activations reach {float(p.abs().max()):.3g}, beyond {dtype}; "
+                    beyond = "int8's float16 scales" if dtype == "int8" else dtype
+                    raise H2TError(f"tap {name}: activations reach {float(p.abs().max()):.3g}, beyond {beyond}; "
                                    f"use store.dtype=float32 or store.on_overflow=widen")
                 if self.widen is not None:
                     self.widen(name)
@@ -304,15 +305,34 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_into(x: torch.Tensor, codes: torch.Tensor, params: torch.Tensor) -> None:
-    """x (rows, dim) float32 -> int8 codes and (scales, minima) per column, on x's device: the same
+    """x (rows, dim) float32 -> int8 codes and float16 (scales, minima) per column, on x's device: the same
     arithmetic as pipeline/storage/quant.py's reference `quantize`."""
     lo, hi = torch.aminmax(x, dim=0)
     dim = x.shape[1]
-    scale = params[:dim]
-    torch.sub(hi, lo, out=scale).div_(LEVELS)
-    params[dim:].copy_(lo)
+    lo16 = _float16_toward(lo, -1)
+    lo32 = lo16.float()
+    scale16 = _float16_toward((hi - lo32).div_(LEVELS), 1)
+    params[:dim].copy_(scale16)
+    params[dim:].copy_(lo16)
+    scale = scale16.float()
     divisor = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes.copy_((x - lo).div_(divisor).round_().clamp_(0, LEVELS).sub_(128))
+    codes.copy_((x - lo32).div_(divisor).round_().clamp_(0, LEVELS).sub_(128))
+
+
+def _fits(p: torch.Tensor, dtype: str) -> bool:
+    """Whether a tap's pooled rows are stored as `dtype` without overflow (int8: its scales and minima)."""
+    if dtype == "int8":
+        lo, hi = torch.aminmax(p, dim=0)
+        lo16 = _float16_toward(lo, -1)
+        return bool(torch.isfinite(lo16).all() and torch.isfinite(_float16_toward((hi - lo16.float()) / LEVELS, 1)).all())
+    return bool(torch.isfinite(p.to(TORCH_DTYPES[dtype])).all())
+
+
+def _float16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
+    """float32 values rounded to float16 toward -inf (direction < 0) or +inf (direction > 0)."""
+    near = x.half()
+    off = near.float() > x if direction < 0 else near.float() < x
+    return torch.where(off, torch.nextafter(near, torch.full_like(near, direction * float("inf"))), near)
 
 
 class Writer:

@@ -56,8 +56,11 @@ def layer_table() -> list[dict]:
 
 
 def spec_for(dtype: str) -> dict:
-    return {"model": {"name": "conformance-net"}, "dataset": {"name": "conformance-data"}, "dtype": dtype,
+    spec = {"model": {"name": "conformance-net"}, "dataset": {"name": "conformance-data"}, "dtype": dtype,
             "pooling": {"target_size": 128}}
+    if dtype == "int8":  # as extraction writes it: float16 scales and minima
+        spec["quant"] = {"params": "float16"}
+    return spec
 
 
 def make_data(seed: int = 0) -> dict:

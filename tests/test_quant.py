@@ -42,6 +42,7 @@ def decode(block: quant.QuantizedBlock) -> np.ndarray:
 
 def half_step(params: np.ndarray, dim: int) -> np.ndarray:
     """The largest error a decoded value may have: half a step, plus float32 rounding of the decode."""
+    params = params.astype(np.float32)
     scale, lo = params[..., :dim], params[..., dim:]
     return scale / 2 + 4 * EPS * (np.abs(quant.offsets(scale, lo)) + 128 * scale)
 
@@ -53,11 +54,11 @@ def test_device_quantiser_gives_the_reference_codes_and_params_bit_for_bit(rng, 
     x = relu_like(rng)
     ref = quant.quantize(x)
     codes = torch.empty(x.shape, dtype=torch.int8, device=device)
-    params = torch.empty(2 * x.shape[1], dtype=torch.float32, device=device)
+    params = torch.empty(2 * x.shape[1], dtype=torch.float16, device=device)
     quantize_into(torch.from_numpy(x).to(device), codes, params)
     np.testing.assert_array_equal(codes.cpu().numpy(), ref.codes)
     assert params.cpu().numpy().tobytes() == ref.params.tobytes()
-    assert ref.codes.dtype == np.int8 and ref.params.dtype == np.float32
+    assert ref.codes.dtype == np.int8 and ref.params.dtype == np.float16
 
 
 def test_reference_codes_span_int8_and_decode_within_half_a_step(rng):
@@ -66,12 +67,21 @@ def test_reference_codes_span_int8_and_decode_within_half_a_step(rng):
     block = quant.quantize(x)
     lo, hi = x.min(axis=0), x.max(axis=0)
     varying = hi > lo
-    # the column's minimum is code -128 and its maximum 127: all 256 levels are used
+    # the column's minimum is code -128 and its maximum 127: all 256 levels are used, unless the scale is
+    # below float16's normal range (column 11's ~1e-6: a subnormal step of 6e-8 rounds it up by a few %)
+    normal = block.params[:dim] >= np.finfo(np.float16).smallest_normal
     assert (block.codes.min(axis=0) == -128).all()
-    assert (block.codes.max(axis=0)[varying] == 127).all() and (block.codes.max(axis=0)[~varying] == -128).all()
+    assert (block.codes.max(axis=0)[varying & normal] == 127).all() and (block.codes.max(axis=0)[~varying] == -128).all()
+    assert not normal[11] and block.codes.max(axis=0)[11] >= 127 - 16
     values = decode(block)
     assert (np.abs(values - x) <= half_step(block.params, dim)).all()
-    np.testing.assert_array_equal(block.params[:dim][varying], ((hi - lo) / np.float32(255))[varying])
+    # float16 parameters rounded outward: lo the largest float16 <= the minimum, scale the smallest float16
+    # >= (max - lo) / 255, so that every value is within the 256 levels
+    lo16, scale16 = block.params[dim:], block.params[:dim]
+    assert (lo16.astype(np.float32) <= lo).all() and (np.nextafter(lo16, np.float16(np.inf)).astype(np.float32) > lo).all()
+    need = (hi - lo16.astype(np.float32)) / np.float32(255)
+    assert (scale16.astype(np.float32) >= need).all()
+    assert (np.nextafter(scale16, np.float16(0)).astype(np.float32) < need)[varying].all()
     zero_min = lo == 0  # ReLU columns: every exact zero comes back exactly zero
     assert zero_min[0] and zero_min[5]
     assert not values[:, zero_min][x[:, zero_min] == 0].any()
@@ -79,12 +89,36 @@ def test_reference_codes_span_int8_and_decode_within_half_a_step(rng):
     np.testing.assert_array_equal(values[:, 5], x[:, 5])
 
 
-@pytest.mark.parametrize("value", [0.0, 2.5, 0.3, 1e-3, -7.1])
-def test_a_constant_column_decodes_to_its_value_exactly(value):
+@pytest.mark.parametrize("value", [0.0, 2.5, 0.3, 1e-3, -7.1, 3e4])
+def test_a_constant_column_decodes_exactly_when_a_float16_holds_it_and_within_a_step_of_a_few_ulps(value):
     x = np.full((16, 2), value, np.float32)
     x[:, 1] = np.linspace(0, 1, 16, dtype=np.float32)
-    values = decode(quant.quantize(x))
-    np.testing.assert_array_equal(values[:, 0], x[:, 0])
+    block = quant.quantize(x)
+    values = decode(block)
+    if np.float32(np.float16(value)) == np.float32(value):
+        np.testing.assert_array_equal(values[:, 0], x[:, 0])
+    else:  # far closer than a float16 store would keep it
+        assert (np.abs(values[:, 0] - x[:, 0]) <= half_step(block.params, 2)[0]).all()
+        assert (np.abs(values[:, 0] - x[:, 0]) < abs(np.float32(np.float16(value)) - np.float32(value))).all()
+
+
+def test_values_beyond_float16_fit_int8_while_its_float16_minima_do(rng):
+    """An int8 tap takes values a float16 store refuses (its scale carries the range), but not a minimum
+    below float16's: that one is named, or widened to float32 with store.on_overflow=widen."""
+    big = np.maximum(rng.standard_normal((8, 6)), 0).astype(np.float32) * np.float32(1e5)  # up to ~3e5, minima 0
+    low = rng.standard_normal((8, 6)).astype(np.float32) - np.float32(1e5)  # minima below -65504
+    layers = [{"name": "big", "dim": 6}, {"name": "low", "dim": 6}]
+    stage = DeviceStage(lambda x: x, lambda images, device: images, torch.device("cpu"), layers,
+                        {"big": "int8", "low": "int8"})
+    with pytest.raises(H2TError, match="tap low: .*beyond int8's float16 scales"):
+        stage([torch.from_numpy(big), torch.from_numpy(low)])
+    widened = []
+    stage = DeviceStage(lambda x: x, lambda images, device: images, torch.device("cpu"), layers,
+                        {"big": "int8", "low": "int8"}, on_overflow="widen")
+    stage.widen = widened.append
+    blocks = stage.to_host(stage([torch.from_numpy(big), torch.from_numpy(low)]))
+    assert widened == ["low"] and blocks[1].dtype == np.float32
+    assert (np.abs(decode(blocks[0]) - big) <= half_step(blocks[0].params, 6)).all()
 
 
 def test_device_stage_casts_int8_taps_with_their_own_params_beside_other_dtypes(rng):
@@ -140,7 +174,7 @@ def test_int8_store_has_its_own_id_and_its_quant_arrays(stores, tmp_path):
         n_shards = -(-n // shard_rows)
         for layer in store.layers:
             params = store.group[QUANT.key(split, layer["name"])]
-            assert params.shape == (n_shards, 2 * layer["dim"]) and params.dtype == np.float32
+            assert params.shape == (n_shards, 2 * layer["dim"]) and params.dtype == np.float16
             assert store.stored_features(split, layer["name"]).dtype == np.int8
             assert store.features(split, layer["name"]).dtype == np.float32
             assert all(store.shard_exists(split, layer["name"], s) for s in range(n_shards))
@@ -216,7 +250,7 @@ def test_a_column_view_of_an_int8_store_reads_exactly_the_same_values(int8_copy,
     assert view.encoding == "int8"
     for split, n in store.splits().items():
         assert view.group[split].dtype == np.int8 and view.group[split].shape == (n, 300)
-        assert view.group[f"{split}_quant"].dtype == np.float32
+        assert view.group[f"{split}_quant"].dtype == np.float16
         assert view.group[f"{split}_quant"].shape == (-(-n // store.meta["shard_rows"]), 600)
     for k in (1, 37, 300):
         plan = column_plan(order[:k], store.layers)
@@ -314,3 +348,30 @@ def test_int8_takes_fewer_bytes_per_value_than_float16(sized_stores):
                       for f in (Path(sized_stores["int8"].path) / split / "quant").rglob("*") if f.is_file())
     assert quant_bytes > 0  # the scales and offsets are counted
     assert per_value["int8"] < per_value["float16"], per_value
+
+
+def test_an_int8_store_with_float32_params_from_before_reads_and_verifies_the_same(int8_copy):
+    """Stores written before the parameters became float16 (no spec["quant"], float32 arrays) stay readable."""
+    import zarr
+
+    store = int8_copy
+    want = {(s, layer["name"]): store.features(s, layer["name"])[:] for s in store.splits() for layer in store.layers}
+    group = zarr.open_group(store.path, mode="r+")
+    for split in store.splits():
+        for layer in store.layers:
+            old = group[QUANT.key(split, layer["name"])]
+            values = old[:].astype(np.float32)
+            new = group.create_array(QUANT.key(split, layer["name"]), shape=old.shape, dtype="float32",
+                                     chunks=old.chunks, compressors=old.compressors, fill_value=0, overwrite=True,
+                                     dimension_names=old.metadata.dimension_names)
+            new[:] = values
+    meta = dict(group.attrs["h2t"])
+    meta["spec"] = {k: v for k, v in meta["spec"].items() if k != "quant"}
+    group.attrs["h2t"] = meta
+    before = open_store(store.path)
+    assert catalog.verify(before) == []
+    for (split, name), values in want.items():
+        np.testing.assert_array_equal(before.features(split, name)[:], values)
+    meta["spec"]["quant"] = {"params": "float16"}  # verify checks the params' dtype against the spec
+    group.attrs["h2t"] = meta
+    assert any("quant" in problem and "float16" in problem for problem in catalog.verify(open_store(store.path)))

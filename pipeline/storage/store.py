@@ -44,6 +44,8 @@ from .schema import (
     feature_codecs,
     from_bfloat16_bits,
     quant_codecs,
+    quant_params_dtype,
+    resolve_compression,
     storage_dtype,
     store_id,
     to_bfloat16_bits,
@@ -233,7 +235,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         raise H2TError(f"store.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compression not in COMPRESSIONS:
         raise H2TError(f"store.compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-    compressors = feature_codecs(compression, np.dtype(storage_dtype(dtype)).itemsize)
+    compressors = feature_codecs(resolve_compression(compression, dtype), np.dtype(storage_dtype(dtype)).itemsize)
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
@@ -279,7 +281,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
                 attributes={"h2t_encoding": "bfloat16"} if dtype == "bfloat16" else None)))
             if dtype == "int8":  # one row of scales and offsets per shard, one chunk each
                 to_create.append((QUANT.key(split, layer["name"]), dict(
-                    shape=(n_shards, 2 * layer["dim"]), dtype="float32", chunks=(1, 2 * layer["dim"]),
+                    shape=(n_shards, 2 * layer["dim"]), dtype=quant_params_dtype(spec), chunks=(1, 2 * layer["dim"]),
                     compressors=quant_codecs(), fill_value=0, dimension_names=dimensions("quant", layer["name"]))))
         label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True, dimension_names=dimensions("labels"))

@@ -6,8 +6,8 @@ the head's read of any kept fraction F is a prefix of one array and costs about 
         columns      (K,) int64: global feature index of each view column, most relevant first
         <split>      (n, K) the store's raw values (its storage dtype; float32 when taps differ);
                      shard = (rows, K), inner chunk = (rows, COLUMN_CHUNK), lz4 + CRC32C per chunk
-        <split>_quant  int8 stores: (n_shards, 2 K) float32, each store shard's scales then offsets of the
-                     view's columns (pipeline/storage/quant.py): the view keeps one byte per value too
+        <split>_quant  int8 stores: (n_shards, 2 K) in the store's params dtype, each store shard's scales
+                     then offsets of the view's columns (pipeline/storage/quant.py): the view keeps one byte per value too
 
 A view is a cache, never needed for correctness: missing, incomplete, too narrow or on a read-only store,
 the head reads the feature arrays directly and gets the same numbers. `key` is a hash of the relevance key,
@@ -107,16 +107,17 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
                                      shards=(block_rows, math.ceil(len(columns) / inner) * inner),
                                      compressors=feature_codecs("lz4", dtype.itemsize), fill_value=0, overwrite=True,
                                      config=WRITE_EMPTY, dimension_names=[SAMPLE, "view_column"])
-            quant = None
-            if encoding == "int8":
+            quant, params_dtype = None, np.dtype("float32")
+            if encoding == "int8":  # the store's scales and minima, in their dtype
+                params_dtype = store.group[QUANT.key(split, layers[0]["name"])].dtype
                 quant = group.create_array(f"{split}_quant", shape=(-(-n // shard_rows), 2 * len(columns)),
-                                           dtype="float32", chunks=(1, 2 * len(columns)),
+                                           dtype=params_dtype, chunks=(1, 2 * len(columns)),
                                            compressors=quant_codecs(), fill_value=0, overwrite=True,
                                            dimension_names=[SHARD, "view_column.quant"])
             for r0 in range(0, n, block_rows):
                 r1 = min(r0 + block_rows, n)
                 out = np.empty((r1 - r0, len(columns)), dtype)
-                out_params = np.empty((-(-(r1 - r0) // shard_rows), 2 * len(columns)), np.float32)
+                out_params = np.empty((-(-(r1 - r0) // shard_rows), 2 * len(columns)), params_dtype)
                 for i in np.unique(layer_of):
                     where = np.flatnonzero(layer_of == i)
                     name = layers[i]["name"]
