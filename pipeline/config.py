@@ -16,10 +16,12 @@ import os
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any, Dict, List, Optional, cast
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
+
+from .errors import H2TError
 
 # The shipped configs (inside the package, found wherever h2t runs); H2T_CONF_DIR points elsewhere.
 CONF_DIR = Path(os.environ.get("H2T_CONF_DIR", Path(__file__).resolve().parent / "conf"))
@@ -237,6 +239,7 @@ class TuneConfig:
 class H2TConfig:
     """Every verb's config (extract uses the first six groups, probe / run / tune the rest as well)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    backbones: List[Any] = field(default_factory=list)  # several models: selection over all their layers
     data: Any = field(default_factory=dict)
     pooling: PoolingConfig = field(default_factory=PoolingConfig)
     taps: TapsConfig = field(default_factory=TapsConfig)
@@ -254,11 +257,17 @@ class H2TConfig:
 
     def extract_job(self) -> ExtractJob:
         return ExtractJob(self.model, dict(self.data), self.pooling, self.taps, self.store, self.extract,
-                          self.probe.on_incomplete, self.probe.wait_s)
+                          self.probe.on_incomplete, self.probe.wait_s, tuple(self.backbone_models()))
 
     def probe_job(self, method: Method | None = None) -> ProbeJob:
         return ProbeJob(Method(method or self.method), self.score, self.select, self.head, list(self.probe.fit_on),
-                        self.linear.layer, self.store.column_views, self.store.view_fraction, self.model)
+                        self.linear.layer, self.store.column_views, self.store.view_fraction, self.model,
+                        tuple(self.backbone_models()))
+
+    def backbone_models(self) -> list[ModelConfig]:
+        """`backbones`: each entry a model config of conf/model (`efficientnet_lite0`), a timm model name
+        (`resnet18`), or overrides of `model` (`{input_size: 224}`), as typed model settings."""
+        return [backbone_model(entry, self.model, f"backbones[{i}]") for i, entry in enumerate(self.backbones)]
 
     def tune_job(self) -> TuneJob:
         return TuneJob(self.tune, [Method(m) for m in self.methods], self.extract_job(), self.probe_job())
@@ -276,6 +285,11 @@ class ExtractJob:
     extract: ExtractConfig
     on_incomplete: OnIncomplete = OnIncomplete.extract
     wait_s: float = 3600
+    backbones: Tuple[ModelConfig, ...] = ()  # several models: one store each, read as one (storage/union.py)
+
+    def members(self) -> list[ExtractJob]:
+        """The job of each backbone's store (itself when it names one model)."""
+        return [replace(self, model=model, backbones=()) for model in self.backbones] or [self]
 
     def with_target_size(self, target_size: int) -> ExtractJob:
         return replace(self, pooling=replace(self.pooling, target_size=int(target_size)))
@@ -294,6 +308,11 @@ class ProbeJob:
     column_views: bool
     view_fraction: float
     model: ModelConfig
+    backbones: Tuple[ModelConfig, ...] = ()  # the models of a union's members, saved with the head
+
+    def models(self) -> list[ModelConfig]:
+        """The model of each store the probe reads (one, or a union's members in order)."""
+        return list(self.backbones) or [self.model]
 
 
 @dataclass(frozen=True)
@@ -304,6 +323,32 @@ class TuneJob:
     methods: List[Method]
     extract: ExtractJob
     probe: ProbeJob
+
+
+def backbone_model(entry: Any, model: ModelConfig, key: str) -> ModelConfig:
+    """One entry of `backbones` as model settings; a wrong entry is one line naming it."""
+    if not isinstance(entry, (str, dict)):
+        raise H2TError(f"{key} must be a model config name, a timm model name or a mapping of model settings "
+                       f"(e.g. {{input_size: 224}}), got {entry!r}")
+    try:
+        if isinstance(entry, str):
+            known = CONF_DIR / "model" / f"{entry}.yaml"
+            node = model_group_config(entry) if known.is_file() else OmegaConf.merge(
+                model_group_config("timm"), {"name": entry})
+        else:
+            node = OmegaConf.merge(OmegaConf.structured(model), entry)
+        return cast(ModelConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node)))
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's validation errors: one line naming the entry
+        raise H2TError(f"{key}: {str(exc).splitlines()[0]}") from None
+
+
+def model_group_config(name: str) -> DictConfig:
+    """conf/model/<name>.yaml with the configs of its own defaults list merged under it (as Hydra would)."""
+    node = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
+    assert isinstance(node, DictConfig)
+    defaults = node.pop("defaults", [])
+    bases = [model_group_config(str(d)) for d in defaults if str(d) != "_self_"]
+    return cast(DictConfig, OmegaConf.merge(*bases, node)) if bases else node
 
 
 def settings(cfg: DictConfig) -> H2TConfig:

@@ -26,6 +26,7 @@ from .storage.claims import Claims
 from .storage.reuse import Reuse, find_reuse, reused_layer
 from .storage.schema import SCHEMA_VERSION, STATUS_CREATING, storage_dtype
 from .storage.store import FeatureStore, create_store, open_store, store_path
+from .storage.union import StoreUnion
 from .taps import TappedForward, select_taps
 
 
@@ -152,7 +153,7 @@ def preflight(plan: Plan, root: str, reuse: Reuse | None = None) -> None:
 
 @dataclass
 class ExtractResult:
-    store: FeatureStore
+    store: FeatureStore | StoreUnion
     backbone_images: int
     seconds: float
     stage_seconds: float = 0.0  # the images' own time: from the first shard claimed to the last one written
@@ -180,10 +181,30 @@ def wait_for_store(job: ExtractJob, plan: Plan, clock=time.monotonic, sleep=time
 
 def ensure_store(job: ExtractJob) -> ExtractResult:
     """The complete store of this job, for a probe: extracted when missing, its writers joined (or
-    waited for, `probe.on_incomplete`) when another process is writing it."""
-    plan = plan_store(job)
-    wait_for_store(job, plan)
-    return extract(job, plan)
+    waited for, `probe.on_incomplete`) when another process is writing it. A job naming several backbones
+    gets their stores read as one (storage/union.py), every one planned before any is extracted."""
+    plans = plan_members(job)
+    results = []
+    for member, plan in zip(job.members(), plans):
+        wait_for_store(member, plan)
+        results.append(extract(member, plan))
+    if len(results) == 1:
+        return results[0]
+    return ExtractResult(StoreUnion([r.store for r in results]), sum(r.backbone_images for r in results),
+                         sum(r.seconds for r in results))
+
+
+def plan_members(job: ExtractJob) -> list[Plan]:
+    """The plan of each backbone's store; backbones that would see different samples are one line."""
+    plans = [plan_store(member) for member in job.members()]
+    first = plans[0].spec["dataset"]
+    for plan in plans[1:]:
+        other = plan.spec["dataset"]
+        if other != first:
+            raise H2TError(f"backbones {plans[0].spec['model']['name']} and {plan.spec['model']['name']} would "
+                           f"see different samples ({first['name']} {first['splits']} vs {other['name']} "
+                           f"{other['splits']}): a union of stores needs one dataset")
+    return plans
 
 
 def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = None, forward=None) -> ExtractResult:

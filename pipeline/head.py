@@ -180,24 +180,39 @@ def accuracy(head: torch.nn.Linear, X: np.ndarray, y: np.ndarray) -> float:
 FORMAT = 1
 
 
-def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarray], model_cfg: ModelConfig,
+def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarray], models: list[ModelConfig],
               result: dict) -> Path:
-    """The head and what applying it needs, as a weights-only torch file (no pickled code)."""
-    by_name = {layer["name"]: layer for layer in store.layers}
-    dtypes = store.layer_dtypes()
+    """The head and what applying it needs, as a weights-only torch file (no pickled code). `models`: the
+    model of the store, or of each member of a union (whose file then lists, per backbone, the store it was
+    extracted into and its own selected taps under `backbones`)."""
+    members = getattr(store, "members", None)
     artefact = {
-        "format": FORMAT, "method": str(result["method"]), "store_id": store.id, "spec": plain_json(store.info.spec),
-        "model_cfg": plain_json(asdict(model_cfg)),
-        "layers": [{"name": name, "role": by_name[name]["role"], "dim": int(by_name[name]["dim"]),
-                    "dtype": dtypes[name], "columns": torch.from_numpy(np.asarray(cols, np.int64))}
-                   for name, cols in plan.items()],
+        "format": FORMAT, "method": str(result["method"]), **_backbone_entry(store, plan, models[0]),
         "normalisation": "per_layer_l2",
         "weight": head.weight.detach().clone(), "bias": head.bias.detach().clone(),
         "class_names": list(store.info.class_names or [str(i) for i in range(store.info.num_classes)]),
         "reported": plain_json({k: result.get(k) for k in ("val_accuracy", "test_accuracy", "lam", "fraction")}),
     }
+    if members is not None:  # a union: the plan's layers are `<backbone>/<tap>`
+        artefact["spec"] = plain_json(store.info.spec)
+        artefact["model_cfg"] = None
+        artefact["backbones"] = []
+        for name, member, model in zip(store.names, members, models):
+            prefix = f"{name}/"
+            own = {layer[len(prefix):]: cols for layer, cols in plan.items() if layer.startswith(prefix)}
+            artefact["backbones"].append({"name": name, **_backbone_entry(member, own, model)})
     torch.save(artefact, path)
     return path
+
+
+def _backbone_entry(store, plan: dict[str, np.ndarray], model: ModelConfig) -> dict:
+    """One backbone's part of a head file: its store, model and selected columns of each tap."""
+    by_name = {layer["name"]: layer for layer in store.layers}
+    dtypes = store.layer_dtypes()
+    return {"store_id": store.id, "spec": plain_json(store.info.spec), "model_cfg": plain_json(asdict(model)),
+            "layers": [{"name": name, "role": by_name[name]["role"], "dim": int(by_name[name]["dim"]),
+                        "dtype": dtypes[name], "columns": torch.from_numpy(np.asarray(cols, np.int64))}
+                       for name, cols in plan.items()]}
 
 
 def plain_json(value):

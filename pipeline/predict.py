@@ -70,32 +70,65 @@ def model_settings(saved: dict) -> ModelConfig:
     return cast(ModelConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)))
 
 
-class Predictor:
-    """The backbone (up to the last selected tap), pooling, storage cast, columns and head of one head file."""
+class BackbonePart:
+    """One backbone of a head file: the model up to its last selected tap, pooling and storage cast; gives
+    the selected columns of its taps, raw (as the store holds them)."""
 
-    def __init__(self, artefact: dict, device: str = "auto"):
-        self.artefact = artefact
-        spec = artefact["spec"]
-        model_cfg = model_settings(artefact["model_cfg"])
+    def __init__(self, part: dict, device: torch.device):
+        spec = part["spec"]
+        model_cfg = model_settings(part["model_cfg"])
         if weights_fingerprint(model_cfg) != spec["model"]["weights"]:
-            raise H2TError(f"the weights of {model_cfg.name} here differ from those store {artefact['store_id']} "
+            raise H2TError(f"the weights of {model_cfg.name} here differ from those store {part['store_id']} "
                            f"was extracted with: predictions would not match the head")
         self.preprocess = build_preprocess(model_cfg)
         if plain_json(self.preprocess.as_dict()) != spec["preprocess"]:
-            raise H2TError(f"preprocessing of {model_cfg.name} here differs from store {artefact['store_id']}'s")
-        self.device = resolve_device(device)
-        model = build_model(model_cfg).to(self.device)
-        names = [layer["name"] for layer in artefact["layers"]]
+            raise H2TError(f"preprocessing of {model_cfg.name} here differs from store {part['store_id']}'s")
+        self.layers = part["layers"]
+        model = build_model(model_cfg).to(device)
+        names = [layer["name"] for layer in self.layers]
         taps = select_taps(model, names)  # network order, as in the store
         self.order = [names.index(t.name) for t in taps]
         pooling = spec["pooling"]
         self.runner = TappedForward(model, taps, pooling["target_size"], pooling["rule"], pooling["cls_token"])
-        ordered = [artefact["layers"][i] for i in self.order]
+        ordered = [self.layers[i] for i in self.order]
         # int8 stores quantise per shard of rows: a single image has no shard, its values stay float32
-        self.stage = DeviceStage(self.runner, self.preprocess, self.device, ordered,
+        self.stage = DeviceStage(self.runner, self.preprocess, device, ordered,
                                  {layer["name"]: "float32" if layer["dtype"] == "int8" else layer["dtype"]
                                   for layer in ordered},
                                  precision=spec["model"].get("precision", "float32"))
+
+    def columns(self, images) -> list[np.ndarray]:
+        """Each of its taps' selected columns (float32), in the head file's order."""
+        by_layer = dict(zip(self.order, self.stage.to_host(self.stage(images))))
+        parts = []
+        for i, layer in enumerate(self.layers):
+            values = by_layer[i]
+            if layer["dtype"] == "bfloat16":
+                values = from_bfloat16_bits(values)
+            cols = layer["columns"].numpy()
+            parts.append(cast_into(np.empty((len(values), len(cols)), np.float32), values[:, cols]))
+        return parts
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class Predictor:
+    """The backbone(s) (each up to its last selected tap), pooling, storage cast, columns and head of one
+    head file. A head over a union of stores runs each backbone that has selected columns."""
+
+    def __init__(self, artefact: dict, device: str = "auto"):
+        self.artefact = artefact
+        self.device = resolve_device(device)
+        members = artefact.get("backbones") or [artefact]
+        self.parts = []
+        try:
+            for member in members:
+                if member["layers"]:  # a backbone none of whose features were selected is not run
+                    self.parts.append(BackbonePart(member, self.device))
+        except BaseException:
+            self.close()
+            raise
         self.head = torch.nn.Linear(artefact["weight"].shape[1], artefact["weight"].shape[0])
         with torch.no_grad():
             self.head.weight.copy_(artefact["weight"])
@@ -103,15 +136,7 @@ class Predictor:
 
     def features(self, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """(n, selected columns) as the head was trained on: store-cast, then per-layer L2-normalised."""
-        blocks = self.stage.to_host(self.stage(images))
-        by_layer = dict(zip(self.order, blocks))
-        parts = []
-        for i, layer in enumerate(self.artefact["layers"]):
-            values = by_layer[i]
-            if layer["dtype"] == "bfloat16":
-                values = from_bfloat16_bits(values)
-            cols = layer["columns"].numpy()
-            parts.append(cast_into(np.empty((len(values), len(cols)), np.float32), values[:, cols]))
+        parts = [columns for part in self.parts for columns in part.columns(images)]
         plan = {layer["name"]: layer["columns"].numpy() for layer in self.artefact["layers"]}
         return normalise_layers(np.concatenate(parts, axis=1), plan)
 
@@ -120,7 +145,8 @@ class Predictor:
             return torch.softmax(self.head(torch.from_numpy(self.features(images))), dim=1).numpy()
 
     def close(self) -> None:
-        self.runner.close()
+        for part in self.parts:
+            part.close()
 
 
 def predict_files(head_path: str, inputs: list[str], out: str | Path, batch_size: int = 64,

@@ -14,8 +14,9 @@ from .head import accuracy, evaluate, read_columns, save_head, train_linear_head
 from .rows import Rows
 from .score.cluster import ScoreRuntime
 from .score.relevance import score_params, score_path
-from .select import column_plan, kept, ranking, whole_layers
+from .select import column_plan, kept, linear_plan, ranking, whole_layers
 from .storage import views
+from .storage.union import StoreUnion
 
 
 def check_settings(job: ProbeJob) -> None:
@@ -92,6 +93,16 @@ def rankings(store, score: ScoreConfig, select: SelectConfig, rows: Rows, lams, 
     return out
 
 
+def per_backbone(store, selected: dict[str, int]) -> dict[str, int] | None:
+    """How many selected features come from each backbone of a union (None for one store)."""
+    if not isinstance(store, StoreUnion):
+        return None
+    counts = dict.fromkeys(store.names, 0)
+    for layer in store.layers:
+        counts[layer["member"]] += int(selected.get(layer["name"], 0))
+    return counts
+
+
 def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Path | None = None) -> dict:
     """`method=per_layer`: the linear probe's head (the same lr, steps and rows) trained on each tap alone;
     validation and test accuracy per tap, in network order. The result's own accuracies are those of the
@@ -124,6 +135,7 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
         "lam": None, "fraction": None, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
         "head_device": str(device), "tie_rule": None, "n_features_total": store.n_features,
         "n_features_selected": chosen["dim"], "selected_per_layer": {chosen["layer"]: chosen["dim"]},
+        "selected_per_backbone": per_backbone(store, {chosen["layer"]: chosen["dim"]}),
         "best_layer": chosen["layer"], "per_layer": per_layer,
         "fit_on": fit.describe(store), "validate_on": None if validate is None else validate.describe(store),
         "train_accuracy": chosen["train_accuracy"], "val_accuracy": chosen["val_accuracy"],
@@ -131,7 +143,7 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
         "scoring": {}, "column_view": None, "timings_s": {"per_layer": round(time.perf_counter() - start, 3)},
     }
     if save_head_to is not None:
-        path = save_head(Path(save_head_to) / "per_layer.head.pt", head, store, plan, job.model, result)
+        path = save_head(Path(save_head_to) / "per_layer.head.pt", head, store, plan, job.models(), result)
         result["head_file"] = str(path)
     return result
 
@@ -152,7 +164,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     head_cfg = job.head
     check_head(head_cfg)
     fit, validate = fit_rows(store, job.fit_on)
-    fraction_viewed = view_fraction(job) if job.column_views else None
+    fraction_viewed = view_fraction(job) if job.column_views and not isinstance(store, StoreUnion) else None
     timings: dict[str, float] = {}
     info: dict = {}
     view = None
@@ -172,7 +184,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
             view = views.view_for(store, info["ranking_key"], order, k, fraction_viewed, progress=progress)
             timings["view"] = time.perf_counter() - t
     else:
-        plan = whole_layers(store.layers, [job.linear_layer])
+        plan = linear_plan(store.layers, job.linear_layer)
     t = time.perf_counter()
     n_selected = int(sum(len(c) for c in plan.values()))
     block_rows = max(1, int(float(job.score.memory_budget_mb) * 2**20 // (3 * 4 * n_selected)))
@@ -199,6 +211,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
         "n_features_total": store.n_features, "n_features_selected": n_selected,
         "selected_per_layer": ({layer["name"]: int(len(plan.get(layer["name"], ()))) for layer in store.layers}
                                if method == Method.head2toe else {name: int(len(cols)) for name, cols in plan.items()}),
+        "selected_per_backbone": per_backbone(store, {name: len(cols) for name, cols in plan.items()}),
         "fit_on": fit.describe(store), "validate_on": None if validate is None else validate.describe(store),
         "train_accuracy": train_accuracy, "val_accuracy": val_accuracy, "test_accuracy": test_accuracy,
         "skipped_samples": [item["id"] for item in store.info.skipped],
@@ -207,6 +220,6 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
     if save_head_to is not None:
-        path = save_head(Path(save_head_to) / f"{method}.head.pt", head, store, plan, job.model, result)
+        path = save_head(Path(save_head_to) / f"{method}.head.pt", head, store, plan, job.models(), result)
         result["head_file"] = str(path)
     return result

@@ -37,13 +37,21 @@ def format_table(results: list[dict], chosen: bool = False) -> str:
 
 
 def plot_selection(result: dict, layer_names: list[str], path: Path) -> Path:
-    """Bar chart: how many features each tap contributes to the selection, in network order."""
-    counts = [result["selected_per_layer"].get(name, 0) for name in layer_names]
-    fig, ax = _figure((max(6, 0.18 * len(layer_names)), 3.2))
-    ax.bar(range(len(counts)), counts, color="tab:blue")
-    ax.set_xticks(range(len(counts)), layer_names, rotation=90, fontsize=6)
-    ax.set_ylabel("selected features")
-    ax.set_title(f"{result['model']} on {result['task']}: {result['n_features_selected']} of "
+    """Bar chart: how many features each tap contributes to the selection, in network order; one panel per
+    backbone when the store is a union of several (layers named `<backbone>/<tap>`)."""
+    backbones = list(result.get("selected_per_backbone") or [""])
+    fig = Figure(figsize=(max(6, 0.18 * len(layer_names) / len(backbones)), 3.2 * len(backbones)))
+    axes = fig.subplots(len(backbones), 1, squeeze=False)[:, 0]
+    for ax, backbone in zip(axes, backbones):
+        prefix = f"{backbone}/" if backbone else ""
+        names = [name for name in layer_names if name.startswith(prefix)]
+        counts = [result["selected_per_layer"].get(name, 0) for name in names]
+        ax.bar(range(len(counts)), counts, color="tab:blue")
+        ax.set_xticks(range(len(counts)), [name[len(prefix):] for name in names], rotation=90, fontsize=6)
+        ax.set_ylabel("selected features")
+        if backbone:
+            ax.set_title(f"{backbone}: {sum(counts)} selected", fontsize=8)
+    fig.suptitle(f"{result['model']} on {result['task']}: {result['n_features_selected']} of "
                  f"{result['n_features_total']} features (test {pct(result['test_accuracy']).strip()} %)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

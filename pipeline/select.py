@@ -43,6 +43,13 @@ def top_fraction(relevance: np.ndarray, layers: list[dict], fraction: float,
     return column_plan(ranking(relevance, tiebreak)[:k], layers)
 
 
+def linear_plan(layers: list[dict], name: str) -> dict[str, np.ndarray]:
+    """The linear probe's columns: every column of tap `name` (`linear.layer`), of each backbone's layers
+    when `layers` is a union's (named `<backbone>/<tap>`, pipeline/storage/union.py)."""
+    members = list(dict.fromkeys(layer["member"] for layer in layers if "member" in layer))
+    return whole_layers(layers, [f"{member}/{name}" for member in members] or [name])
+
+
 def whole_layers(layers: list[dict], names: list[str]) -> dict[str, np.ndarray]:
     """Every column of the named layers (the linear-probe baseline uses pre_logits)."""
     by_name = {layer["name"]: layer for layer in layers}

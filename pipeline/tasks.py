@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from .config import H2TConfig, Method, TuneJob, settings
-from .extract import ensure_store, extract, format_plan, plan_store, planned_reuse, store_status
+from .extract import ensure_store, extract, format_plan, plan_members, planned_reuse, store_status
 from .jobs import output_dir
 from .probe import check_settings, probe_store
 from .report import format_table, pct, plot_per_layer, plot_selection
@@ -30,17 +30,19 @@ def _write_results(results: list[dict]) -> Path:
 
 def _extract_task(cfg: DictConfig) -> None:
     job = settings(cfg).extract_job()
-    plan = plan_store(job)
-    reuse = planned_reuse(job, plan)
-    log.info(format_plan(plan, per_tap=job.extract.plan_only, reuse=reuse))
+    plans = plan_members(job)  # every backbone planned (and checked) before any is extracted
+    reuses = [planned_reuse(member, plan) for member, plan in zip(job.members(), plans)]
+    for plan, reuse in zip(plans, reuses):
+        log.info(format_plan(plan, per_tap=job.extract.plan_only, reuse=reuse))
     if job.extract.plan_only:
         return
-    result = extract(job, plan, reuse)
-    store = result.store
-    reused = len(store.layers) - len(store.computed_layers)
-    log.info(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} taps"
-             f"{f' ({reused} copied from other stores)' if reused else ''}, splits {store.splits()}, "
-             f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
+    for member, plan, reuse in zip(job.members(), plans, reuses):
+        result = extract(member, plan, reuse)
+        store = result.store
+        reused = len(store.layers) - len(store.computed_layers)
+        log.info(f"store {store.id} complete at {store.path}: {store.n_features} features in {len(store.layers)} "
+                 f"taps{f' ({reused} copied from other stores)' if reused else ''}, splits {store.splits()}, "
+                 f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
 
 
 def _probe_methods(config: H2TConfig, methods: list[Method]) -> tuple[list[dict], list[str]]:
@@ -97,20 +99,23 @@ def _run_task(cfg: DictConfig) -> None:
 
 def _tune_plan(job: TuneJob, values: dict[str, list]) -> TunePlan:
     """What the tune will do, with the heads' time estimated on this machine (before any store is made)."""
-    plans = {T: plan_store(job.extract.with_target_size(T)) for T in values["target_size"]}
+    plans = {T: plan_members(job.extract.with_target_size(T)) for T in values["target_size"]}
 
     def status_of(extract_job):
-        plan = plans[extract_job.pooling.target_size]
-        return plan.path, store_status(extract_job, plan), plan.spec["dataset"]["splits"]
+        members = list(zip(extract_job.members(), plans[extract_job.pooling.target_size]))
+        return (" + ".join(plan.path for _, plan in members),
+                "; ".join(dict.fromkeys(store_status(member, plan) for member, plan in members)),
+                members[0][1].spec["dataset"]["splits"])
 
     widths = []  # the columns of each group of heads trained together in one round
-    for plan in plans.values():
-        D = sum(layer["dim"] for layer in plan.layers)
+    for members in plans.values():
+        layers = [layer for plan in members for layer in plan.layers]
+        D = sum(layer["dim"] for layer in layers)
         if Method.head2toe in job.methods:
             widths += [kept(D, f) for _ in values["lam"] for f in values["fraction"]]
         if Method.linear in job.methods:
-            widths += [sum(layer["dim"] for layer in plan.layers if layer["name"] == job.probe.linear_layer) or D]
-    num_classes = next(iter(plans.values())).dataset.num_classes
+            widths += [sum(layer["dim"] for layer in layers if layer["name"] == job.probe.linear_layer) or D]
+    num_classes = next(iter(plans.values()))[0].dataset.num_classes
     return estimate_heads(plan_tune(job, values, status_of), widths, values, num_classes, job.probe.head)
 
 

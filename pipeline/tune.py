@@ -32,7 +32,7 @@ from .head import accuracy, normalise_layers, plan_positions, read_columns, trai
 from .probe import check_settings, probe_store, rankings
 from .rows import Rows, kfold
 from .score.cluster import ScoreRuntime
-from .select import column_plan, kept, whole_layers
+from .select import column_plan, kept, linear_plan
 
 GRID_KEYS = ("target_size", "lam", "fraction", "head_lr", "head_steps")
 TIE_ORDER = "smaller target_size, smaller fraction, larger lam, fewer head_steps, smaller head_lr"
@@ -205,7 +205,7 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         y_fit, y_val = fit.labels(store), val.labels(store)
         base = {"target_size": T, "round": r}
         if Method.linear in job.methods:
-            plan = whole_layers(store.layers, [probe.linear_layer])
+            plan = linear_plan(store.layers, probe.linear_layer)
             X_fit, X_val = timed("read", read_columns, store, fit, plan), timed("read", read_columns, store, val, plan)
             n = int(X_fit.shape[1])
             for lr, steps, train_acc, val_acc in timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes,

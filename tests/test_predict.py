@@ -81,7 +81,7 @@ def test_features_are_the_store_columns_and_the_forward_stops_at_the_last_tap(pr
     predictor = Predictor(artefact, "cpu")
     try:
         np.testing.assert_allclose(predictor.features(images), read_columns(store, "test", plan), atol=2e-3)
-        fc = dict(predictor.runner.model.named_modules())["fc"]
+        fc = dict(predictor.parts[0].runner.model.named_modules())["fc"]
         calls = []
         handle = fc.register_forward_hook(lambda *a: calls.append(1))
         predictor.features(images[:2])
@@ -93,7 +93,7 @@ def test_features_are_the_store_columns_and_the_forward_stops_at_the_last_tap(pr
     early = {**artefact, "layers": [first], "weight": artefact["weight"][:, :len(first["columns"])]}
     predictor = Predictor(early, "cpu")
     try:
-        later = dict(predictor.runner.model.named_modules())["layer4"]
+        later = dict(predictor.parts[0].runner.model.named_modules())["layer4"]
         calls = []
         handle = later.register_forward_hook(lambda *a: calls.append(1))
         predictor.features(images[:2])

@@ -10,6 +10,7 @@ from ..config import ScoreConfig
 from ..errors import H2TError
 from ..rows import Rows
 from ..storage.schema import canonical_json
+from ..storage.union import StoreUnion
 from .cluster import ClusterMatrix, ScoreRuntime, check_spec
 from .contracts import Matrix
 from .datafit import MultinomialLogistic
@@ -111,6 +112,9 @@ def open_matrix(store, rows: Rows | str, settings: ScoreConfig, runtime: ScoreRu
     """The feature matrix of `rows`: in this process (threads), or on the Dask cluster `score.cluster`, whose
     client `runtime` holds. Close it after use: `with open_matrix(...) as matrix:`."""
     budget = int(float(settings.memory_budget_mb) * 2**20)
+    if settings.cluster and isinstance(store, StoreUnion):
+        raise H2TError("score.cluster reads one store per worker; several backbones are scored in this process "
+                       "(leave score.cluster unset)")
     client = runtime.client(settings.cluster)
     if client is None:
         return FeatureMatrix(store, rows, budget)
