@@ -103,8 +103,10 @@ def _tune_plan(job: TuneJob, values: dict[str, list]) -> TunePlan:
 
     def status_of(extract_job):
         members = list(zip(extract_job.members(), plans[extract_job.pooling.target_size]))
+        statuses = [store_status(member, plan) for member, plan in members]
+        status = statuses[0] + (f", each of {len(statuses)}" if len(statuses) > 1 else "")
         return (" + ".join(plan.path for _, plan in members),
-                "; ".join(dict.fromkeys(store_status(member, plan) for member, plan in members)),
+                status if len(set(statuses)) == 1 else " + ".join(statuses),
                 members[0][1].spec["dataset"]["splits"])
 
     widths = []  # the columns of each group of heads trained together in one round
