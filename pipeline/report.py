@@ -77,7 +77,7 @@ def plot_per_layer(result: dict, others: list[dict], path: Path) -> Path:
 
 # --- sweep reports: `h2t report DIR` and the Hydra callback ------------------------------------------------
 COLUMNS = ("job", "method", "task", "model", "target_size", "lam", "fraction", "head_lr", "head_steps",
-           "n_features_selected", "val_accuracy", "test_accuracy", "best")
+           "n_features_selected", "per_backbone", "val_accuracy", "test_accuracy", "best")
 FAILED_FILE = "failed.json"
 
 
@@ -132,7 +132,8 @@ def collect(root: str | Path) -> tuple[list[dict], list[dict]]:
                          "fraction": r.get("fraction"), "head_lr": r.get("head_lr"), "head_steps": r.get("head_steps"),
                          "n_features_selected": r["n_features_selected"],
                          "val_accuracy": r.get("selection_score") if chosen else r.get("val_accuracy"),
-                         "test_accuracy": r["test_accuracy"], "selected_per_layer": r.get("selected_per_layer", {})})
+                         "test_accuracy": r["test_accuracy"], "selected_per_layer": r.get("selected_per_layer", {}),
+                         "per_backbone": r.get("selected_per_backbone")})
     for group in {(r["method"], r["task"], r["model"]) for r in rows}:  # best by validation, per method and task
         scored = [r for r in rows if (r["method"], r["task"], r["model"]) == group and r["val_accuracy"] is not None
                   and not r["job"].endswith(":refit")]
@@ -148,6 +149,8 @@ def _cell(value) -> str:
         return "*" if value else ""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict):  # selected features per backbone of a union
+        return " ".join(f"{k}:{v}" for k, v in value.items())
     return str(value)
 
 
@@ -181,13 +184,24 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
                     ax.plot(xs, [100 * y for y in ys], style, label=f"λ={lam:g} {key.split('_')[0]}")
         ax.set_xscale("log")
         paths.append(_finish(fig, ax, "kept fraction F", "accuracy %", out / "report_accuracy.png"))
-    per_layer = [r for r in h2t if r.get("selected_per_layer")]
+    per_layer = [r for r in h2t if r.get("selected_per_layer")][:12]
     if per_layer:
-        fig, ax = _figure((7, 3.5))
-        for r in per_layer[:12]:
-            counts = list(r["selected_per_layer"].values())
-            ax.plot(range(len(counts)), counts, marker=".", label=f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}")
-        paths.append(_finish(fig, ax, "tap (network depth)", "selected features", out / "report_layers.png"))
+        backbones = list(dict.fromkeys(b for r in per_layer for b in (r.get("per_backbone") or [""])))
+        fig = Figure(figsize=(7, 3.5 * len(backbones)))
+        axes = fig.subplots(len(backbones), 1, squeeze=False)[:, 0]
+        for ax, backbone in zip(axes, backbones):  # one panel per backbone of a union, in its network order
+            prefix = f"{backbone}/" if backbone else ""
+            for r in per_layer:
+                counts = [n for name, n in r["selected_per_layer"].items() if name.startswith(prefix)]
+                ax.plot(range(len(counts)), counts, marker=".",
+                        label=f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}")
+            if backbone:
+                ax.set_title(backbone, fontsize=8)
+            if ax is not axes[-1]:
+                ax.set_xlabel("tap (network depth)")
+                ax.set_ylabel("selected features")
+                ax.legend(fontsize=6)
+        paths.append(_finish(fig, axes[-1], "tap (network depth)", "selected features", out / "report_layers.png"))
     return paths
 
 
@@ -216,7 +230,8 @@ def write_report(root: str | Path) -> tuple[str, list[Path], list[dict]]:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in rows:
-            writer.writerow({c: r.get(c, "") if r.get(c) is not None else "" for c in COLUMNS})
+            writer.writerow({c: _cell(r[c]) if isinstance(r.get(c), dict) else r.get(c, "") if r.get(c) is not None
+                             else "" for c in COLUMNS})
     return text, [root / "report.md", root / "report.csv", *plot_sweep(rows, root)], failed
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+from PIL import Image
 
 from pipeline.errors import H2TError
 from pipeline.report import collect, format_table, write_report
@@ -36,6 +37,23 @@ def test_a_sweep_folder_becomes_one_table_with_the_best_by_validation_per_method
     assert len(table) == 3 and table[1]["best"] == "True" and table[1]["val_accuracy"] == "0.8"
     assert {p.name for p in paths} >= {"report.md", "report.csv", "report_accuracy.png", "report_layers.png"}
     assert all(p.stat().st_size > 0 for p in paths)
+
+
+def test_a_union_sweep_reports_features_per_backbone_and_draws_a_panel_each(tmp_path):
+    union = result("head2toe", 1e-3, 0.1, 0.7, 0.6, {"a@32/x": 3, "a@32/y": 1, "b@48/x": 0, "b@48/y": 6})
+    union["selected_per_backbone"] = {"a@32": 4, "b@48": 6}
+    write_job(tmp_path / "0", union)
+    write_job(tmp_path / "1", result("head2toe", 1e-3, 0.2, 0.8, 0.5))  # one store: no split
+    text, paths, _ = write_report(tmp_path)
+    table = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [row["per_backbone"] for row in table] == ["a@32:4 b@48:6", ""]
+    assert "a@32:4 b@48:6" in text
+    layers = next(p for p in paths if p.name == "report_layers.png")
+    one = tmp_path / "one"
+    write_job(one / "0", result("head2toe", 1e-3, 0.2, 0.8, 0.5))
+    _, single, _ = write_report(one)
+    tall, short = (Image.open(p).size[1] for p in (layers, next(p for p in single if p.name == "report_layers.png")))
+    assert tall > 1.5 * short  # two backbones (and the plain store's run): panels stacked
 
 
 def test_a_tune_folder_averages_its_candidates_over_rounds(tmp_path):
