@@ -325,19 +325,28 @@ class TuneJob:
     probe: ProbeJob
 
 
+RUN_WIDE_MODEL_KEYS = ("download", "precision")  # how to run a model, not which one: `model.*` sets them for all
+
+
 def backbone_model(entry: Any, model: ModelConfig, key: str) -> ModelConfig:
-    """One entry of `backbones` as model settings; a wrong entry is one line naming it."""
+    """One entry of `backbones` as model settings; a wrong entry is one line naming it. A mapping without a
+    `name` (or with `model`'s) overrides `model`; a name, alone or in a mapping, starts from that model's own
+    config (conf/model/<name>.yaml, else a timm name), with `model`'s run-wide keys (download, precision)."""
     if not isinstance(entry, (str, dict)):
         raise H2TError(f"{key} must be a model config name, a timm model name or a mapping of model settings "
                        f"(e.g. {{input_size: 224}}), got {entry!r}")
     try:
-        if isinstance(entry, str):
-            known = CONF_DIR / "model" / f"{entry}.yaml"
-            node = model_group_config(entry) if known.is_file() else OmegaConf.merge(
-                model_group_config("timm"), {"name": entry})
+        overrides = {"name": entry} if isinstance(entry, str) else dict(entry)
+        name = str(overrides.get("name", model.name))
+        if name == model.name and not isinstance(entry, str):
+            base = OmegaConf.structured(model)
         else:
-            node = OmegaConf.merge(OmegaConf.structured(model), entry)
-        return cast(ModelConfig, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), node)))
+            known = (CONF_DIR / "model" / f"{name}.yaml").is_file()
+            base = OmegaConf.merge(model_group_config(name if known else "timm"),
+                                   {k: getattr(model, k) for k in RUN_WIDE_MODEL_KEYS})
+            overrides["name"] = base.name if known else name
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), base, overrides)
+        return cast(ModelConfig, OmegaConf.to_object(node))
     except Exception as exc:  # noqa: BLE001 - OmegaConf's validation errors: one line naming the entry
         raise H2TError(f"{key}: {str(exc).splitlines()[0]}") from None
 

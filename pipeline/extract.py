@@ -201,9 +201,10 @@ def plan_members(job: ExtractJob) -> list[Plan]:
     for plan in plans[1:]:
         other = plan.spec["dataset"]
         if other != first:
+            key = next(k for k in sorted(set(first) | set(other), key=str) if first.get(k) != other.get(k))
             raise H2TError(f"backbones {plans[0].spec['model']['name']} and {plan.spec['model']['name']} would "
-                           f"see different samples ({first['name']} {first['splits']} vs {other['name']} "
-                           f"{other['splits']}): a union of stores needs one dataset")
+                           f"see different samples (dataset {key}: {first.get(key)!r} vs {other.get(key)!r}): "
+                           "a union of stores needs one dataset")
     return plans
 
 

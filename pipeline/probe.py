@@ -13,7 +13,7 @@ from .errors import H2TError
 from .head import accuracy, evaluate, read_columns, save_head, train_linear_head
 from .rows import Rows
 from .score.cluster import ScoreRuntime
-from .score.relevance import score_params, score_path
+from .score.relevance import CLUSTER_UNION, score_params, score_path
 from .select import column_plan, kept, linear_plan, ranking, whole_layers
 from .storage import views
 from .storage.union import StoreUnion
@@ -27,6 +27,8 @@ def check_settings(job: ProbeJob) -> None:
         kept(1, job.select.fraction)
         if job.select.tie_rule == TieRule.entry and job.select.entry_steps < 1:
             raise H2TError(f"select.entry_steps must be >= 1, got {job.select.entry_steps}")
+        if job.score.cluster and len(job.models()) > 1:
+            raise H2TError(CLUSTER_UNION)
     fit_on = list(job.fit_on)
     if not fit_on or "test" in fit_on or len(set(fit_on)) != len(fit_on):
         raise H2TError(f"probe.fit_on must list distinct splits other than test, e.g. [train] or [train, val]; "

@@ -186,15 +186,12 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
         paths.append(_finish(fig, ax, "kept fraction F", "accuracy %", out / "report_accuracy.png"))
     per_layer = [r for r in h2t if r.get("selected_per_layer")][:12]
     if per_layer:
-        backbones = list(dict.fromkeys(b for r in per_layer for b in (r.get("per_backbone") or [""])))
-        fig = Figure(figsize=(7, 3.5 * len(backbones)))
-        axes = fig.subplots(len(backbones), 1, squeeze=False)[:, 0]
-        for ax, backbone in zip(axes, backbones):  # one panel per backbone of a union, in its network order
-            prefix = f"{backbone}/" if backbone else ""
-            for r in per_layer:
-                counts = [n for name, n in r["selected_per_layer"].items() if name.startswith(prefix)]
-                ax.plot(range(len(counts)), counts, marker=".",
-                        label=f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}")
+        panels = layer_panels(per_layer)
+        fig = Figure(figsize=(7, 3.5 * len(panels)))
+        axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
+        for ax, (backbone, lines) in zip(axes, panels.items()):  # one panel per backbone, in network order
+            for label, counts in lines:
+                ax.plot(range(len(counts)), counts, marker=".", label=label)
             if backbone:
                 ax.set_title(backbone, fontsize=8)
             if ax is not axes[-1]:
@@ -203,6 +200,19 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
                 ax.legend(fontsize=6)
         paths.append(_finish(fig, axes[-1], "tap (network depth)", "selected features", out / "report_layers.png"))
     return paths
+
+
+def layer_panels(rows: list[dict]) -> dict[str, list[tuple[str, list[int]]]]:
+    """Selected features per tap, one panel per backbone ("" for runs of one store): each run is drawn in
+    the panels of its own backbones only (a sweep may mix unions and single stores)."""
+    panels: dict[str, list[tuple[str, list[int]]]] = {}
+    for r in rows:
+        label = f"job {r['job']}: λ={r['lam']:g} F={r['fraction']:g}"
+        for backbone in r.get("per_backbone") or [""]:
+            prefix = f"{backbone}/" if backbone else ""
+            counts = [n for name, n in r["selected_per_layer"].items() if name.startswith(prefix)]
+            panels.setdefault(backbone, []).append((label, counts))
+    return panels
 
 
 def _figure(size: tuple[float, float]):

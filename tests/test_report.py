@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import H2TError
-from pipeline.report import collect, format_table, write_report
+from pipeline.report import collect, format_table, layer_panels, write_report
 
 
 def result(method, lam, fraction, val, test, per_layer=None):
@@ -54,6 +54,12 @@ def test_a_union_sweep_reports_features_per_backbone_and_draws_a_panel_each(tmp_
     _, single, _ = write_report(one)
     tall, short = (Image.open(p).size[1] for p in (layers, next(p for p in single if p.name == "report_layers.png")))
     assert tall > 1.5 * short  # two backbones (and the plain store's run): panels stacked
+    rows = [{"job": "0", "lam": 1e-3, "fraction": 0.1, "per_backbone": ["a@32", "b@48"],
+             "selected_per_layer": union["selected_per_layer"]},
+            {"job": "1", "lam": 1e-3, "fraction": 0.2, "selected_per_layer": {"x": 2, "y": 5}}]
+    panels = layer_panels(rows)
+    assert {b: [counts for _, counts in lines] for b, lines in panels.items()} == {
+        "a@32": [[3, 1]], "b@48": [[0, 6]], "": [[2, 5]]}  # each run in its own backbones' panels only
 
 
 def test_a_tune_folder_averages_its_candidates_over_rounds(tmp_path):

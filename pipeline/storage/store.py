@@ -214,6 +214,10 @@ class FeatureStore:
         """True while another writer widens a tap (fresh attributes: one small read)."""
         return self.widenings.in_progress()
 
+    def cache_key(self, key: str) -> str:
+        """The key scores of these settings are cached under (a union's covers its members: storage/union.py)."""
+        return key
+
     def save_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
         self.relevance.save(key, arrays, attrs)
 

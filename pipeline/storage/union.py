@@ -52,7 +52,8 @@ class StoreUnion:
         spec = {"members": specs, "model": {"name": " + ".join(self.names)}, "dataset": specs[0]["dataset"],
                 "pooling": {**specs[0].get("pooling", {}),
                             "target_size": sizes.pop() if len(sizes) == 1 else sorted(sizes, key=str)}}
-        status = "complete" if all(store.complete for store in self.members) else first.info.status
+        pending = [store for store in self.members if not store.complete]
+        status = pending[0].info.status if pending else "complete"
         self.info: StoreMeta = replace(first.info, id=hashlib.sha256("+".join(ids).encode()).hexdigest()[:16],
                                        spec=spec, layers=tuple(layers), status=status, widened=(), widening=None)
         self._dtypes = {f"{name}{SEPARATOR}{tap}": dtype for name, store in zip(self.names, self.members)
@@ -124,32 +125,36 @@ class StoreUnion:
     def sample_ids(self, split: str) -> np.ndarray:
         return self.members[0].sample_ids(split)
 
-    def load_relevance(self, key: str):
-        return self.members[0].load_relevance(self._relevance_key(key))
-
-    def save_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-        self.members[0].save_relevance(self._relevance_key(key), arrays, {**attrs, "union": self.names,
-                                                                          "members": [s.id for s in self.members]})
-
-    def _relevance_key(self, key: str) -> str:
+    def cache_key(self, key: str) -> str:
         """Scores of the union are cached in its first member under a key covering every member's id."""
         return hashlib.sha256(f"{key}+{self.id}".encode()).hexdigest()[:16]
+
+    def load_relevance(self, key: str):
+        return self.members[0].load_relevance(key)
+
+    def save_relevance(self, key: str, arrays: dict[str, np.ndarray], attrs: dict) -> None:
+        self.members[0].save_relevance(key, arrays, {**attrs, "union": self.names,
+                                                     "members": [s.id for s in self.members]})
 
 
 def check_same_samples(a, b) -> None:
     """The two stores hold the same samples in the same splits and order, or one line says where not."""
-    if a.splits() != b.splits():
-        missing = sorted(set(a.splits()) ^ set(b.splits()))
-        what = f"split {missing[0]!r} is in only one of them" if missing else (
-            f"their splits differ in size ({a.splits()} vs {b.splits()})")
-        raise H2TError(f"stores {a.path} and {b.path} cannot be joined: {what}")
+    missing = sorted(set(a.splits()) ^ set(b.splits()))
+    if missing:
+        raise H2TError(f"stores {a.path} and {b.path} cannot be joined: split {missing[0]!r} is in only one "
+                       "of them")
     for split in a.splits():
         ids_a, ids_b = a.sample_ids(split), b.sample_ids(split)
-        differ = np.flatnonzero(ids_a != ids_b)
-        if len(differ):
-            i = int(differ[0])
+        n = min(len(ids_a), len(ids_b))
+        differ = np.flatnonzero(ids_a[:n] != ids_b[:n])
+        if len(differ) or len(ids_a) != len(ids_b):
+            i = int(differ[0]) if len(differ) else n
+            first = [str(ids[i]) if i < len(ids) else None for ids in (ids_a, ids_b)]
             raise H2TError(f"stores {a.path} and {b.path} hold different samples: {split} row {i} is "
-                           f"{str(ids_a[i])!r} in one and {str(ids_b[i])!r} in the other")
+                           + " and ".join(f"{x!r} in {'one' if k == 0 else 'the other'}" if x is not None else
+                                          f"missing in {'one' if k == 0 else 'the other'}"
+                                          for k, x in enumerate(first))
+                           + f" ({len(ids_a)} vs {len(ids_b)} {split} samples)" * (len(ids_a) != len(ids_b)))
         if not np.array_equal(a.labels(split), b.labels(split)):
             raise H2TError(f"stores {a.path} and {b.path} label the same {split} samples differently")
 
