@@ -1,6 +1,6 @@
 """Extraction cost against a bare backbone forward on the same batches (target: ratio <= 1.05).
 
-    python benchmarks/extract_overhead.py [--images 512] [--model-config efficientnet_lite0] [--target-size 1024]
+    python benchmarks/extract_overhead.py [--images 512] [--model-config efficientnet_lite0] [--target-size 1024] [overrides ...]
 
 Both are measured in this run on the same machine, interleaved (bare, extract, bare, extract, ...) so that
 drift in the machine's speed hits both, and the fastest of each is kept: (a) the plain forward of the model
@@ -36,13 +36,14 @@ def main() -> None:
     parser.add_argument("--model-config", default="efficientnet_lite0")
     parser.add_argument("--target-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. extract.workers=4")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="h2t-bench-")
     n = args.images
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="extract", overrides=[
             f"model={args.model_config}", f"pooling.target_size={args.target_size}", f"store.root={root}",
-            "extract.progress=false", f"data.sizes.train={n // 2}", "data.sizes.val=0", f"data.sizes.test={n - n // 2}"])
+            "extract.progress=false", f"data.sizes.train={n // 2}", "data.sizes.val=0", f"data.sizes.test={n - n // 2}", *args.overrides])
     cfg = settings(cfg).extract_job()
     plan = plan_store(cfg)
     model = build_model(cfg.model)

@@ -46,7 +46,7 @@ from PIL import Image
 
 from pipeline.backbone import build_model
 from pipeline.config import CONF_DIR, register, settings
-from pipeline.extract import decodes_on_device, extract, plan_store, resolve_device
+from pipeline.extract import decode_workers, decodes_on_device, extract, plan_store, resolve_device
 from pipeline.runtime import keep_freed_memory
 from pipeline.stages import Loader, Shard
 from pipeline.storage import configure_io
@@ -282,7 +282,7 @@ def main() -> None:
     args.images = args.images or (2048 if cuda else 256)
     args.store_images = args.store_images or (2048 if cuda else 1024)
     args.writers = [int(w) for w in (args.writers or ("4,8" if cuda else "1,2")).split(",")]
-    args.workers = args.workers or max(2, (os.cpu_count() or 2) - 4 if cuda else 2)
+    args.workers = args.workers or (max(2, (os.cpu_count() or 2) - 4) if cuda else decode_workers(None, device))
     work = Path(tempfile.mkdtemp(prefix="h2t-roofline-"))
     try:
         folder = work / "images"

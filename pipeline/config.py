@@ -172,7 +172,7 @@ class ExtractConfig:
     lease_s: float = 300
     poll_s: float = 0.5
     plan_only: bool = False
-    workers: int = 4
+    workers: Optional[int] = None  # None: decode_workers() picks by device
     prefetch: int = 2
     writers: int = 2
     replica: int = 0

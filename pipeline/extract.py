@@ -225,7 +225,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
     settings = job.extract
     shard_rows = int(settings.batch_size)
     for key in ("batch_size", "workers", "prefetch", "writers"):  # before anything is written
-        if int(getattr(settings, key)) < 1:
+        if getattr(settings, key) is not None and int(getattr(settings, key)) < 1:
             raise H2TError(f"extract.{key} must be >= 1, got {getattr(settings, key)}")
     dataset = plan.dataset
     location.ensure_writable_root(plan.path)
@@ -296,13 +296,22 @@ def _build(job: ExtractJob, device: torch.device) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last) if job.extract.channels_last else model
 
 
+def decode_workers(workers: int | None, device: torch.device) -> int:
+    """`extract.workers`, or by device: one decode thread beside a CPU forward, which already keeps every core
+    busy (decode processes fighting its threads halved extraction of JPEG folders on 2 cores:
+    benchmarks/README.md, roofline.py), and 4 beside a CUDA forward, which leaves the CPUs to decode."""
+    if workers is not None:
+        return int(workers)
+    return 4 if device.type == "cuda" else 1
+
+
 def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int, poll_s: float) -> int:
     """Claim, load, compute and write shards until the store has them all (pipeline/stages.py); returns the
     images computed here."""
     settings = job.extract
     stage = DeviceStage(runner, plan.preprocess, device, store.computed_layers, store.layer_dtypes(),
                         bool(settings.channels_last), str(job.store.on_overflow), str(job.model.precision))
-    loader = Loader(plan.dataset, int(settings.workers), pin=device.type == "cuda", device=device,
+    loader = Loader(plan.dataset, decode_workers(settings.workers, device), pin=device.type == "cuda", device=device,
                     device_decode=decodes_on_device(settings, plan.dataset))
     writer = Writer(store, queue.claims, int(settings.writers))
 

@@ -129,16 +129,17 @@ def test_loader_decoding_on_the_device_gives_the_same_batch(tmp_path):
     split = data.splits["train"]
     assert split.read_bytes is not None and split.read_bytes(0, 1)[0][0].endswith(split.ids[0])
     batches = {}
-    for device_decode in (False, True):
-        loader = Loader(data, workers=2, pin=False, device=CPU, device_decode=device_decode)
+    for device_decode, workers in ((False, 2), (True, 2), (False, 1)):  # 1: one thread, no decode processes
+        loader = Loader(data, workers=workers, pin=False, device=CPU, device_decode=device_decode)
         try:
             images = loader.submit(Shard("train", 1, len(split), 0)).result()
         finally:
             loader.close()
         assert isinstance(images, list) and (not device_decode or all(isinstance(i, torch.Tensor) for i in images))
-        batches[device_decode] = PRE(images, CPU)
-    assert batches[True].shape == (len(split) - 1, 3, 24, 24)
-    torch.testing.assert_close(batches[True], batches[False], rtol=0, atol=0)
+        batches[device_decode, workers] = PRE(images, CPU)
+    assert batches[True, 2].shape == (len(split) - 1, 3, 24, 24)
+    torch.testing.assert_close(batches[True, 2], batches[False, 2], rtol=0, atol=0)
+    torch.testing.assert_close(batches[False, 1], batches[False, 2], rtol=0, atol=0)
 
 
 def test_extraction_decoding_on_the_device_writes_the_cpu_paths_store(tmp_path):

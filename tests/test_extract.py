@@ -7,8 +7,9 @@ import sys
 import time
 
 import numpy as np
+import torch
 
-from pipeline.extract import extract, plan_store
+from pipeline.extract import decode_workers, extract, plan_store
 from pipeline.storage.store import open_store
 from tests.conftest import ARGS, OVERRIDES, tiny_cfg, tiny_job
 
@@ -64,3 +65,9 @@ def test_kill_minus_nine_then_resume_is_bitwise_identical(tmp_path):
     # the last run only did what was left of the 480 images
     images = int(re.search(rb"(\d+) images through the backbone", out).group(1))
     assert 0 < images < 480
+
+
+def test_decoders_default_to_one_thread_beside_a_cpu_forward_and_four_beside_a_cuda_one():
+    assert decode_workers(None, torch.device("cpu")) == 1  # processes would fight the forward's threads
+    assert decode_workers(None, torch.device("cuda")) == 4
+    assert decode_workers(3, torch.device("cpu")) == 3
