@@ -220,21 +220,29 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         D = store.n_features
         ranked = timed("score", rankings, store, probe.score, probe.select, fit, values["lam"], progress=progress,
                        runtime=runtime)
+        trained: dict[bytes, list] = {}  # selection -> its heads: lams that select the same columns share them
         for lam, (order, _info) in zip(values["lam"], ranked):
-            widest = column_plan(order[:kept(D, max(values["fraction"]))], store.layers)
-            raw_fit = timed("read", read_columns, store, fit, widest, normalise=False)
-            raw_val = timed("read", read_columns, store, val, widest, normalise=False)
+            widest_kept = order[:kept(D, max(values["fraction"]))]
+            wide: tuple | None = None  # the widest F's plan and raw columns, read when a head needs them
             for fraction in values["fraction"]:
-                plan = column_plan(order[:kept(D, fraction)], store.layers)
-                where = plan_positions(widest, plan)
-                X_fit = normalise_layers(raw_fit[:, where], plan)
-                X_val = normalise_layers(raw_val[:, where], plan)
-                for lr, steps, train_acc, val_acc in timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes,
-                                                           values, probe.head):
+                selection = np.sort(order[:kept(D, fraction)]).tobytes()
+                if selection not in trained:  # above lam_max every lam ranks the same (the gradient order at W = 0)
+                    if wide is None:
+                        plan = column_plan(widest_kept, store.layers)
+                        wide = (plan, timed("read", read_columns, store, fit, plan, normalise=False),
+                                timed("read", read_columns, store, val, plan, normalise=False))
+                    widest, raw_fit, raw_val = wide
+                    plan = column_plan(order[:kept(D, fraction)], store.layers)
+                    where = plan_positions(widest, plan)
+                    X_fit = normalise_layers(raw_fit[:, where], plan)
+                    X_val = normalise_layers(raw_val[:, where], plan)
+                    trained[selection] = timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes, values,
+                                               probe.head)
+                for lr, steps, train_acc, val_acc in trained[selection]:
                     if bar is not None:
                         bar.update(1)
                     rows_out.append({"method": "head2toe", **base, "lam": lam, "fraction": fraction, "head_lr": lr,
-                                     "head_steps": steps, "n_features_selected": int(X_fit.shape[1]),
+                                     "head_steps": steps, "n_features_selected": kept(D, fraction),
                                      "train_accuracy": train_acc, "val_accuracy": val_acc})
     return rows_out
 

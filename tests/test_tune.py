@@ -80,6 +80,24 @@ def test_the_winner_has_the_best_mean_validation_accuracy_and_is_refitted_on_tra
         assert refit["test_accuracy"] == result["test_accuracy"]
 
 
+def test_lams_that_select_the_same_columns_share_their_heads(store, monkeypatch):
+    """Above lam_max no row is non-zero and every lam ranks alike (the gradient order at W = 0): their
+    candidates are the same heads, trained once, and the tie goes to the larger lam as before."""
+    import pipeline.tune as tune_module
+    widths = []
+    train = tune_module.train_linear_heads
+    monkeypatch.setattr(tune_module, "train_linear_heads", lambda X, *a, **k: widths.append(X.shape[1]) or train(X, *a, **k))
+    results, candidates = run(store, tune_cfg(**{"methods": ["head2toe"], "tune.grid.lam": [50.0, 10.0, 2e-3]}))
+    by = {(c["lam"], c["fraction"], c["head_steps"]): c for c in candidates}
+    for fraction in (0.05, 0.3):
+        for steps in (30, 60):
+            top, next_ = by[50.0, fraction, steps], by[10.0, fraction, steps]
+            assert (top["val_accuracy"], top["train_accuracy"]) == (next_["val_accuracy"], next_["train_accuracy"])
+    assert len(candidates) == 3 * 2 * 2 and len(widths) == 2 * 2  # lam 50 and 2e-3 trained, lam 10 shared
+    if results[0]["chosen"]["lam"] != 2e-3:
+        assert results[0]["chosen"]["lam"] == 50.0  # the tie between identical selections: the larger lam
+
+
 def test_folds_validate_on_disjoint_rows_of_train_and_val(store):
     folds = rounds(store, tune_cfg(**{"tune.folds": 4}).tune)
     sizes = [val.size(store) for _, val in folds]
