@@ -216,8 +216,9 @@ def save_head(path: Path, head: torch.nn.Linear, store, plan: dict[str, np.ndarr
     model of the store, or of each member of a union (whose file then lists, per backbone, the store it was
     extracted into and its own selected taps under `backbones`)."""
     members = getattr(store, "members", None)
-    if len(models) != len(members or [store]):
-        raise H2TError(f"a head of {len(members or [store])} store(s) needs one model each, got {len(models)}")
+    n_stores = len(members) if members is not None else 1
+    if len(models) != n_stores:
+        raise H2TError(f"a head of {n_stores} store(s) needs one model each, got {len(models)}")
     artefact = {
         "format": FORMAT, "method": str(result["method"]), **_backbone_entry(store, plan, models[0]),
         "normalisation": "per_layer_l2",

@@ -222,17 +222,17 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
                        runtime=runtime)
         trained: dict[bytes, list] = {}  # selection -> its heads: lams that select the same columns share them
         for lam, (order, _info) in zip(values["lam"], ranked):
-            widest_kept = order[:kept(D, max(values["fraction"]))]
             wide: tuple | None = None  # the widest F's plan and raw columns, read when a head needs them
             for fraction in values["fraction"]:
-                selection = np.sort(order[:kept(D, fraction)]).tobytes()
+                chosen = order[:kept(D, fraction)]
+                selection = np.sort(chosen).tobytes()
                 if selection not in trained:  # above lam_max every lam ranks the same (the gradient order at W = 0)
                     if wide is None:
-                        plan = column_plan(widest_kept, store.layers)
+                        plan = column_plan(order[:kept(D, max(values["fraction"]))], store.layers)
                         wide = (plan, timed("read", read_columns, store, fit, plan, normalise=False),
                                 timed("read", read_columns, store, val, plan, normalise=False))
                     widest, raw_fit, raw_val = wide
-                    plan = column_plan(order[:kept(D, fraction)], store.layers)
+                    plan = column_plan(chosen, store.layers)
                     where = plan_positions(widest, plan)
                     X_fit = normalise_layers(raw_fit[:, where], plan)
                     X_val = normalise_layers(raw_val[:, where], plan)

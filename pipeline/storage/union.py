@@ -149,12 +149,13 @@ def check_same_samples(a, b) -> None:
         differ = np.flatnonzero(ids_a[:n] != ids_b[:n])
         if len(differ) or len(ids_a) != len(ids_b):
             i = int(differ[0]) if len(differ) else n
-            first = [str(ids[i]) if i < len(ids) else None for ids in (ids_a, ids_b)]
+
+            def row_in(ids) -> str:
+                return f"{str(ids[i])!r} in" if i < len(ids) else "missing in"
+
+            sizes = f" ({len(ids_a)} vs {len(ids_b)} {split} samples)" if len(ids_a) != len(ids_b) else ""
             raise H2TError(f"stores {a.path} and {b.path} hold different samples: {split} row {i} is "
-                           + " and ".join(f"{x!r} in {'one' if k == 0 else 'the other'}" if x is not None else
-                                          f"missing in {'one' if k == 0 else 'the other'}"
-                                          for k, x in enumerate(first))
-                           + f" ({len(ids_a)} vs {len(ids_b)} {split} samples)" * (len(ids_a) != len(ids_b)))
+                           f"{row_in(ids_a)} one and {row_in(ids_b)} the other{sizes}")
         if not np.array_equal(a.labels(split), b.labels(split)):
             raise H2TError(f"stores {a.path} and {b.path} label the same {split} samples differently")
 
