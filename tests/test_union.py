@@ -183,3 +183,22 @@ def test_a_union_head_needs_the_model_of_every_member(run, tmp_path):
     with pytest.raises(H2TError, match=r"a head of 2 store\(s\) needs one model each, got 1"):
         save_head(tmp_path / "h.pt", torch.nn.Linear(1, 4), union, plan, [ModelConfig(name="resnet10t")], {"method": "head2toe"})
     assert not (tmp_path / "h.pt").exists()
+
+
+def test_a_tune_and_a_sweep_over_the_union_read_the_stores_already_made(run):
+    tmp, _, results = run
+    common = ["model=resnet_tiny", "data=folder", f"data.root={tmp / 'imgs'}", "pooling.target_size=128",
+              "score.max_iter=50", "head.steps=40", "extract.progress=false", f"store.root={tmp / 'stores'}",
+              f"backbones=[{{input_size:{SIZES[0]}}},{{input_size:{SIZES[1]}}}]"]
+    tuned = tmp / "tuned"
+    proc = h2t(tmp, "tune", *common, f"hydra.run.dir={tuned}", "methods=[head2toe]", "tune.grid.lam=[1e-3]",
+               "tune.grid.fraction=[0.05,0.1]", "tune.grid.head_lr=[0.01]", "tune.grid.head_steps=[40]")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tuned / "results.json").read_text())["results"][0]
+    assert result["backbone_images"] == 0 and result["store_path"] == results["head2toe"]["store_path"]
+    assert list(result["selected_per_backbone"]) == [f"resnet10t@{size}" for size in SIZES]
+    swept = tmp / "swept"
+    proc = h2t(tmp, "probe", "-m", *common, f"hydra.sweep.dir={swept}", "select.fraction=0.05,0.1")
+    assert proc.returncode == 0, proc.stderr
+    table = (swept / "report.csv").read_text()
+    assert table.count(f"resnet10t@{SIZES[0]}:") == 2 and table.count(f"resnet10t@{SIZES[1]}:") == 2
