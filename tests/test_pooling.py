@@ -35,6 +35,19 @@ def test_conv_pool_is_valid_average_pooling():
     assert out[1, 1, 1] == x[0, 1, 2:4, 2:4].mean()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unit_kernel_keeps_every_value_as_its_own_copy(channels_last):
+    # C=40, 20x20, T=8192: n = 14, k = 1: the map as it is, in (C, H, W) order whatever the memory layout
+    x = torch.randn(2, 40, 20, 20)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = pool(x, 8192)
+    assert torch.equal(out, torch.nn.functional.avg_pool2d(x, 1).flatten(1))
+    assert torch.equal(out, x.reshape(2, -1))
+    x.add_(1.0)  # a later in-place op of the forward (a residual `+=`) must not reach what was pooled
+    assert torch.equal(out + 1.0, x.reshape(2, -1))
+
+
 def test_global_average_when_channels_exceed_target():
     x = torch.randn(3, 16, 4, 4)
     torch.testing.assert_close(pool(x, 8), x.mean(dim=(2, 3)))
