@@ -195,13 +195,19 @@ def ensure_store(job: ExtractJob) -> ExtractResult:
 
 
 def plan_members(job: ExtractJob) -> list[Plan]:
-    """The plan of each backbone's store; backbones that would see different samples are one line."""
-    plans = [plan_store(member) for member in job.members()]
+    """The plan of each backbone's store, checked to see one dataset (`check_one_dataset`)."""
+    return check_one_dataset([plan_store(member) for member in job.members()])
+
+
+def check_one_dataset(plans: list[Plan]) -> list[Plan]:
+    """Backbones that would see different samples are one line naming both and the first setting that differs."""
     first = plans[0].spec["dataset"]
     for plan in plans[1:]:
         other = plan.spec["dataset"]
         if other != first:
-            key = next(k for k in sorted(set(first) | set(other), key=str) if first.get(k) != other.get(k))
+            # a setting the user wrote (sizes, root, ...) before the fingerprint that follows from it
+            key = next(k for k in sorted(set(first) | set(other), key=lambda k: (k == "fingerprint", str(k)))
+                       if first.get(k) != other.get(k))
             raise H2TError(f"backbones {plans[0].spec['model']['name']} and {plan.spec['model']['name']} would "
                            f"see different samples (dataset {key}: {first.get(key)!r} vs {other.get(key)!r}): "
                            "a union of stores needs one dataset")

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import ModelConfig, Precision, backbone_model
 from pipeline.errors import H2TError
-from pipeline.extract import ensure_store, plan_members
+from pipeline.extract import check_one_dataset, ensure_store, plan_members, plan_store
 from pipeline.head import load_head, read_columns, save_head
 from pipeline.probe import check_settings, probe_store
 from pipeline.score.relevance import score_store
@@ -157,6 +157,12 @@ def test_backbones_planned_together_must_see_the_same_samples(tmp_path):
     plans = plan_members(job)
     assert [p.spec["preprocess"]["input_size"] for p in plans] == [32, 48]
     assert plans[0].spec["dataset"] == plans[1].spec["dataset"]
+    # one `data` serves every member today; plans over two datasets (as a union of stores made apart would
+    # be) are one line naming both backbones and the setting that differs
+    other = plan_store(tiny_cfg(tmp_path, "probe", **{"model.name": "resnet18", "data.sizes.train": 9}).extract_job())
+    with pytest.raises(H2TError, match=r"backbones resnet10t and resnet18 would see different samples \(dataset "
+                                       r"splits: .*40.* vs .*9.*\): a union of stores needs one dataset"):
+        check_one_dataset([plans[0], other])
 
 
 def test_a_per_layer_probe_of_a_union_covers_every_backbones_taps(run, tmp_path):
