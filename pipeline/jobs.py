@@ -150,18 +150,21 @@ def _record_failure(exc: Exception) -> None:
 
 @contextmanager
 def _argv(args: list[str]):
-    """Hydra's app reads its command line from sys.argv: set for the app's run only, then restored."""
-    saved = sys.argv
+    """Hydra's app reads its command line from sys.argv, and HYDRA_FULL_ERROR from the environment (unset:
+    our one-line errors, not Hydra's traceback): both set for the app's run only, then restored."""
+    saved, saved_error = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = args
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     try:
         yield
     finally:
         sys.argv = saved
+        if saved_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def run_verb(verb: str, rest: list[str]) -> None:
     """`h2t VERB [overrides] [-m] [-q]` for a Hydra verb; exits non-zero when a job of a sweep failed."""
-    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     quiet = [a for a in rest if a in ("-q", "--quiet")]
     rest = [a for a in rest if a not in quiet]
     args = _rewrite_groups(rest)

@@ -256,3 +256,15 @@ def test_messages_go_to_the_job_log_and_quiet_silences_the_terminal(tmp_path):
     silent = h2t(tmp_path, "probe", *TINY, "-q", f"hydra.run.dir={quiet}")
     assert silent.stdout.strip() == "" and "score (working set)" not in silent.stderr  # no messages, no bars
     assert "head2toe: val" in (quiet / "probe.log").read_text()
+
+
+def test_a_verb_run_in_process_leaves_argv_and_the_environment_as_they_were(tmp_path, monkeypatch):
+    from pipeline.jobs import run_verb
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    argv = list(sys.argv)
+    with pytest.raises(SystemExit) as exit_info:  # a bad setting found inside the job: exit 2, one line
+        run_verb("extract", [*EXTRACT, "extract.batch_size=0", f"store.root={tmp_path / 'stores'}"])
+    assert exit_info.value.code == 2
+    assert sys.argv == argv and "HYDRA_FULL_ERROR" not in __import__("os").environ
