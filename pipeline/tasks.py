@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from .config import H2TConfig, Method, TuneJob, settings
+from .config import ExtractJob, H2TConfig, Method, TuneJob, settings
 from .extract import ensure_store, extract, format_plan, plan_members, planned_reuse, store_status
 from .jobs import output_dir
 from .probe import check_settings, probe_store
@@ -28,12 +28,19 @@ def _write_results(results: list[dict]) -> Path:
     return path
 
 
-def _extract_task(cfg: DictConfig) -> None:
-    job = settings(cfg).extract_job()
-    plans = plan_members(job)  # every backbone planned (and checked) before any is extracted
+def _log_extract_plans(job: ExtractJob) -> tuple[list, list]:
+    """Every backbone's store planned (and checked) before any is extracted, and the plans logged (per tap
+    with extract.plan_only)."""
+    plans = plan_members(job)
     reuses = [planned_reuse(member, plan) for member, plan in zip(job.members(), plans)]
     for plan, reuse in zip(plans, reuses):
         log.info(format_plan(plan, per_tap=job.extract.plan_only, reuse=reuse))
+    return plans, reuses
+
+
+def _extract_task(cfg: DictConfig) -> None:
+    job = settings(cfg).extract_job()
+    plans, reuses = _log_extract_plans(job)
     if job.extract.plan_only:
         return
     for member, plan, reuse in zip(job.members(), plans, reuses):
@@ -45,10 +52,15 @@ def _extract_task(cfg: DictConfig) -> None:
                  f"{result.backbone_images} images through the backbone ({result.seconds:.1f} s)")
 
 
-def _probe_methods(config: H2TConfig, methods: list[Method]) -> tuple[list[dict], list[str]]:
+def _probe_methods(config: H2TConfig, methods: list[Method]) -> tuple[list[dict], list[str]] | None:
+    """The results of each method and the store's layer names; None with extract.plan_only, which logs the
+    store's plan once the settings are checked and stops there."""
     jobs = [config.probe_job(method) for method in methods]
     for job in jobs:
         check_settings(job)
+    if config.extract.plan_only:
+        _log_extract_plans(config.extract_job())
+        return None
     extracted = ensure_store(config.extract_job())
     results = []
     with ScoreRuntime() as runtime:
@@ -73,7 +85,10 @@ def _plot(results: list[dict], layers: list[str]) -> None:
 
 def _probe_task(cfg: DictConfig) -> float:
     config = settings(cfg)
-    results, layers = _probe_methods(config, [config.method])
+    probed = _probe_methods(config, [config.method])
+    if probed is None:
+        return float("nan")
+    results, layers = probed
     path = _write_results(results)
     _plot(results, layers)
     r = results[0]
@@ -84,7 +99,10 @@ def _probe_task(cfg: DictConfig) -> float:
 
 def _run_task(cfg: DictConfig) -> None:
     config = settings(cfg)
-    results, layers = _probe_methods(config, list(config.methods))
+    probed = _probe_methods(config, list(config.methods))
+    if probed is None:
+        return
+    results, layers = probed
     path = _write_results(results)
     _plot(results, layers)
     first = results[0]
@@ -125,7 +143,7 @@ def _tune_task(cfg: DictConfig) -> float:
     job = settings(cfg).tune_job()
     values = check_job(job)
     log.info(_tune_plan(job, values).describe())
-    if job.tune.plan_only:
+    if job.tune.plan_only or job.extract.extract.plan_only:
         return float("nan")
     stores = {}
 

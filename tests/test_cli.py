@@ -268,3 +268,12 @@ def test_a_verb_run_in_process_leaves_argv_and_the_environment_as_they_were(tmp_
         run_verb("extract", [*EXTRACT, "extract.batch_size=0", f"store.root={tmp_path / 'stores'}"])
     assert exit_info.value.code == 2
     assert sys.argv == argv and "HYDRA_FULL_ERROR" not in __import__("os").environ
+
+
+@pytest.mark.parametrize("verb", ["probe", "tune"])  # run shares probe's path
+def test_extract_plan_only_prints_the_plan_and_makes_nothing(tmp_path, verb):
+    proc = h2t(tmp_path, verb, *TINY, "extract.plan_only=true")
+    said = proc.stdout + proc.stderr
+    assert ("tune plan: " in said and "to extract" in said) if verb == "tune" else ("plan: " in said and "taps," in said)
+    assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").rglob("zarr.json"))
+    assert not list(tmp_path.rglob("results.json"))
