@@ -118,7 +118,8 @@ class TunePlan:
                  f"{self.rounds} round(s) of {self.fit_rows} fitted rows"]
         lines += [f"  T={T:<6d} {status}: {path}" for T, path, status in self.stores]
         lines.append(f"  heads: {len(self.groups)} batched trainings of {sum(h for _, h, _ in self.groups)} heads on "
-                     f"{self.device}, about {self.heads_seconds:.0f} s; scoring: "
+                     f"{self.device}, at most ~{self.heads_seconds:.0f} s (fewer where lams select the same columns); "
+                     f"scoring: "
                      f"{len(self.stores) * self.rounds} group-lasso paths (cached scores are reused), not estimated")
         return "\n".join(lines)
 
