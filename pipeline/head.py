@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch.optim.adam import adam  # the functional form of torch.optim.Adam
 
 from .config import ModelConfig
 from .errors import H2TError
@@ -123,8 +124,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     # Adam runs on a scratch copy of each parameter reset to 0 before every step, so that after the step it
     # holds -m_hat / (sqrt(v_hat) + eps) (lr 1, torch's fused kernel: one pass); each head's own lr and
     # schedule then scale its columns of that update into the weights.
-    updates = [torch.zeros_like(W, requires_grad=True), torch.zeros_like(b, requires_grad=True)]
-    adam = _scratch_adam(updates)
+    adam = ScratchAdam([W, b])
     active = list(range(m))  # the heads still training, in the order of their columns
     finished: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     generator = torch.Generator().manual_seed(seed)
@@ -136,7 +136,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
                 finished[active[i]] = (W[:, i * K:(i + 1) * K].clone(), b[i * K:(i + 1) * K].clone())
             columns = (keep[:, None] * K + torch.arange(K)).reshape(-1).to(device)
             W, b = W[:, columns].contiguous(), b[columns].contiguous()
-            updates, adam = _narrowed(adam, updates, columns)
+            adam.narrow(columns)
             active, lrs, steps = [active[i] for i in keep.tolist()], lrs[keep], steps[keep]
         with torch.no_grad():
             # each head's lr at this step (LambdaLR: the factor of the steps taken so far)
@@ -148,14 +148,9 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
             grad = torch.softmax(logits, dim=2)
             grad[rows, :, yt[idx]] -= 1.0
             grad = grad.view(len(idx), len(active) * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
-            updates[0].grad = xb.T @ grad
-            updates[1].grad = grad.sum(0)
-            for update in updates:
-                update.zero_()
-        adam.step()
-        with torch.no_grad():
-            W.addcmul_(updates[0], scale)
-            b.addcmul_(updates[1], scale)
+            update_W, update_b = adam.step([xb.T @ grad, grad.sum(0)])
+            W.addcmul_(update_W, scale)
+            b.addcmul_(update_b, scale)
     for i, h in enumerate(active):
         finished[h] = (W[:, i * K:(i + 1) * K], b[i * K:(i + 1) * K])
     heads: list[torch.nn.Linear] = [torch.nn.Linear(d, K) for _ in range(m)]
@@ -166,22 +161,29 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     return heads
 
 
-def _scratch_adam(params: list[torch.Tensor]) -> torch.optim.Adam:
-    return torch.optim.Adam(params, lr=1.0, betas=(0.9, 0.999), eps=1e-7, fused=True)
+class ScratchAdam:
+    """Adam (0.9, 0.999, eps 1e-7) at lr 1 on zeroed scratch parameters: `step(grads)` returns each
+    parameter's update -m_hat / (sqrt(v_hat) + eps), computed by torch's fused kernel through the functional
+    form of torch.optim.Adam (the same arithmetic, without the optimiser object's per-step overhead)."""
 
+    def __init__(self, params: list[torch.Tensor]):
+        self.updates = [torch.zeros_like(p) for p in params]
+        self.exp_avgs = [torch.zeros_like(p) for p in params]
+        self.exp_avg_sqs = [torch.zeros_like(p) for p in params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in params]
 
-def _narrowed(adam: torch.optim.Adam, params: list[torch.Tensor], columns: torch.Tensor):
-    """The scratch parameters and Adam's moments kept for some columns only (the heads still training):
-    the finished heads' arithmetic stops instead of running on at lr 0 (Adam is elementwise, so the others'
-    steps are unchanged)."""
-    fresh = [torch.zeros_like(p.detach()[..., columns], requires_grad=True) for p in params]
-    narrowed = _scratch_adam(fresh)
-    for old, new in zip(params, fresh):
-        state = adam.state.get(old)
-        if state:
-            narrowed.state[new] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][..., columns].clone(),
-                                   "exp_avg_sq": state["exp_avg_sq"][..., columns].clone()}
-    return fresh, narrowed
+    def step(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        for update in self.updates:
+            update.zero_()
+        adam(self.updates, grads, self.exp_avgs, self.exp_avg_sqs, [], self.steps, fused=True, amsgrad=False,
+             beta1=0.9, beta2=0.999, lr=1.0, weight_decay=0.0, eps=1e-7, maximize=False)
+        return self.updates
+
+    def narrow(self, columns: torch.Tensor) -> None:
+        """Keep the state of some columns only (the heads still training): the finished heads' arithmetic
+        stops instead of running on at lr 0 (Adam is elementwise, so the others' steps are unchanged)."""
+        for state in (self.updates, self.exp_avgs, self.exp_avg_sqs):
+            state[:] = [p[..., columns].contiguous() for p in state]
 
 
 def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
