@@ -17,3 +17,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 # same images and bytes, for ResNet-50 @ 224 at T = 8192 and 1024 and the embedded default (~5 min on an H200).
 python3 benchmarks/roofline.py --device cuda "$@"
 python3 benchmarks/decode.py --images 512 --rounds 3
+# Heads on the device against the host's CPU (benchmarks/tune_cost.py): the default tune of the embedded
+# default, heads trained together on each, the same choices (~2 min with the store's extraction).
+python3 benchmarks/tune_cost.py --modes together --devices cpu,cuda store.root=/tmp/h2t-gpu-stores

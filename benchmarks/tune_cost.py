@@ -2,6 +2,7 @@
 
     python benchmarks/tune_cost.py [--modes alone,together] [overrides ...]
     python benchmarks/tune_cost.py tune.folds=5 "tune.grid.target_size=[512,2048]"   # the paper's protocol
+    python benchmarks/tune_cost.py --modes together --devices cpu,cuda          # heads on the GPU against the CPU
 
 The tune's stores are made first (extraction is not timed). Then, in this run and on the same stores, the
 same tune runs once per mode, each from cold scores (the cached relevance and column views are deleted
@@ -9,8 +10,9 @@ before each run, so both pay the scoring path):
   alone     every head trained by itself with autograd, torch.optim.Adam and LambdaLR (the way tune worked
             before heads were batched; kept here as the baseline)
   together  the heads of one (round, T, lam, F) as one computation (pipeline/head.py train_linear_heads)
-Printed per mode: wall time, candidates/s, time per stage (the lam paths, column reads, heads) and the
-chosen settings with their test accuracy; then whether the choices agree and the speed-up.
+Printed per mode (and per `--devices` entry, where the heads train: head.device): wall time, candidates/s,
+time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
+whether the choices agree and the speed-up.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import argparse
 import math
 import os
 import time
+from dataclasses import replace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -79,6 +82,7 @@ def main() -> None:
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="alone,together")
+    parser.add_argument("--devices", default=None, help="head.device values to compare, e.g. cpu,cuda")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -88,18 +92,23 @@ def main() -> None:
     stores = {T: ensure_store(job.extract.with_target_size(T)).store for T in values["target_size"]}
     print(f"{job.extract.model.name} on {stores[values['target_size'][0]].info.spec['dataset']['name']}: "
           f"T {values['target_size']}, folds {job.tune.folds}, torch threads {torch.get_num_threads()}")
-    print(f"{'mode':9s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
+    print(f"{'mode':16s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
+    devices = args.devices.split(",") if args.devices else [str(job.probe.head.device)]
     outcome = {}
     for mode in args.modes.split(","):
-        r = outcome[mode] = run(job, stores, mode)
-        chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
-        s = r["stages"]
-        print(f"{mode:9s} {r['seconds']:8.1f} {r['candidates'] / r['seconds']:7.2f} {s['score']:8.1f} "
-              f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
-    if {"alone", "together"} <= set(outcome):
-        a, b = outcome["alone"], outcome["together"]
+        for device in devices:
+            name = mode if len(devices) == 1 else f"{mode}@{device}"
+            on_device = replace(job, probe=replace(job.probe, head=replace(job.probe.head, device=device)))
+            r = outcome[name] = run(on_device, stores, mode)
+            chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
+            s = r["stages"]
+            print(f"{name:16s} {r['seconds']:8.1f} {r['candidates'] / r['seconds']:7.2f} {s['score']:8.1f} "
+                  f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
+    names = list(outcome)
+    for other in names[1:]:
+        a, b = outcome[names[0]], outcome[other]
         same = [x["chosen"] for x in a["results"]] == [x["chosen"] for x in b["results"]]
-        print(f"together / alone: wall {b['seconds'] / a['seconds']:.2f}, heads "
+        print(f"{other} / {names[0]}: wall {b['seconds'] / a['seconds']:.2f}, heads "
               f"{b['stages']['heads'] / max(a['stages']['heads'], 1e-9):.3f}; same choices: {same}")
 
 
