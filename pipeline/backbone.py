@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import huggingface_hub.constants as hub_constants
 import timm
 import torch
+from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
 from timm.models import load_checkpoint, remap_state_dict
 
@@ -112,8 +112,17 @@ def _load_by_position(model: torch.nn.Module, source: dict, what: str) -> None:
 def build_model(cfg: ModelConfig) -> torch.nn.Module:
     """A frozen timm model in eval mode, weights as the config says."""
     check_model_name(cfg.name)
-    torch.manual_seed(int(cfg.seed))  # random init is reproducible too
     kwargs = create_kwargs(cfg, cfg.input_size)
+    with torch.random.fork_rng(devices=[]):  # random init is reproducible; the process's own RNG is left as it was
+        torch.manual_seed(int(cfg.seed))
+        model = _create(cfg, kwargs)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _create(cfg: ModelConfig, kwargs: dict) -> torch.nn.Module:
     if cfg.weights:
         model = create(cfg.name, kwargs)
         _load_by_position(model, _load_state_dict(_packaged_file(cfg.weights)), f"model.weights={cfg.weights}")
@@ -127,9 +136,6 @@ def build_model(cfg: ModelConfig) -> torch.nn.Module:
         model = _create_pretrained(cfg.name, kwargs, bool(cfg.download))
     else:
         model = create(cfg.name, kwargs)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
     return model
 
 
@@ -153,15 +159,44 @@ def create(name: str, kwargs: dict) -> torch.nn.Module:
         raise H2TError(f"timm cannot build {name} with model.kwargs={kwargs}: {str(exc).splitlines()[0]}") from None
 
 
+HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm loads from a hub repo, in its order
+
+
+def cached_weights(name: str) -> str | None:
+    """The file of a timm model's pretrained weights already on this machine, or None: the Hugging Face
+    cache for hub weights, torch's hub cache for weights at a URL. A lookup on disk, no network."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(name)
+    hub_id = getattr(pretrained_cfg, "hf_hub_id", None)
+    if hub_id:
+        repo, _, revision = hub_id.partition("@")
+        filename = getattr(pretrained_cfg, "hf_hub_filename", None)
+        for candidate in [filename] if filename else HUB_WEIGHT_FILES:
+            path = try_to_load_from_cache(repo, candidate, revision=revision or None)
+            if isinstance(path, str):
+                return path
+    url = getattr(pretrained_cfg, "url", None)
+    if url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
+        if path.is_file():
+            return str(path)
+    return None
+
+
 def _create_pretrained(name: str, kwargs: dict, allow_download: bool) -> torch.nn.Module:
-    saved = hub_constants.HF_HUB_OFFLINE
+    """Without model.download the weights come from the local caches only (no minute-long retries when
+    offline): the cached file is handed to timm, which loads it exactly as it loads hub weights."""
+    overlay = None
     if not allow_download:
-        hub_constants.HF_HUB_OFFLINE = True  # read the local cache only: no minute-long retries when offline
+        path = cached_weights(name)
+        if path is None:
+            raise H2TError(_no_weights(name, "not in the local Hugging Face cache"))
+        overlay = {"file": path, "source": None}
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as exc:  # noqa: BLE001 - hub/cache errors come in many types
-        raise H2TError(f"no weights for {name} in the local Hugging Face cache ({type(exc).__name__}): "
-                       f"pass model.checkpoint=/path/to/weights.safetensors|.pth, populate the HF cache "
-                       f"(or allow model.download=true), or use model.pretrained=false for random weights") from None
-    finally:
-        hub_constants.HF_HUB_OFFLINE = saved
+        raise H2TError(_no_weights(name, type(exc).__name__)) from None
+
+
+def _no_weights(name: str, why: str) -> str:
+    return (f"no weights for {name} ({why}): pass model.checkpoint=/path/to/weights.safetensors|.pth, populate "
+            f"the HF cache (or allow model.download=true), or use model.pretrained=false for random weights")

@@ -76,6 +76,28 @@ def test_missing_hub_weights_fail_fast_with_a_hint():
         build_model(model_cfg(name="resnet18", pretrained=True))
 
 
+def test_hub_weights_load_from_the_local_cache_without_touching_process_settings(tmp_path, monkeypatch):
+    """A Hugging Face cache laid out as huggingface_hub writes it (refs/main -> snapshots/<revision>/file)
+    holding resnet10t's weights: they load exactly, offline, and neither the hub's settings nor torch's global
+    random state are changed by building the model."""
+    import huggingface_hub.constants as hub_constants
+    from safetensors.torch import save_file
+
+    source = build_model(model_cfg(seed=5))
+    repo = tmp_path / "models--timm--resnet10t.c3_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    (repo / "snapshots" / "0123abcd").mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()},
+              str(repo / "snapshots" / "0123abcd" / "model.safetensors"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    offline, rng = hub_constants.HF_HUB_OFFLINE, torch.get_rng_state()
+    loaded = build_model(model_cfg(pretrained=True))
+    for (k, v), w in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert hub_constants.HF_HUB_OFFLINE == offline and torch.equal(torch.get_rng_state(), rng)
+
+
 def test_unknown_model_suggests_close_names():
     with pytest.raises(H2TError, match="resnet50"):
         build_model(model_cfg(name="resnet5O"))

@@ -69,6 +69,18 @@ def test_ls_info_rm(extracted, tmp_path):
     assert proc.returncode == 2 and "no store 'ffff'" in proc.stderr
 
 
+def test_a_store_removed_after_it_was_listed_is_left_out(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("a", "b"):
+        path = tmp_path / "stores" / f"{name}.zarr"
+        make_store(path, {"train": rng.random((8, 4), np.float32)}, {"train": np.arange(8) % 2}, 2)
+        paths.append(str(path))
+    catalog.remove(paths[0])
+    rows = catalog.summaries(paths)  # as if another process removed it between listing and opening
+    assert [row["path"] for row in rows] == [paths[1]] and rows[0]["status"] == "complete"
+
+
 def test_gc_removes_only_old_incomplete_stores(extracted, tmp_path):
     root = tmp_path / "stores"
     layers = [{"name": "l", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0}]

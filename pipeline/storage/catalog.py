@@ -106,12 +106,18 @@ def summary(store: FeatureStore) -> dict:
 
 
 def list_summaries(root: str) -> list[dict]:
+    return summaries(find_stores(root))
+
+
+def summaries(paths: list[str]) -> list[dict]:
+    """A summary of each listed store; a store removed since it was listed (another `h2t store rm` or `gc`)
+    is left out."""
     out = []
-    for path in find_stores(root):
+    for path in paths:
         try:
             store = open_store(path, options=options())
-            assert store is not None, f"{path}: no store"  # find_stores lists paths with a zarr.json
-            out.append(summary(store))
+            if store is not None:
+                out.append(summary(store))
         except H2TError as exc:
             out.append({"id": _stem(path), "path": path, "status": f"unreadable: {exc}"})
     return out
@@ -223,7 +229,8 @@ def abandoned(root: str, older_than_s: float) -> list[str]:
     for path in find_stores(root):
         try:
             store = open_store(path)
-            assert store is not None, f"{path}: no store"  # find_stores lists paths with a zarr.json
+            if store is None:  # removed since it was listed
+                continue
             status = store.info.status
         except H2TError:
             status = "unreadable"
