@@ -101,6 +101,25 @@ class Rows:
         return {"name": self.name, "rows": self.counts(store)}
 
 
+def merged(store, *selections: Rows) -> tuple[Rows, list[np.ndarray]]:
+    """One selection covering every row of `selections` (splits in the order first seen, rows ascending) and,
+    for each selection, where its rows sit in it: a fold's fit and validation rows are read in one pass
+    over the spans they share, then taken apart in memory."""
+    sizes = store.splits()
+    wanted: dict[str, np.ndarray] = {}
+    for selection in selections:
+        for split, idx in selection.parts:
+            rows = np.arange(sizes[split]) if idx is None else np.asarray(idx, np.int64)
+            wanted[split] = np.union1d(wanted[split], rows) if split in wanted else rows
+    union = Rows(tuple((split, None if len(rows) == sizes[split] else rows) for split, rows in wanted.items()),
+                 "+".join(selection.name for selection in selections))
+    offsets = dict(zip(wanted, np.cumsum([0] + [len(rows) for rows in wanted.values()]).tolist()))
+    positions = [np.concatenate([offsets[split] + np.searchsorted(wanted[split], np.arange(sizes[split]) if idx is None
+                                                                  else idx) for split, idx in selection.parts])
+                 for selection in selections]
+    return union, positions
+
+
 def kfold(store, splits: Sequence[str], k: int, seed: int = 0) -> list[tuple[Rows, Rows]]:
     """K stratified folds over the rows of `splits`: [(fit rows, validation rows)] for each fold.
 

@@ -30,7 +30,7 @@ from .devices import resolve_device
 from .errors import H2TError
 from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_heads
 from .probe import check_settings, probe_store, rankings
-from .rows import Rows, kfold
+from .rows import Rows, kfold, merged
 from .score.cluster import ScoreRuntime
 from .select import column_plan, kept, linear_plan
 
@@ -204,13 +204,15 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
     rows_out = []
     for r, (fit, val) in enumerate(rounds(store, job.tune)):
         y_fit, y_val = fit.labels(store), val.labels(store)
+        # a fold's fit and validation rows interleave over the same spans: read once, taken apart in memory
+        pool, (fit_at, val_at) = merged(store, fit, val)
         base = {"target_size": T, "round": r}
         if Method.linear in job.methods:
             plan = linear_plan(store.layers, probe.linear_layer)
-            X_fit, X_val = timed("read", read_columns, store, fit, plan), timed("read", read_columns, store, val, plan)
-            n = int(X_fit.shape[1])
-            for lr, steps, train_acc, val_acc in timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes,
-                                                       values, probe.head):
+            X = timed("read", read_columns, store, pool, plan)  # normalised per row: rows can be taken after
+            n = int(X.shape[1])
+            for lr, steps, train_acc, val_acc in timed("heads", _heads, X[fit_at], y_fit, X[val_at], y_val,
+                                                       num_classes, values, probe.head):
                 if bar is not None:
                     bar.update(1)
                 rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
@@ -221,22 +223,29 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         D = store.n_features
         ranked = timed("score", rankings, store, probe.score, probe.select, fit, values["lam"], progress=progress,
                        runtime=runtime)
+        widest = kept(D, max(values["fraction"]))
+        # the widest F's columns of every lam, read in one pass when they fit score.memory_budget_mb (most
+        # inner chunks hold columns of every lam, so each is decoded once instead of once per lam)
+        union = np.unique(np.concatenate([order[:widest] for order, _ in ranked]))
+        shared = None
+        if pool.size(store) * len(union) * 4 <= float(probe.score.memory_budget_mb) * 2**20:
+            plan = column_plan(union, store.layers)
+            shared = (plan, timed("read", read_columns, store, pool, plan, normalise=False))
         trained: dict[bytes, list] = {}  # selection -> its heads: lams that select the same columns share them
         for lam, (order, _info) in zip(values["lam"], ranked):
-            wide: tuple | None = None  # the widest F's plan and raw columns, read when a head needs them
+            wide = shared  # (plan, raw columns of the pool rows) holding this lam's widest F
             for fraction in values["fraction"]:
                 chosen = order[:kept(D, fraction)]
                 selection = np.sort(chosen).tobytes()
                 if selection not in trained:  # above lam_max every lam ranks the same (the gradient order at W = 0)
                     if wide is None:
-                        plan = column_plan(order[:kept(D, max(values["fraction"]))], store.layers)
-                        wide = (plan, timed("read", read_columns, store, fit, plan, normalise=False),
-                                timed("read", read_columns, store, val, plan, normalise=False))
-                    widest, raw_fit, raw_val = wide
+                        plan = column_plan(order[:widest], store.layers)
+                        wide = (plan, timed("read", read_columns, store, pool, plan, normalise=False))
+                    outer, raw = wide
                     plan = column_plan(chosen, store.layers)
-                    where = plan_positions(widest, plan)
-                    X_fit = normalise_layers(raw_fit[:, where], plan)
-                    X_val = normalise_layers(raw_val[:, where], plan)
+                    where = plan_positions(outer, plan)
+                    X_fit = normalise_layers(raw[np.ix_(fit_at, where)], plan)
+                    X_val = normalise_layers(raw[np.ix_(val_at, where)], plan)
                     trained[selection] = timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes, values,
                                                probe.head)
                 for lr, steps, train_acc, val_acc in trained[selection]:

@@ -5,7 +5,7 @@ import pytest
 
 from pipeline.errors import H2TError
 from pipeline.head import read_columns
-from pipeline.rows import Rows, kfold
+from pipeline.rows import Rows, kfold, merged
 from pipeline.score import FeatureMatrix, score_store
 from pipeline.score.relevance import relevance_key, score_params
 from pipeline.select import column_plan
@@ -54,6 +54,22 @@ def test_segments_cover_exactly_the_selected_rows_in_order(store, rng):
                 got.append(values if seg.take is None else values[seg.take])
                 assert len(got[-1]) == seg.dst.stop - seg.dst.start
             assert np.array_equal(np.concatenate(got), expected[part]), (block_rows, align, part)
+
+
+def test_merged_rows_read_once_give_each_selection_its_rows(store, rng):
+    plan = column_plan(np.sort(rng.choice(sum(WIDTHS), 17, replace=False)), store.layers)
+    partial = Rows((("val", np.array([1, 4, 5, 20])), ("train", np.sort(rng.choice(70, 9, replace=False)))), "some")
+    cases = [kfold(store, ["train", "val"], 5, 0)[2], (Rows.of(store, "train"), Rows.of(store, "val")),
+             (partial, Rows.of(store, "val"))]
+    for selections in cases:
+        union, positions = merged(store, *selections)
+        together = read_columns(store, union, plan)
+        assert union.size(store) == len(np.unique(np.concatenate(positions)))
+        for selection, at in zip(selections, positions):
+            assert np.array_equal(together[at], read_columns(store, selection, plan))
+            assert np.array_equal(union.labels(store)[at], selection.labels(store))
+    fit, val = cases[0]
+    assert merged(store, fit, val)[0].parts == (("train", None), ("val", None))  # a fold's rows: the whole pool
 
 
 @pytest.mark.parametrize("budget_mb", [64, 0.02])  # in memory, and streamed in blocks of whole shards
