@@ -115,42 +115,46 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     device = torch.device(device)
     n, d = X.shape
     m, K = len(settings), int(num_classes)
-    lrs = torch.tensor([float(lr) for lr, _ in settings], dtype=torch.float64)
-    steps = torch.tensor([int(s) for _, s in settings], dtype=torch.float64)
+    steps = [int(s) for _, s in settings]
     Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32)).to(device)
-    yt = torch.as_tensor(np.asarray(y, np.int64)).to(device)
+    labels = torch.as_tensor(np.asarray(y, np.int64))
+    one_hot = torch.zeros(n, K).index_put_((torch.arange(n), labels), torch.tensor(1.0)).to(device)
     W = torch.zeros(d, m * K, device=device)
     b = torch.zeros(m * K, device=device)
+    # What a step needs besides its arithmetic is made before the loop (per-step bookkeeping was most of a
+    # narrow head's time): every batch's rows, and each head's lr at every step (LambdaLR's cosine factor of
+    # the steps taken so far, in float64, then float32) repeated over its K columns.
+    batches = torch.stack(list(epoch_batches(n, batch_size, max(steps), torch.Generator().manual_seed(seed)))).to(device)
+    lrs = torch.tensor([[float(lr) * (0.5 * (1 + math.cos(math.pi * t / s))) for (lr, _), s in zip(settings, steps)]
+                        for t in range(max(steps))], dtype=torch.float64)
+    scales = lrs.to(torch.float32).repeat_interleave(K, dim=1).to(device)
     # Adam runs on a scratch copy of each parameter reset to 0 before every step, so that after the step it
     # holds -m_hat / (sqrt(v_hat) + eps) (lr 1, torch's fused kernel: one pass); each head's own lr and
     # schedule then scale its columns of that update into the weights.
     adam = ScratchAdam([W, b])
     active = list(range(m))  # the heads still training, in the order of their columns
     finished: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.arange(min(batch_size, n), device=device)
-    for t, idx in enumerate(epoch_batches(n, batch_size, int(steps.max()), generator)):
-        if bool((steps <= t).any()):  # heads done: their weights are final, the others go on narrower
-            keep = torch.nonzero(steps > t).flatten()
-            for i in torch.nonzero(steps <= t).flatten().tolist():
-                finished[active[i]] = (W[:, i * K:(i + 1) * K].clone(), b[i * K:(i + 1) * K].clone())
-            columns = (keep[:, None] * K + torch.arange(K)).reshape(-1).to(device)
+    for t in range(max(steps)):
+        if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
+            keep = [i for i, h in enumerate(active) if steps[h] > t]
+            for i, h in enumerate(active):
+                if steps[h] == t:
+                    finished[h] = (W[:, i * K:(i + 1) * K].clone(), b[i * K:(i + 1) * K].clone())
+            columns = (torch.tensor(keep)[:, None] * K + torch.arange(K)).reshape(-1).to(device)
             W, b = W[:, columns].contiguous(), b[columns].contiguous()
             adam.narrow(columns)
-            active, lrs, steps = [active[i] for i in keep.tolist()], lrs[keep], steps[keep]
+            scales = scales[:, columns].contiguous()
+            active = [active[i] for i in keep]
         with torch.no_grad():
-            # each head's lr at this step (LambdaLR: the factor of the steps taken so far)
-            factor = 0.5 * (1 + torch.cos(math.pi * t / steps))
-            scale = (lrs * factor).to(torch.float32).repeat_interleave(K).to(device)
-            idx = idx.to(device)
+            idx = batches[t]
             xb = torch.index_select(Xt, 0, idx)  # 4x faster than Xt[idx] on the CPU
             logits = torch.addmm(b, xb, W).view(len(idx), len(active), K)
             grad = torch.softmax(logits, dim=2)
-            grad[rows, :, yt[idx]] -= 1.0
+            grad.sub_(torch.index_select(one_hot, 0, idx)[:, None, :])
             grad = grad.view(len(idx), len(active) * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
             update_W, update_b = adam.step([xb.T @ grad, grad.sum(0)])
-            W.addcmul_(update_W, scale)
-            b.addcmul_(update_b, scale)
+            W.addcmul_(update_W, scales[t])
+            b.addcmul_(update_b, scales[t])
     for i, h in enumerate(active):
         finished[h] = (W[:, i * K:(i + 1) * K], b[i * K:(i + 1) * K])
     heads: list[torch.nn.Linear] = [torch.nn.Linear(d, K) for _ in range(m)]
