@@ -174,7 +174,7 @@ class ExtractConfig:
     plan_only: bool = False
     workers: Optional[int] = None  # None: decode_workers() picks by device
     prefetch: int = 2
-    writers: int = 2
+    writers: Optional[int] = None  # None: writer_threads() picks by device
     replica: int = 0
     decode: Decode = Decode.auto
 

@@ -311,6 +311,15 @@ def decode_workers(workers: int | None, device: torch.device) -> int:
     return 4 if device.type == "cuda" else 1
 
 
+def writer_threads(writers: int | None, device: torch.device) -> int:
+    """`extract.writers`, or by device: one beside a CPU forward, 2 beside a CUDA one. On two cores a second
+    writer thread slowed every measurement (the store path at 0.5-0.7 of one writer's rate, whole extraction
+    5-8 % slower: benchmarks/README.md); on the H200 host the store path stopped scaling past two."""
+    if writers is not None:
+        return int(writers)
+    return 2 if device.type == "cuda" else 1
+
+
 def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int, poll_s: float) -> int:
     """Claim, load, compute and write shards until the store has them all (pipeline/stages.py); returns the
     images computed here."""
@@ -319,7 +328,7 @@ def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, d
                         bool(settings.channels_last), str(job.store.on_overflow), str(job.model.precision))
     loader = Loader(plan.dataset, decode_workers(settings.workers, device), pin=device.type == "cuda", device=device,
                     device_decode=decodes_on_device(settings, plan.dataset))
-    writer = Writer(store, queue.claims, int(settings.writers))
+    writer = Writer(store, queue.claims, writer_threads(settings.writers, device))
 
     def widen(name: str) -> None:
         writer.drain()  # widening rewrites the tap's arrays: none of this process's writes may be in flight

@@ -7,9 +7,9 @@
             its store dtype (bfloat16 included) into one flat buffer per dtype, one `aminmax` per buffer
             for NaN / inf / overflow (one small copy back)
     encode  `DeviceStage.to_host`: one device-to-host copy per buffer; each tap's rows a contiguous view
-    write   `Writer`: `extract.writers` threads write whole shards (the Rust codec pipeline compresses
-            and checksums outside the GIL), mark the ledger, release the claim; at most `writers + 1`
-            batches are in flight, so memory stays flat whatever the dataset size
+    write   `Writer`: `extract.writers` threads (1 beside a CPU forward, 2 beside a CUDA one) write whole
+            shards (numcodecs compresses and checksums outside the GIL), mark the ledger, release the
+            claim; at most `writers + 1` batches are in flight, so memory stays flat whatever the size
 """
 from __future__ import annotations
 

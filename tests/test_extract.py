@@ -9,7 +9,7 @@ import time
 import numpy as np
 import torch
 
-from pipeline.extract import decode_workers, extract, plan_store
+from pipeline.extract import decode_workers, extract, plan_store, writer_threads
 from pipeline.storage.store import open_store
 from tests.conftest import ARGS, OVERRIDES, tiny_cfg, tiny_job
 
@@ -71,3 +71,9 @@ def test_decoders_default_to_one_thread_beside_a_cpu_forward_and_four_beside_a_c
     assert decode_workers(None, torch.device("cpu")) == 1  # processes would fight the forward's threads
     assert decode_workers(None, torch.device("cuda")) == 4
     assert decode_workers(3, torch.device("cpu")) == 3
+
+
+def test_writers_default_to_one_thread_beside_a_cpu_forward_and_two_beside_a_cuda_one():
+    assert writer_threads(None, torch.device("cpu")) == 1  # a second writer took the cores from the forward
+    assert writer_threads(None, torch.device("cuda")) == 2
+    assert writer_threads(4, torch.device("cpu")) == 4
