@@ -1,11 +1,13 @@
 """Extraction cost against a bare backbone forward on the same batches (target: ratio <= 1.05).
 
-    python benchmarks/extract_overhead.py [--images 512] [--model-config efficientnet_lite0] [--target-size 1024] [overrides ...]
+    python benchmarks/extract_overhead.py [--images 512] [--model-config efficientnet_lite0] [--target-size 1024]
+                                          [--writers 1,2] [overrides ...]
 
 Both are measured in this run on the same machine, interleaved (bare, extract, bare, extract, ...) so that
 drift in the machine's speed hits both, and the fastest of each is kept: (a) the plain forward of the model
 over the batches, loading and preprocessing included, (b) `extract` into a fresh store (laying it out, taps,
-pooling, checks, casts, store writes in parallel with the next forward).
+pooling, checks, casts, store writes in parallel with the next forward). `--writers 1,2`: (b) once per
+`extract.writers` value in each turn, a ratio for each (the default: the device's default writers).
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ def main() -> None:
     parser.add_argument("--model-config", default="efficientnet_lite0")
     parser.add_argument("--target-size", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--writers", default=None, help="extract.writers values compared in each turn, e.g. 1,2")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. extract.workers=4")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="h2t-bench-")
@@ -59,25 +62,32 @@ def main() -> None:
                 model(x)
         return time.perf_counter() - start
 
-    def stored() -> float:
+    writers = [None] if args.writers is None else [int(w) for w in args.writers.split(",")]
+
+    def stored(count: int | None) -> tuple[float, float]:
         shutil.rmtree(root, ignore_errors=True)
+        if count is not None:
+            cfg.extract.writers = count
         result = extract(cfg, plan)
         assert result.backbone_images == n
         return result.seconds, result.stage_seconds
 
     bare()  # warm-up: allocator, thread pools, page cache
-    stored()
-    pairs = [(bare(), stored()) for _ in range(args.repeats)]
-    t_bare, t_store = min(p[0] for p in pairs), min(p[1][0] for p in pairs)
-    t_stage = min(p[1][1] for p in pairs)
+    stored(writers[0])
+    turns = [(bare(), [stored(count) for count in writers]) for _ in range(args.repeats)]
+    t_bare = min(t[0] for t in turns)
     shutil.rmtree(root, ignore_errors=True)
     D = sum(layer["dim"] for layer in plan.layers)
     print(f"model {cfg.model.name} @ {plan.preprocess.input_size}px, {len(plan.layers)} taps, D={D}, T={args.target_size}, "
           f"{n} images, {torch.get_num_threads()} threads")
     print(f"bare forward      {t_bare:7.2f} s  ({n / t_bare:6.1f} img/s)")
-    print(f"extract to store  {t_store:7.2f} s  ({n / t_store:6.1f} img/s); its images alone (first shard claimed to "
-          f"last written) {t_stage:.2f} s")
-    print(f"ratio extract / bare forward = {t_store / t_bare:.3f} (whole call), {t_stage / t_bare:.3f} (images alone)")
+    for i, count in enumerate(writers):
+        t_store, t_stage = min(t[1][i][0] for t in turns), min(t[1][i][1] for t in turns)
+        label = "" if count is None else f", writers={count}"
+        print(f"extract to store{label}  {t_store:7.2f} s  ({n / t_store:6.1f} img/s); its images alone (first shard "
+              f"claimed to last written) {t_stage:.2f} s")
+        print(f"ratio extract / bare forward{label} = {t_store / t_bare:.3f} (whole call), {t_stage / t_bare:.3f} "
+              f"(images alone)")
 
 
 if __name__ == "__main__":
