@@ -124,9 +124,12 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     # What a step needs besides its arithmetic is made before the loop (per-step bookkeeping was most of a
     # narrow head's time): every batch's rows, and each head's lr at every step (LambdaLR's cosine factor of
     # the steps taken so far, in float64, then float32) repeated over its K columns.
-    batches = torch.stack(list(epoch_batches(n, batch_size, max(steps), torch.Generator().manual_seed(seed)))).to(device)
-    lrs = torch.tensor([[float(lr) * (0.5 * (1 + math.cos(math.pi * t / s))) for (lr, _), s in zip(settings, steps)]
-                        for t in range(max(steps))], dtype=torch.float64)
+    total = max(steps, default=0)
+    draws = list(epoch_batches(n, batch_size, total, torch.Generator().manual_seed(seed)))
+    batches = torch.stack(draws).to(device) if draws else torch.empty(0, 0, dtype=torch.long)
+    lrs = torch.tensor([[float(lr) * (0.5 * (1 + math.cos(math.pi * t / max(s, 1))))
+                         for (lr, _), s in zip(settings, steps)] for t in range(total)], dtype=torch.float64)
+    lrs = lrs.reshape(total, m)
     scales = lrs.to(torch.float32).repeat_interleave(K, dim=1).to(device)
     # Adam runs on a scratch copy of each parameter reset to 0 before every step, so that after the step it
     # holds -m_hat / (sqrt(v_hat) + eps) (lr 1, torch's fused kernel: one pass); each head's own lr and
@@ -134,7 +137,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     adam = ScratchAdam([W, b])
     active = list(range(m))  # the heads still training, in the order of their columns
     finished: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    for t in range(max(steps)):
+    for t in range(total):
         if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
             keep = [i for i, h in enumerate(active) if steps[h] > t]
             for i, h in enumerate(active):

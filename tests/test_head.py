@@ -100,6 +100,15 @@ def _alone_with_torch_adam(X, y, num_classes, lr, steps, batch_size, seed=0):
     return heads_alone(X, y, num_classes, [(lr, steps)], batch_size, seed)[0]
 
 
+def test_a_head_of_zero_steps_stays_at_zero_beside_trained_ones(rng):
+    X = rng.standard_normal((60, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    untrained, trained = train_linear_heads(X, y, 2, [(0.1, 0), (0.1, 9)], batch_size=16)
+    assert not untrained.weight.detach().any() and not untrained.bias.detach().any()
+    assert torch.equal(trained.weight, train_linear_head(X, y, 2, 0.1, 9, 16).weight)
+    assert train_linear_heads(X, y, 2, [], batch_size=16) == []
+
+
 def test_heads_trained_together_are_the_heads_trained_alone(rng):
     n, d, k = 150, 40, 3
     X = rng.standard_normal((n, d)).astype(np.float32)
