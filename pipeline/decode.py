@@ -75,7 +75,7 @@ def to_rgb_array(img: Image.Image, what: str) -> np.ndarray:
         img = Image.fromarray(np.clip(wide / top * 255.0, 0, 255).round().astype(np.uint8))
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
-    out = np.asarray(img.convert("RGB"))
+    out = np.array(img.convert("RGB"))  # a writable copy: asarray would view PIL's bytes, which torch cannot wrap
     if out.ndim != 3 or out.shape[0] < 1 or out.shape[1] < 1:
         raise H2TError(f"image {what} has no pixels (shape {out.shape})")
     return out

@@ -121,6 +121,7 @@ def test_device_decode_gives_the_cpu_paths_preprocessed_batch(tmp_path):
     torch.testing.assert_close(PRE(mixed, CPU), PRE(as_arrays, CPU), rtol=0, atol=0)
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # PIL's read-only arrays made torch warn here
 def test_loader_decoding_on_the_device_gives_the_same_batch(tmp_path):
     for split in ("train", "test"):
         for c, seed in (("a", 0), ("b", 1)):
