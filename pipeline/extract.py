@@ -313,8 +313,8 @@ def decode_workers(workers: int | None, device: torch.device) -> int:
 
 def writer_threads(writers: int | None, device: torch.device) -> int:
     """`extract.writers`, or by device: one beside a CPU forward, 2 beside a CUDA one. On two cores a second
-    writer thread slowed every measurement (the store path at 0.5-0.7 of one writer's rate, whole extraction
-    5-8 % slower: benchmarks/README.md); on the H200 host the store path stopped scaling past two."""
+    writer thread never helped (the store path at 0.45-0.73 of one writer's rate in three runs, whole
+    extraction equal or up to 8 % slower: benchmarks/README.md); on the H200 host it stopped scaling past two."""
     if writers is not None:
         return int(writers)
     return 2 if device.type == "cuda" else 1
