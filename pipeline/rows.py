@@ -59,13 +59,18 @@ class Rows:
     def labels(self, store) -> np.ndarray:
         return np.concatenate([store.labels(s) if idx is None else store.labels(s)[idx] for s, idx in self.parts])
 
+    def indices(self, store) -> list[tuple[str, np.ndarray]]:
+        """Each part as (split, its row indices as int64), whole splits spelled out."""
+        sizes = store.splits()
+        return [(split, np.arange(sizes[split], dtype=np.int64) if idx is None else np.asarray(idx, np.int64))
+                for split, idx in self.parts]
+
     def digest(self, store) -> str:
         """Identifies the rows (not their values): split names and row indices."""
         h = hashlib.sha256()
-        for split, idx in self.parts:
+        for split, idx in self.indices(store):
             h.update(split.encode() + b"\0")
-            h.update(np.arange(store.splits()[split], dtype=np.int64).tobytes() if idx is None
-                     else np.asarray(idx, np.int64).tobytes())
+            h.update(idx.tobytes())
         return h.hexdigest()[:16]
 
     def segments(self, store, block_rows: int, align: int = 1, rows: slice = slice(None)) -> Iterator[Segment]:
@@ -106,17 +111,15 @@ def merged(store, *selections: Rows) -> tuple[Rows, list[np.ndarray]]:
     for each selection, where its rows sit in it: a fold's fit and validation rows are read in one pass
     over the spans they share, then taken apart in memory."""
     sizes = store.splits()
+    parts = [selection.indices(store) for selection in selections]
     wanted: dict[str, np.ndarray] = {}
-    for selection in selections:
-        for split, idx in selection.parts:
-            rows = np.arange(sizes[split]) if idx is None else np.asarray(idx, np.int64)
-            wanted[split] = np.union1d(wanted[split], rows) if split in wanted else rows
+    for split, rows in (part for selection in parts for part in selection):
+        wanted[split] = np.union1d(wanted[split], rows) if split in wanted else rows
     union = Rows(tuple((split, None if len(rows) == sizes[split] else rows) for split, rows in wanted.items()),
                  "+".join(selection.name for selection in selections))
     offsets = dict(zip(wanted, np.cumsum([0] + [len(rows) for rows in wanted.values()]).tolist()))
-    positions = [np.concatenate([offsets[split] + np.searchsorted(wanted[split], np.arange(sizes[split]) if idx is None
-                                                                  else idx) for split, idx in selection.parts])
-                 for selection in selections]
+    positions = [np.concatenate([offsets[split] + np.searchsorted(wanted[split], rows) for split, rows in selection])
+                 for selection in parts]
     return union, positions
 
 
