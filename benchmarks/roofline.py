@@ -12,7 +12,8 @@ On one folder of JPEG photos (256 px, quality 90) and the same feature bytes, fo
                encoded with the store's codec through numcodecs, CRC32C, one file write per tap and shard
   store path   `extract` with the forward replaced by those tensors (claims, checks, casts, shard writes,
                ledger): the store path's ceiling, and its ratio to the baseline and to the raw write
-  extract      the whole `h2t extract` of the folder with the real model
+  extract      the whole `h2t extract` of the folder with the real model, with the writer count whose store
+               path was fastest
 The store path and the extraction are timed from the first shard claimed to the last one written, so that
 what a run does once (building the model, laying out ~150 arrays) is left out.
   roofline     extract / min(forward, decode, raw write)
@@ -235,11 +236,12 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
         out[f"store_w{writers}"] = n / min(st for _, st in turns)
     shutil.rmtree(raw_root, ignore_errors=True)
 
-    # the whole extraction of the files with the real model (fewer images on a CPU)
-    # (on a CPU: about four seconds of forward, at least --forward-images)
+    # the whole extraction of the files with the real model (fewer images on a CPU), with the writer count
+    # whose store path was fastest above (on a CPU: about four seconds of forward, at least --forward-images)
     extract_n = len(train) if cuda else min(len(train), max(args.forward_images, int(4 * out["forward"])))
+    out["extract_writers"] = max(args.writers, key=lambda w: out[f"store_w{w}"])
     whole_cfg = compose_cfg([*common, "data=folder", f"data.root={folder}", "+data.sizes.val=0",
-                             f"+data.sizes.train={extract_n}", f"extract.writers={max(args.writers)}"])
+                             f"+data.sizes.train={extract_n}", f"extract.writers={out['extract_writers']}"])
 
     def whole(cfg, plan):
         shutil.rmtree(work / "stores", ignore_errors=True)
@@ -263,7 +265,7 @@ def report(r: dict, writers: list[int]) -> None:
         print(f"  {w} writer(s): raw np.save {raw:8,.0f} img/s ({raw * mib:7,.0f} MiB/s)   baseline {base:7,.0f} img/s"
               f"   store path {store:7,.0f} img/s ({store * mib:6,.0f} MiB/s)   store/baseline {store / base:4.2f}"
               f"   store/raw {store / raw:4.2f}")
-    print(f"  h2t extract          {r['extract']:9,.0f} img/s")
+    print(f"  h2t extract          {r['extract']:9,.0f} img/s  ({r['extract_writers']} writer(s): the fastest store path above)")
     print(f"  roofline: extract / min(forward, decode, raw write) = {r['extract']:,.0f} / {limit:,.0f} = "
           f"{r['extract'] / limit:.2f}", flush=True)
 
