@@ -1,5 +1,7 @@
 """Group-lasso scoring: true group sparsity, agreement with an independent solver, out-of-core streaming."""
+import os
 import tracemalloc
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -214,3 +216,37 @@ def test_a_failed_solve_closes_the_matrix_and_its_own_runtime(tmp_path, rng, mon
         score_path(store, score_cfg(), "train", [1e-2], runtime=mine)
     assert len(closed) == 2 and len(runtimes) == 1 and not mine.closed  # the caller's runtime stays open
     mine.close()
+
+
+def _tasks() -> set[str]:
+    return set(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_casts_in_worker_threads_are_exact_and_leave_no_thread_team_behind():
+    """A worker thread's torch cast that ran in parallel would give that thread an OpenMP team of its own for
+    as long as it lives, and with more OpenMP threads than cores every parallel region of the main thread
+    stops spin-waiting (the heads trained after scoring ran 2-3x slower)."""
+    import torch
+
+    from pipeline.score.matrix import cast_into
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((300, 700)).astype(np.float16)  # 210,000 elements: torch would go parallel
+    wide = np.zeros((300, 900), np.float32)
+    flat = np.zeros(values.size, np.float32)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # a team needs two threads, also on a one-core machine
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(lambda: None).result()  # the worker exists before counting
+            before = _tasks()
+            pool.submit(cast_into, wide[:, 100:800], values).result()  # a strided target
+            pool.submit(cast_into, flat, values.reshape(-1)).result()
+            after = _tasks()
+    finally:
+        torch.set_num_threads(threads)
+    assert after - before == set()
+    np.testing.assert_array_equal(wide[:, 100:800], values.astype(np.float32))
+    assert not wide[:, :100].any() and not wide[:, 800:].any()
+    np.testing.assert_array_equal(flat, values.astype(np.float32).reshape(-1))

@@ -15,6 +15,7 @@ layer norms (n x layers).
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from types import TracebackType
@@ -32,11 +33,35 @@ from .contracts import BlockMatrix
 CACHE_BYTES = 2**20  # float32 values cast, measured and scaled at once: they stay in a core's cache
 
 
+# torch runs an elementwise op over more elements than its grain (at::internal::GRAIN_SIZE, 32,768) in parallel
+SERIAL_ELEMENTS = 16384
+
+
 def cast_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """out[...] = values as float32. torch's vectorised half -> float cast is ~20x numpy's here."""
-    if values.dtype == np.float16:
-        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
-    else:
+    """out[...] = values as float32. torch's vectorised half -> float cast is ~20x numpy's here.
+
+    Off the main thread the cast runs in pieces below torch's parallel grain, inline in the calling thread.
+    A torch op run in parallel from another thread gives that thread an OpenMP team of its own, which stays
+    as long as the thread; with more OpenMP threads than cores, libgomp stops spin-waiting between parallel
+    regions in the whole process, and every small op of the main thread then wakes a sleeping thread (the
+    heads of a tune trained 2-3x slower after scoring's Dask threads had cast blocks)."""
+    if values.dtype != np.float16:
+        out[...] = values
+        return out
+    source, target = torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(out)
+    if threading.current_thread() is threading.main_thread() or target.numel() <= SERIAL_ELEMENTS:
+        target.copy_(source)
+    elif target.dim() == 2:
+        cols = min(target.shape[1], SERIAL_ELEMENTS)
+        rows = max(1, SERIAL_ELEMENTS // cols)
+        for r in range(0, target.shape[0], rows):
+            for c in range(0, target.shape[1], cols):
+                target[r:r + rows, c:c + cols].copy_(source[r:r + rows, c:c + cols])
+    elif target.is_contiguous():
+        flat_target, flat_source = target.view(-1), source.view(-1)
+        for a in range(0, flat_target.numel(), SERIAL_ELEMENTS):
+            flat_target[a:a + SERIAL_ELEMENTS].copy_(flat_source[a:a + SERIAL_ELEMENTS])
+    else:  # a strided array of another rank (no call site makes one): numpy's cast
         out[...] = values
     return out
 
