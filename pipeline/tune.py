@@ -201,38 +201,50 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
     T = int(store.info.spec["pooling"]["target_size"])
     num_classes = store.info.num_classes
     probe = job.probe
+    splits = rounds(store, job.tune)
+    # every round's fit and validation rows interleave over the same spans (K folds share one pool): read
+    # once, taken apart in memory; at = (fit rows, validation rows) positions of each round in `pool`
+    pool, positions = merged(store, *(rows for pair in splits for rows in pair))
+    at = list(zip(positions[0::2], positions[1::2]))
+    labels = [(fit.labels(store), val.labels(store)) for fit, val in splits]
+    linear = None
+    if Method.linear in job.methods:
+        plan = linear_plan(store.layers, probe.linear_layer)
+        linear = timed("read", read_columns, store, pool, plan)  # normalised per row: rows can be taken after
+    ranked = []
+    if Method.head2toe in job.methods:
+        ranked = [timed("score", rankings, store, probe.score, probe.select, fit, values["lam"], progress=progress,
+                        runtime=runtime) for fit, _ in splits]
+    D = store.n_features
+    widest = kept(D, max(values["fraction"]))
+    budget = float(probe.score.memory_budget_mb) * 2**20
+
+    def shared_read(orders):
+        """The widest F's columns of these rankings for every pool row, unnormalised, in one pass when they fit
+        score.memory_budget_mb (most inner chunks hold columns of several, so each is decoded once); else None."""
+        union = np.unique(np.concatenate([order[:widest] for order in orders]))
+        if pool.size(store) * len(union) * 4 > budget:
+            return None
+        plan = column_plan(union, store.layers)
+        return plan, timed("read", read_columns, store, pool, plan, normalise=False)
+
+    every_round = shared_read([order for per_round in ranked for order, _ in per_round]) if ranked else None
     rows_out = []
-    for r, (fit, val) in enumerate(rounds(store, job.tune)):
-        y_fit, y_val = fit.labels(store), val.labels(store)
-        # a fold's fit and validation rows interleave over the same spans: read once, taken apart in memory
-        pool, (fit_at, val_at) = merged(store, fit, val)
+    for r, ((y_fit, y_val), (fit_at, val_at)) in enumerate(zip(labels, at)):
         base = {"target_size": T, "round": r}
-        if Method.linear in job.methods:
-            plan = linear_plan(store.layers, probe.linear_layer)
-            X = timed("read", read_columns, store, pool, plan)  # normalised per row: rows can be taken after
-            n = int(X.shape[1])
-            for lr, steps, train_acc, val_acc in timed("heads", _heads, X[fit_at], y_fit, X[val_at], y_val,
+        if linear is not None:
+            for lr, steps, train_acc, val_acc in timed("heads", _heads, linear[fit_at], y_fit, linear[val_at], y_val,
                                                        num_classes, values, probe.head):
                 if bar is not None:
                     bar.update(1)
                 rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
-                                 "head_steps": steps, "n_features_selected": n, "train_accuracy": train_acc,
-                                 "val_accuracy": val_acc})
-        if Method.head2toe not in job.methods:
+                                 "head_steps": steps, "n_features_selected": int(linear.shape[1]),
+                                 "train_accuracy": train_acc, "val_accuracy": val_acc})
+        if not ranked:
             continue
-        D = store.n_features
-        ranked = timed("score", rankings, store, probe.score, probe.select, fit, values["lam"], progress=progress,
-                       runtime=runtime)
-        widest = kept(D, max(values["fraction"]))
-        # the widest F's columns of every lam, read in one pass when they fit score.memory_budget_mb (most
-        # inner chunks hold columns of every lam, so each is decoded once instead of once per lam)
-        union = np.unique(np.concatenate([order[:widest] for order, _ in ranked]))
-        shared = None
-        if pool.size(store) * len(union) * 4 <= float(probe.score.memory_budget_mb) * 2**20:
-            plan = column_plan(union, store.layers)
-            shared = (plan, timed("read", read_columns, store, pool, plan, normalise=False))
+        shared = every_round or shared_read([order for order, _ in ranked[r]])
         trained: dict[bytes, list] = {}  # selection -> its heads: lams that select the same columns share them
-        for lam, (order, _info) in zip(values["lam"], ranked):
+        for lam, (order, _info) in zip(values["lam"], ranked[r]):
             wide = shared  # (plan, raw columns of the pool rows) holding this lam's widest F
             for fraction in values["fraction"]:
                 chosen = order[:kept(D, fraction)]
