@@ -3,10 +3,11 @@ K-fold cross-validation, refit the winner on train + val, test once.
 
 For each target size T (one store each; extracted when missing, grown from sibling stores) and each round
 (the validation split, or fold k of K), the group lasso is solved along the λ grid from the largest value
-down, warm-started, with the scores of each (rows, λ) cached in the store. For each λ the columns of the
-largest F are read once for the round's rows; every smaller F is a prefix of the same ranking, so its
-columns are a subset of those, re-normalised per layer. A head is trained for each (lr, steps) and scored
-on the round's validation rows. The linear probe tunes its head's (lr, steps) on the same rounds.
+down, warm-started, with the scores of each (rows, λ) cached in the store. The columns of the largest F of
+every (round, λ) are read in one pass over all rounds' rows (as few passes as score.memory_budget_mb allows);
+every smaller F is a prefix of the same ranking, so its columns are a subset of those, re-normalised per
+layer. The heads of one (round, λ, F), one per (lr, steps), are trained together and scored on the round's
+validation rows. The linear probe tunes its head's (lr, steps) on the same rounds.
 
 The winner of each method has the best mean validation accuracy over rounds; ties go to the cheaper model:
 smaller T, smaller F, larger λ, fewer steps, smaller lr (`TIE_ORDER`). It is refitted on `tune.pool`
