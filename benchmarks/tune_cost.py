@@ -12,7 +12,8 @@ before each run, so both pay the scoring path):
   together  the heads of one (round, T, lam, F) as one computation (pipeline/head.py train_linear_heads)
 Printed per mode (and per `--devices` entry, where the heads train: head.device): wall time, candidates/s,
 time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
-whether the choices agree and the speed-up.
+whether the choices agree, the speed-up, how many candidates' validation accuracies differ between the modes
+(the largest gap) and, where the choices differ, each winner's mean validation accuracy in both modes.
 """
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def run(job, stores, mode: str) -> dict:
     seconds = time.perf_counter() - start
     tune_module.train_linear_heads = BATCHED
     timings = results[0]["timings_s"]
-    return {"seconds": seconds, "candidates": len(candidates), "results": results,
+    return {"seconds": seconds, "candidates": candidates, "results": results,
             "stages": {k.removeprefix("tune_"): timings.get(k, 0.0) for k in ("tune_score", "tune_read", "tune_heads")}}
 
 
@@ -102,7 +103,7 @@ def main() -> None:
             r = outcome[name] = run(on_device, stores, mode)
             chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
             s = r["stages"]
-            print(f"{name:16s} {r['seconds']:8.1f} {r['candidates'] / r['seconds']:7.2f} {s['score']:8.1f} "
+            print(f"{name:16s} {r['seconds']:8.1f} {len(r['candidates']) / r['seconds']:7.2f} {s['score']:8.1f} "
                   f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
     names = list(outcome)
     for other in names[1:]:
@@ -110,6 +111,36 @@ def main() -> None:
         same = [x["chosen"] for x in a["results"]] == [x["chosen"] for x in b["results"]]
         print(f"{other} / {names[0]}: wall {b['seconds'] / a['seconds']:.2f}, heads "
               f"{b['stages']['heads'] / max(a['stages']['heads'], 1e-9):.3f}; same choices: {same}")
+        compare_candidates(names[0], a, other, b)
+
+
+def setting_scores(candidates: list[dict]) -> dict[tuple, float]:
+    """Mean validation accuracy over rounds of each (method, setting): what `choose` ranks."""
+    scores: dict[tuple, list[float]] = {}
+    for c in candidates:
+        scores.setdefault((c["method"], *(c[k] for k in tune_module.GRID_KEYS)), []).append(c["val_accuracy"])
+    return {key: float(np.mean(accs)) for key, accs in scores.items()}
+
+
+def compare_candidates(name_a: str, a: dict, name_b: str, b: dict) -> None:
+    """How far the two modes' validation accuracies are apart, candidate by candidate, and each mode's
+    winner scored by both: a different choice from last-bit differences shows as a near-tie here."""
+    key = ("method", "round", *tune_module.GRID_KEYS)
+    va = {tuple(c[k] for k in key): c["val_accuracy"] for c in a["candidates"]}
+    vb = {tuple(c[k] for k in key): c["val_accuracy"] for c in b["candidates"]}
+    if va.keys() != vb.keys():
+        print("the two modes ran different candidates")
+        return
+    gaps = np.array([abs(va[k] - vb[k]) for k in va])
+    print(f"candidates with a different validation accuracy: {int((gaps > 0).sum())} of {len(gaps)}, largest "
+          f"gap {100 * gaps.max():.2f} points")
+    sa, sb = setting_scores(a["candidates"]), setting_scores(b["candidates"])
+    for x, y in zip(a["results"], b["results"]):
+        if x["chosen"] != y["chosen"]:
+            for name, chosen in ((name_a, x["chosen"]), (name_b, y["chosen"])):
+                k = (x["method"], *(chosen[g] for g in tune_module.GRID_KEYS))
+                print(f"  {x['method']} chosen by {name}: {chosen}: mean validation % {100 * sa[k]:.3f} "
+                      f"({name_a}) / {100 * sb[k]:.3f} ({name_b})")
 
 
 if __name__ == "__main__":
