@@ -114,14 +114,6 @@ def main() -> None:
         compare_candidates(names[0], a, other, b)
 
 
-def setting_scores(candidates: list[dict]) -> dict[tuple, float]:
-    """Mean validation accuracy over rounds of each (method, setting): what `choose` ranks."""
-    scores: dict[tuple, list[float]] = {}
-    for c in candidates:
-        scores.setdefault((c["method"], *(c[k] for k in tune_module.GRID_KEYS)), []).append(c["val_accuracy"])
-    return {key: float(np.mean(accs)) for key, accs in scores.items()}
-
-
 def compare_candidates(name_a: str, a: dict, name_b: str, b: dict) -> None:
     """How far the two modes' validation accuracies are apart, candidate by candidate, and each mode's
     winner scored by both: a different choice from last-bit differences shows as a near-tie here."""
@@ -134,11 +126,11 @@ def compare_candidates(name_a: str, a: dict, name_b: str, b: dict) -> None:
     gaps = np.array([abs(va[k] - vb[k]) for k in va])
     print(f"candidates with a different validation accuracy: {int((gaps > 0).sum())} of {len(gaps)}, largest "
           f"gap {100 * gaps.max():.2f} points")
-    sa, sb = setting_scores(a["candidates"]), setting_scores(b["candidates"])
     for x, y in zip(a["results"], b["results"]):
         if x["chosen"] != y["chosen"]:
+            sa, sb = (tune_module.setting_scores(r["candidates"], x["method"]) for r in (a, b))
             for name, chosen in ((name_a, x["chosen"]), (name_b, y["chosen"])):
-                k = (x["method"], *(chosen[g] for g in tune_module.GRID_KEYS))
+                k = tuple(chosen[g] for g in tune_module.GRID_KEYS)
                 print(f"  {x['method']} chosen by {name}: {chosen}: mean validation % {100 * sa[k]:.3f} "
                       f"({name_a}) / {100 * sb[k]:.3f} ({name_b})")
 

@@ -270,23 +270,28 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
     return rows_out
 
 
+def setting_scores(candidates: list[dict], method: str) -> dict[tuple, float]:
+    """Each setting of a method (its `GRID_KEYS` values) -> its mean validation accuracy over rounds."""
+    accs: dict[tuple, list[float]] = {}
+    for c in candidates:
+        if c["method"] == method:
+            accs.setdefault(tuple(c[k] for k in GRID_KEYS), []).append(c["val_accuracy"])
+    return {setting: float(np.mean(values)) for setting, values in accs.items()}
+
+
 def choose(candidates: list[dict], method: str) -> tuple[dict, float, int]:
     """The best setting of a method by mean validation accuracy over rounds (ties: `TIE_ORDER`); returns
     (setting, its mean validation accuracy, number of settings compared)."""
-    scores: dict[tuple, list[float]] = {}
-    for c in candidates:
-        if c["method"] == method:
-            scores.setdefault(tuple(c[k] for k in GRID_KEYS), []).append(c["val_accuracy"])
+    scores = setting_scores(candidates, method)
     if not scores:
         raise H2TError(f"tune: no candidate for method {method}")
 
     def preference(item):
-        (T, lam, fraction, lr, steps), accs = item
-        return (-float(np.mean(accs)), T, fraction if fraction is not None else 0.0,
-                -(lam if lam is not None else 0.0), steps, lr)
+        (T, lam, fraction, lr, steps), mean = item
+        return (-mean, T, fraction if fraction is not None else 0.0, -(lam if lam is not None else 0.0), steps, lr)
 
-    setting, accs = min(scores.items(), key=preference)
-    return dict(zip(GRID_KEYS, setting)), float(np.mean(accs)), len(scores)
+    setting, mean = min(scores.items(), key=preference)
+    return dict(zip(GRID_KEYS, setting)), mean, len(scores)
 
 
 def refit_job(job: TuneJob, method: Method, setting: dict) -> ProbeJob:
