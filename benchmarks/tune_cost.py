@@ -7,9 +7,12 @@
 The tune's stores are made first (extraction is not timed). Then, in this run and on the same stores, the
 same tune runs once per mode, each from cold scores (the cached relevance and column views are deleted
 before each run, so both pay the scoring path):
-  alone     every head trained by itself with autograd, torch.optim.Adam and LambdaLR (the way tune worked
-            before heads were batched; kept here as the baseline)
-  together  the heads of one (round, T, lam, F) as one computation (pipeline/head.py train_linear_heads)
+  alone     every head trained by itself with autograd, torch.optim.Adam and LambdaLR, one after the other
+            (the way tune worked before heads were batched; kept here as the baseline)
+  serial    the heads of one (round, T, lam, F) as one computation (pipeline/head.py train_linear_heads), one
+            such group after the other (head.workers=1)
+  together  the same groups, several at once as `h2t tune` runs them (head.workers: by default one
+            single-threaded group per torch thread on a CPU; pipeline/head.py training_pool)
 Printed per mode (and per `--devices` entry, where the heads train: head.device): wall time, candidates/s,
 time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
 whether the choices agree, the speed-up, how many candidates' validation accuracies differ between the modes
@@ -66,6 +69,8 @@ def run(job, stores, mode: str) -> dict:
     for store in stores.values():
         catalog.remove_derived(store.path)  # cold scores: every mode pays the scoring path
     tune_module.train_linear_heads = heads_alone if mode == "alone" else BATCHED
+    if mode in ("alone", "serial"):
+        job = replace(job, probe=replace(job.probe, head=replace(job.probe.head, workers=1)))
     start = time.perf_counter()
     with ScoreRuntime() as runtime:
         results, candidates = tune_module.tune(job, lambda extract_job: (stores[extract_job.pooling.target_size], 0),
@@ -82,7 +87,7 @@ def main() -> None:
     configure_io()
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="alone,together")
+    parser.add_argument("--modes", default="alone,together", help="alone, serial and/or together")
     parser.add_argument("--devices", default=None, help="head.device values to compare, e.g. cpu,cuda")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import itertools
 import time
+from concurrent.futures import Executor, Future, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -29,7 +30,15 @@ from tqdm.auto import tqdm
 from .config import ExtractJob, HeadConfig, Method, ProbeJob, TuneConfig, TuneJob
 from .devices import resolve_device
 from .errors import H2TError
-from .head import accuracy, normalise_layers, plan_positions, read_columns, train_linear_heads
+from .head import (
+    accuracy,
+    head_workers,
+    normalise_layers,
+    plan_positions,
+    read_columns,
+    train_linear_heads,
+    training_pool,
+)
 from .probe import check_settings, probe_store, rankings
 from .rows import Rows, kfold, merged
 from .score.cluster import ScoreRuntime
@@ -108,6 +117,7 @@ class TunePlan:
     groups: list[tuple[int, int, int]]  # heads trained together: (columns, heads, steps of the longest)
     heads_seconds: float  # estimated from a short run of the same computation here
     device: str
+    workers: int = 1  # groups of heads trained at once (head.workers)
 
     @property
     def total(self) -> int:
@@ -119,7 +129,7 @@ class TunePlan:
                  f"{self.rounds} round(s) of {self.fit_rows} fitted rows"]
         lines += [f"  T={T:<6d} {status}: {path}" for T, path, status in self.stores]
         lines.append(f"  heads: {len(self.groups)} batched trainings of {sum(h for _, h, _ in self.groups)} heads on "
-                     f"{self.device}, at most ~{self.heads_seconds:.0f} s (fewer where lams select the same columns); "
+                     f"{self.device}{f' ({self.workers} at once)' if self.workers > 1 else ''}, at most ~{self.heads_seconds:.0f} s (fewer where lams select the same columns); "
                      f"scoring: "
                      f"{len(self.stores) * self.rounds} group-lasso paths (cached scores are reused), not estimated")
         return "\n".join(lines)
@@ -151,45 +161,108 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
                    head: HeadConfig) -> TunePlan:
     """The plan with its head trainings listed (`widths`: the columns of each group of heads of one round,
     over every T) and their time estimated from 20 steps of the same computation at the smallest and
-    largest width."""
+    largest width, as many groups at once as the tune trains (`head.workers`)."""
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     longest = max(values["head_steps"])
     groups = [(w, len(settings), longest) for w in widths] * plan.rounds
     rng = np.random.default_rng(0)
     device = torch.device(plan.device)
 
+    workers = head_workers(device, head.workers)
+
     def step_seconds(width: int) -> float:
+        """Seconds per step of a group of this width, as the tune trains them: `workers` groups at once."""
         X = rng.random((max(plan.fit_rows, 1), width), dtype=np.float32)
         y = rng.integers(0, num_classes, len(X))
         short = [(lr, 20) for lr, _ in settings]
-        train_linear_heads(X, y, num_classes, short, int(head.batch_size), 0, device)  # warm-up
-        start = time.perf_counter()
-        train_linear_heads(X, y, num_classes, short, int(head.batch_size), 0, device)
-        return (time.perf_counter() - start) / 20
+        with training_pool(workers) as pool:
+            for _ in range(2):  # the first round warms every worker up
+                start = time.perf_counter()
+                for future in [pool.submit(train_linear_heads, X, y, num_classes, short, int(head.batch_size), 0,
+                                           device) for _ in range(workers)]:
+                    future.result()
+        return (time.perf_counter() - start) / (20 * workers)
 
     low, high = min(widths), max(widths)
     t_low = step_seconds(low)
     t_high = step_seconds(high) if high != low else t_low
     per_step = lambda w: t_low + (t_high - t_low) * (w - low) / max(high - low, 1)  # noqa: E731
     seconds = sum(steps * per_step(w) for w, _, steps in groups)
-    return replace(plan, groups=groups, heads_seconds=seconds)
+    return replace(plan, groups=groups, heads_seconds=seconds, workers=workers)
 
 
-def _heads(X_fit, y_fit, X_val, y_val, num_classes, values, head_cfg: HeadConfig):
-    """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid: the heads
-    share their rows, so they are trained as one computation (`train_linear_heads`)."""
+def _heads(columns: np.ndarray, fit_at: np.ndarray, val_at: np.ndarray, y_fit, y_val, num_classes: int, values,
+           head_cfg: HeadConfig, device: torch.device, selected: tuple[dict, np.ndarray] | None = None):
+    """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid, on the fit
+    and validation rows of `columns` (`selected` = (plan, where): its columns at `where`, re-normalised per
+    layer). The heads share their rows, so they are trained as one computation (`train_linear_heads`)."""
+    if selected is None:
+        X_fit, X_val = columns[fit_at], columns[val_at]
+    else:
+        plan, where = selected
+        X_fit = normalise_layers(columns[np.ix_(fit_at, where)], plan)
+        X_val = normalise_layers(columns[np.ix_(val_at, where)], plan)
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     heads = train_linear_heads(X_fit, y_fit, num_classes, settings, int(head_cfg.batch_size), int(head_cfg.seed),
-                               resolve_device(head_cfg.device, "head.device"))
+                               device)
     return [(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
             for (lr, steps), head in zip(settings, heads)]
+
+
+@dataclass
+class _Group:
+    """Heads that share their rows and columns: `_heads`' arguments, the candidates that read its results."""
+    width: int
+    args: tuple
+    kwargs: dict
+    candidates: int = 0
+    future: Future | None = None
+
+    def results(self) -> list:
+        assert self.future is not None, "a group is trained before its results are read"
+        return self.future.result()
+
+
+class _Trainings:
+    """The groups of heads of one store, trained in a pool (`head.training_pool`) the widest first: a long group
+    started last would run alone at the end, on one worker. `bar` advances by each candidate once its group is
+    trained; `timed` adds the time spent training or waiting to the heads stage."""
+
+    def __init__(self, pool: Executor, bar, timed: Callable):
+        self.pool, self.bar, self.timed = pool, bar, timed
+        self.queued: list[_Group] = []
+
+    def add(self, width: int, *args, **kwargs) -> _Group:
+        group = _Group(width, args, kwargs)
+        self.queued.append(group)
+        return group
+
+    def train(self) -> None:
+        """Train every group added so far (before a read replaces the columns they train on)."""
+        def run():
+            pending: dict[Future, _Group] = {}
+            for group in sorted(self.queued, key=lambda g: -g.width):
+                group.future = self.pool.submit(_heads, *group.args, **group.kwargs)
+                pending[group.future] = group
+                if group.future.done():  # trained in this thread (one worker), or already
+                    self._advance(pending.pop(group.future))
+            for future in as_completed(pending):
+                self._advance(pending[future])
+        self.timed("heads", run)
+        self.queued = []
+
+    def _advance(self, group: _Group) -> None:
+        group.results()  # a failed group stops the tune here
+        if self.bar is not None:
+            self.bar.update(group.candidates)
 
 
 def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress: bool = False,
                          runtime: ScoreRuntime | None = None, bar=None,
                          seconds: dict[str, float] | None = None) -> list[dict]:
     """Every grid point of every round on one store (one T); `bar` (a tqdm) advances by each candidate;
-    `seconds` adds up the time of each stage: score (the lam paths), read (columns), heads."""
+    `seconds` adds up the time of each stage: score (the lam paths), read (columns), heads (training, and waiting
+    for groups trained in other threads)."""
     seconds = {} if seconds is None else seconds
 
     def timed(stage, fn, *args, **kwargs):
@@ -202,6 +275,7 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
     T = int(store.info.spec["pooling"]["target_size"])
     num_classes = store.info.num_classes
     probe = job.probe
+    device = resolve_device(probe.head.device, "head.device")
     splits = rounds(store, job.tune)
     # every round's fit and validation rows interleave over the same spans (K folds share one pool): read
     # once, taken apart in memory; at = (fit rows, validation rows) positions of each round in `pool`
@@ -230,44 +304,45 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
         return plan, timed("read", read_columns, store, pool, plan, normalise=False)
 
     every_round = shared_read([order for per_round in ranked for order, _ in per_round]) if ranked else None
-    rows_out = []
-    for r, ((y_fit, y_val), (fit_at, val_at)) in enumerate(zip(labels, at)):
-        base = {"target_size": T, "round": r}
-        if linear is not None:
-            for lr, steps, train_acc, val_acc in timed("heads", _heads, linear[fit_at], y_fit, linear[val_at], y_val,
-                                                       num_classes, values, probe.head):
-                if bar is not None:
-                    bar.update(1)
-                rows_out.append({"method": "linear", **base, "lam": None, "fraction": None, "head_lr": lr,
-                                 "head_steps": steps, "n_features_selected": int(linear.shape[1]),
-                                 "train_accuracy": train_acc, "val_accuracy": val_acc})
-        if not ranked:
-            continue
-        shared = every_round or shared_read([order for order, _ in ranked[r]])
-        trained: dict[bytes, list] = {}  # selection -> its heads: lams that select the same columns share them
-        for lam, (order, _info) in zip(values["lam"], ranked[r]):
-            wide = shared  # (plan, raw columns of the pool rows) holding this lam's widest F
-            for fraction in values["fraction"]:
-                chosen = order[:kept(D, fraction)]
-                selection = np.sort(chosen).tobytes()
-                if selection not in trained:  # above lam_max every lam ranks the same (the gradient order at W = 0)
-                    if wide is None:
-                        plan = column_plan(order[:widest], store.layers)
-                        wide = (plan, timed("read", read_columns, store, pool, plan, normalise=False))
-                    outer, raw = wide
-                    plan = column_plan(chosen, store.layers)
-                    where = plan_positions(outer, plan)
-                    X_fit = normalise_layers(raw[np.ix_(fit_at, where)], plan)
-                    X_val = normalise_layers(raw[np.ix_(val_at, where)], plan)
-                    trained[selection] = timed("heads", _heads, X_fit, y_fit, X_val, y_val, num_classes, values,
-                                               probe.head)
-                for lr, steps, train_acc, val_acc in trained[selection]:
-                    if bar is not None:
-                        bar.update(1)
-                    rows_out.append({"method": "head2toe", **base, "lam": lam, "fraction": fraction, "head_lr": lr,
-                                     "head_steps": steps, "n_features_selected": kept(D, fraction),
-                                     "train_accuracy": train_acc, "val_accuracy": val_acc})
-    return rows_out
+    groups: list[tuple[dict, _Group]] = []  # each (round, lam, F)'s fields and its heads, one per (lr, steps)
+    per_group = len(values["head_lr"]) * len(values["head_steps"])
+    with training_pool(head_workers(device, probe.head.workers)) as executor:
+        trainings = _Trainings(executor, bar, timed)
+        for r, ((y_fit, y_val), (fit_at, val_at)) in enumerate(zip(labels, at)):
+            base = {"target_size": T, "round": r}
+            common = (fit_at, val_at, y_fit, y_val, num_classes, values, probe.head, device)
+            if linear is not None:
+                group = trainings.add(linear.shape[1], linear, *common)
+                group.candidates += per_group
+                groups.append(({"method": "linear", **base, "lam": None, "fraction": None,
+                                "n_features_selected": int(linear.shape[1])}, group))
+            if not ranked:
+                continue
+            shared = every_round
+            if shared is None:  # this round's columns replace the last round's: its heads go first
+                trainings.train()
+                shared = shared_read([order for order, _ in ranked[r]])
+            trained: dict[bytes, _Group] = {}  # selection -> its heads: lams that select the same columns share them
+            for lam, (order, _info) in zip(values["lam"], ranked[r]):
+                wide = shared  # (plan, raw columns of the pool rows) holding this lam's widest F
+                for fraction in values["fraction"]:
+                    chosen = order[:kept(D, fraction)]
+                    selection = np.sort(chosen).tobytes()
+                    if selection not in trained:  # above lam_max every lam ranks the same (the gradient order at W = 0)
+                        if wide is None:
+                            trainings.train()
+                            plan = column_plan(order[:widest], store.layers)
+                            wide = (plan, timed("read", read_columns, store, pool, plan, normalise=False))
+                        outer, raw = wide
+                        plan = column_plan(chosen, store.layers)
+                        trained[selection] = trainings.add(len(chosen), raw, *common,
+                                                           selected=(plan, plan_positions(outer, plan)))
+                    trained[selection].candidates += per_group
+                    groups.append(({"method": "head2toe", **base, "lam": lam, "fraction": fraction,
+                                    "n_features_selected": kept(D, fraction)}, trained[selection]))
+        trainings.train()
+    return [{**fields, "head_lr": lr, "head_steps": steps, "train_accuracy": train_acc, "val_accuracy": val_acc}
+            for fields, group in groups for lr, steps, train_acc, val_acc in group.results()]
 
 
 def setting_scores(candidates: list[dict], method: str) -> dict[tuple, float]:

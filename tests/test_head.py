@@ -1,6 +1,8 @@
 """The head (pipeline/head.py): only the planned columns are read, each layer's subset is normalised per
 example, a subset of a wider raw read equals a direct read, training is deterministic and learns."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -10,12 +12,14 @@ from pipeline.head import (
     accuracy,
     epoch_batches,
     evaluate,
+    head_workers,
     normalise_layers,
     plan_positions,
     predict,
     read_columns,
     train_linear_head,
     train_linear_heads,
+    training_pool,
 )
 from pipeline.rows import Rows
 from pipeline.select import column_plan
@@ -122,3 +126,54 @@ def test_heads_trained_together_are_the_heads_trained_alone(rng):
         single = train_linear_head(X, y, k, lr, steps, 32, seed=3)
         assert torch.equal(single.weight, head.weight) or np.allclose(single.weight.detach(), head.weight.detach(), atol=1e-6)
     assert not np.allclose(together[0].weight.detach(), together[1].weight.detach())  # each its own lr and steps
+
+
+def _thread_count_seen_by_a_new_thread() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_groups_trained_in_a_pool_are_the_groups_trained_one_after_the_other(rng):
+    """Several groups at once, each single-threaded: every head as trained in the calling thread, and the torch
+    thread count as before afterwards, here and in threads started later."""
+    settings = [(0.05, 40), (0.2, 25)]
+    groups = []
+    for d in (300, 7, 120, 64, 31):
+        X = rng.standard_normal((90, d)).astype(np.float32)
+        groups.append((X, (X[:, 0] > X[:, 1]).astype(np.int64) + (X[:, 2] > 0.5)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the calling thread trains on two threads, the pool's workers on one each
+    try:
+        with training_pool(1) as inline:
+            expected = [inline.submit(train_linear_heads, X, y, 3, settings, 32).result() for X, y in groups]
+        with training_pool(3) as pool:
+            futures = [pool.submit(train_linear_heads, X, y, 3, settings, 32) for X, y in groups]
+            trained = [f.result() for f in futures]
+        assert torch.get_num_threads() == 2 and _thread_count_seen_by_a_new_thread() == 2
+    finally:
+        torch.set_num_threads(threads)
+    for heads, alone in zip(trained, expected):
+        for head, reference in zip(heads, alone):
+            np.testing.assert_allclose(head.weight.detach(), reference.weight.detach(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(head.bias.detach(), reference.bias.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_failure_in_a_group_reaches_the_caller_and_the_pool_stops():
+    with pytest.raises(ValueError, match="bad group"):
+        with training_pool(2) as pool:
+            def fail():
+                raise ValueError("bad group")
+            pool.submit(fail).result()
+    with training_pool(1) as inline:  # the calling thread hands the error over the same way
+        future = inline.submit(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        future.result()
+
+
+def test_workers_default_to_one_per_torch_thread_on_a_cpu_and_one_elsewhere():
+    assert head_workers(torch.device("cpu")) == torch.get_num_threads()
+    assert head_workers(torch.device("cuda")) == 1
+    assert head_workers(torch.device("cpu"), 3) == 3

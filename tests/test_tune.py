@@ -11,7 +11,7 @@ from pipeline.errors import H2TError
 from pipeline.probe import probe_store
 from pipeline.rows import Rows
 from pipeline.score.relevance import score_path
-from pipeline.tune import check_job, refit_job, rounds, tune
+from pipeline.tune import CSV_FIELDS, candidates_for_store, check_job, refit_job, rounds, tune
 from tests.conftest import make_store, schema_cfg, score_cfg
 
 WIDTHS = [40, 24, 64, 8]
@@ -118,6 +118,27 @@ def test_the_lam_path_is_warm_started_and_matches_cold_solves(store, tmp_path):
     np.testing.assert_allclose(warm, cold, rtol=2e-2, atol=1e-6)
 
 
+def test_groups_trained_at_once_give_the_candidates_of_groups_trained_in_turn(store):
+    """head.workers=2 trains groups of heads concurrently, the widest first: the same candidates in the same
+    order with the same accuracies as one group after the other; the progress bar counts every candidate."""
+    class Bar:
+        count = 0
+
+        def update(self, n):
+            self.count += n
+
+    candidates = {}
+    for workers in (1, 2):
+        job = tune_cfg(**{"tune.folds": 2, "head.workers": workers})
+        bar = Bar()
+        candidates[workers] = candidates_for_store(store, job, check_job(job), bar=bar)
+        assert bar.count == len(candidates[workers]) == 2 * (2 * 2 * 2 + 2)
+    for a, b in zip(candidates[1], candidates[2]):
+        assert {k: a[k] for k in CSV_FIELDS if "accuracy" not in k} == {k: b[k] for k in CSV_FIELDS if "accuracy" not in k}
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-9)
+        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1e-9)
+
+
 def test_a_second_tune_reuses_every_score(store):
     run(store, tune_cfg(**{"tune.folds": 2}))
     results, _ = run(store, tune_cfg(**{"tune.folds": 2}))
@@ -132,6 +153,7 @@ def test_a_second_tune_reuses_every_score(store):
     ("tune.grid.target_size", [-4], "tune.grid.target_size values must be positive integers"),
     ("tune.folds", 1, "tune.folds must be 0 .* or an integer >= 2, got 1"),
     ("select.fraction", 0, "select.fraction"),
+    ("head.workers", 0, "head.workers must be >= 1 or null, got 0"),
     ("methods", ["head2toe", "per_layer"], "per_layer is a probe"),
 ])
 def test_bad_settings_are_refused_before_any_work(key, value, culprit):
