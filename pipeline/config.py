@@ -203,7 +203,7 @@ class HeadConfig:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"  # where heads train: auto is the CUDA device when there is one
-    workers: Optional[int] = None  # groups of heads trained at once; None: one per torch thread on a CPU, 1 on a GPU
+    workers: Optional[int] = None  # tune's groups of heads trained at once; None: one per torch thread on a CPU, else 1
 
 
 @dataclass

@@ -171,8 +171,10 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
 
 
 def head_workers(device: torch.device, workers: int | None = None) -> int:
-    """How many groups of heads train at once (`head.workers`): by default one per torch thread on a CPU, one
-    on any other device (a GPU runs one group's GEMMs across all its cores already)."""
+    """How many of tune's groups of heads train at once (`head.workers`): by default one per torch thread on a
+    CPU, one on any other device (a GPU runs one group's GEMMs across all its cores already). Per-layer probes
+    train one tap after the other: their heads are narrow, and two at once, each holding the GIL between its
+    many small ops, were no faster (15-18 s either way for the embedded default's 51 taps)."""
     if workers is not None:
         return int(workers)
     return torch.get_num_threads() if device.type == "cpu" else 1
@@ -181,10 +183,10 @@ def head_workers(device: torch.device, workers: int | None = None) -> int:
 @contextmanager
 def training_pool(workers: int) -> Iterator[Executor]:
     """Where independent groups of heads are trained: with one worker in the calling thread, as it comes; with
-    several, in that many threads at once, each single-threaded. On a CPU two groups at once on two cores finish
-    1.2-1.4x sooner than one after the other on both (a head's GEMMs are skinny and Adam's passes are memory-bound:
-    a second thread adds little to either; benchmarks/tune_cost.py), and each head is the same as trained alone
-    (tests/test_head.py). Afterwards the torch thread count is as before, for this thread and for threads that
+    several, in that many threads at once, each single-threaded. A group's GEMMs are skinny and Adam's passes
+    memory-bound, so a second thread adds little to either: on two cores, two groups at once brought the default
+    tune to 0.77 of its wall time and the paper's protocol to 0.89 (benchmarks/README.md, tune_cost.py), with
+    each head the same as trained alone (tests/test_head.py). Afterwards the torch thread count is as before, for this thread and for threads that
     start later (a worker's `torch.set_num_threads(1)` also sets the count new threads begin with)."""
     if workers <= 1:
         yield _CallingThread()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ from tqdm.auto import tqdm
 from .config import HeadConfig, Method, ProbeJob, ScoreConfig, SelectConfig, TieRule
 from .devices import resolve_device
 from .errors import H2TError
-from .head import accuracy, evaluate, head_workers, read_columns, save_head, train_linear_head, training_pool
+from .head import accuracy, evaluate, read_columns, save_head, train_linear_head
 from .rows import Rows
 from .score.cluster import ScoreRuntime
 from .score.relevance import CLUSTER_UNION, score_params, score_path
@@ -119,13 +118,11 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
     y_fit = fit.labels(store)
     start = time.perf_counter()
     per_layer, best = [], None
-    workers = head_workers(device, head_cfg.workers)
-    pending: deque = deque()  # taps in turn: `workers` heads train while the oldest tap's head is evaluated
-
-    def finish():
-        nonlocal best
-        layer, plan, X_fit, future = pending.popleft()
-        head = future.result()
+    for layer in tqdm(store.layers, unit="tap", desc="per-layer probes", disable=not progress, leave=False):
+        plan = whole_layers(store.layers, [layer["name"]])
+        X_fit = read_columns(store, fit, plan)
+        head = train_linear_head(X_fit, y_fit, store.info.num_classes, float(head_cfg.lr), int(head_cfg.steps),
+                                 int(head_cfg.batch_size), int(head_cfg.seed), device)
         entry = {"layer": layer["name"], "dim": int(layer["dim"]), "train_accuracy": accuracy(head, X_fit, y_fit),
                  "val_accuracy": None if validate is None else evaluate(head, store, validate, plan),
                  "test_accuracy": evaluate(head, store, "test", plan)}
@@ -133,18 +130,6 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
         key = entry["val_accuracy"] if validate is not None else entry["train_accuracy"]
         if best is None or key > best[0]:
             best = (key, entry, head, plan)
-
-    with training_pool(workers) as pool:
-        for layer in tqdm(store.layers, unit="tap", desc="per-layer probes", disable=not progress, leave=False):
-            plan = whole_layers(store.layers, [layer["name"]])
-            X_fit = read_columns(store, fit, plan)
-            pending.append((layer, plan, X_fit, pool.submit(
-                train_linear_head, X_fit, y_fit, store.info.num_classes, float(head_cfg.lr), int(head_cfg.steps),
-                int(head_cfg.batch_size), int(head_cfg.seed), device)))
-            if len(pending) > workers:
-                finish()
-        while pending:
-            finish()
     assert best is not None  # a store has at least one tap
     _, chosen, head, plan = best
     spec = store.info.spec

@@ -74,16 +74,3 @@ def test_the_head_trains_where_head_device_says_and_results_say_where(store):
             check_settings(cfg(**{"head.device": "cuda"}))
     with pytest.raises(H2TError, match="head.device='tpu9' is not a torch device"):
         check_settings(cfg(**{"head.device": "tpu9"}))
-
-
-def test_per_layer_heads_trained_at_once_are_those_trained_in_turn(store):
-    """`method=per_layer` with head.workers=2 trains taps' heads concurrently: the same entries, in network order."""
-    from pipeline.probe import probe_layers
-
-    runs = [probe_layers(store, cfg(**{"method": "per_layer", "head.workers": w})) for w in (1, 2)]
-    assert [e["layer"] for e in runs[0]["per_layer"]] == [layer["name"] for layer in store.layers]
-    for a, b in zip(runs[0]["per_layer"], runs[1]["per_layer"]):
-        assert a["layer"] == b["layer"]
-        for key in ("train_accuracy", "val_accuracy", "test_accuracy"):
-            assert a[key] == pytest.approx(b[key], abs=1e-9)
-    assert runs[0]["best_layer"] == runs[1]["best_layer"]
