@@ -2,6 +2,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
@@ -109,3 +111,13 @@ ARGS = ["model=resnet_tiny", "data=shapes_count", "data.num_classes=4", "data.im
         "extract.batch_size=16", "extract.progress=false"]
 OVERRIDES = {"data.task": "count", "data.image_size": 48, "model.input_size": 48, "pooling.target_size": 256,
              "data.sizes": {"train": 320, "val": 32, "test": 128}}
+
+
+def shard_object(store, key: str, shard: int) -> Path:
+    """Where the object holding one row shard of the store's array `key` lies on the local disk (named by the
+    array's own chunk-key encoding)."""
+    from pipeline.storage.zarr_compat import chunk_key
+
+    array = store.group[key]
+    coords = (shard,) if len(array.shape) == 1 else (shard, 0)
+    return Path(store.path) / key / chunk_key(array, coords)

@@ -12,7 +12,7 @@ from pipeline.errors import H2TError
 from pipeline.extract import extract
 from pipeline.storage import catalog
 from pipeline.storage.store import create_store, open_store
-from tests.conftest import make_store, tiny_job
+from tests.conftest import make_store, shard_object, tiny_job
 
 
 def store_cli(*args, cwd):
@@ -27,7 +27,7 @@ def extracted(tmp_path):
 
 def shard_file(store, split="train", layer=None, shard=1):
     layer = layer or store.layers[2]["name"]
-    return os.path.join(store.path, split, "features", layer, "c", str(shard), "0")
+    return str(shard_object(store, f"{split}/features/{layer}", shard))
 
 
 def test_verify_passes_on_a_sound_store(extracted):
@@ -134,8 +134,8 @@ def test_an_all_zero_shard_is_present_and_told_from_a_deleted_one(tmp_path):
     y = {"train": np.arange(48) % 2, "test": np.arange(16) % 2}
     store = make_store(tmp_path / "z.zarr", X, y, 2, spec={"widths": [8, 8, 8]})
     assert catalog.verify(open_store(store.path)) == []
-    zero_shard = os.path.join(store.path, "train", "features", "layer1", "c", "1", "0")
-    assert os.path.isfile(zero_shard) and os.path.isfile(os.path.join(store.path, "test", "features", "layer0", "c", "0", "0"))
+    zero_shard = shard_object(store, "train/features/layer1", 1)
+    assert zero_shard.is_file() and shard_object(store, "test/features/layer0", 0).is_file()
     os.remove(zero_shard)
     problems = catalog.verify(open_store(store.path))
     assert len(problems) == 1 and "train/features/layer1 shard 1" in problems[0] and "missing" in problems[0]

@@ -19,7 +19,7 @@ from pipeline.stages import DeviceStage, quantize_into
 from pipeline.storage import catalog, quant, views
 from pipeline.storage.schema import QUANT
 from pipeline.storage.store import open_store
-from tests.conftest import schema_cfg, tiny_cfg
+from tests.conftest import schema_cfg, shard_object, tiny_cfg
 
 EPS = np.finfo(np.float32).eps
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -272,7 +272,7 @@ def test_a_column_view_of_an_int8_store_reads_exactly_the_same_values(int8_copy,
 def test_verify_reports_a_deleted_quant_shard(int8_copy):
     store = int8_copy
     name = store.layers[4]["name"]
-    chunk = Path(store.path) / QUANT.key("train", name) / "c" / "1" / "0"
+    chunk = shard_object(store, QUANT.key("train", name), 1)
     assert chunk.is_file() and catalog.verify(store) == []
     os.remove(chunk)
     reopened = open_store(store.path)
@@ -285,7 +285,7 @@ def test_verify_reports_a_deleted_quant_shard(int8_copy):
 def test_verify_names_the_quant_array_of_a_deleted_quant_shard(int8_copy):
     store = int8_copy
     name = store.layers[4]["name"]
-    os.remove(Path(store.path) / QUANT.key("train", name) / "c" / "1" / "0")
+    os.remove(shard_object(store, QUANT.key("train", name), 1))
     problems = catalog.verify(open_store(store.path))
     assert len(problems) == 1 and QUANT.key("train", name) in problems[0], problems
 
@@ -293,7 +293,7 @@ def test_verify_names_the_quant_array_of_a_deleted_quant_shard(int8_copy):
 def test_verify_reports_a_corrupted_quant_shard(int8_copy):
     store = int8_copy
     name = store.layers[2]["name"]
-    chunk = Path(store.path) / QUANT.key("test", name) / "c" / "0" / "0"
+    chunk = shard_object(store, QUANT.key("test", name), 0)
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))

@@ -11,7 +11,7 @@ from pipeline.extract import extract, format_plan, planned_bytes, planned_reuse
 from pipeline.storage.catalog import remove, verify
 from pipeline.storage.reuse import find_reuse
 from pipeline.taps import TappedForward, select_taps
-from tests.conftest import tiny_cfg, tiny_job
+from tests.conftest import shard_object, tiny_cfg, tiny_job
 
 EARLY_TAPS = ["act1", "layer1.**"]
 
@@ -47,8 +47,8 @@ def test_more_taps_compute_only_the_new_layers(tmp_path):
     assert_same_store(grown.store, extract(tiny_job(tmp_path / "fresh")).store)
     # on a local disk the reused chunks are hard links: no extra space
     name = first.layers[0]["name"]
-    key = os.path.join("train", "features", name, "c", "0", "0")
-    assert os.stat(os.path.join(first.path, key)).st_ino == os.stat(os.path.join(grown.store.path, key)).st_ino
+    key = f"train/features/{name}"
+    assert shard_object(first, key, 0).stat().st_ino == shard_object(grown.store, key, 0).stat().st_ino
     remove(first.path)  # the grown store does not depend on its source
     assert verify(grown.store) == [] and grown.store.features("train", name)[:].any()
 

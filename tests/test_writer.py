@@ -16,7 +16,7 @@ from pipeline.storage import catalog, quant
 from pipeline.storage.schema import FEATURES, QUANT
 from pipeline.storage.store import FeatureStore, create_store, open_store
 from pipeline.storage.writer import ShardWriter
-from tests.conftest import tiny_cfg
+from tests.conftest import shard_object, tiny_cfg
 
 BATCH = 8  # rows per shard
 SIZES = {"train": 40, "val": 16, "test": 24}
@@ -46,7 +46,7 @@ def black_cfg(root: Path, writers: int = 4):
 
 def shard_file(store: FeatureStore, key: str, shard: int) -> Path:
     """Where one shard of the array `key` lies on the local disk."""
-    return Path(store.path) / key / "c" / str(shard) / "0"  # zarr v3's default chunk key encoding
+    return shard_object(store, key, shard)
 
 
 def all_zero_shards(store: FeatureStore) -> set[tuple[str, str, int]]:

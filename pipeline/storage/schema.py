@@ -109,6 +109,13 @@ def storage_dtype(dtype: str) -> str:
 WRITE_EMPTY: ArrayConfigParams = {"write_empty_chunks": True}
 
 
+# Objects of a tap's arrays are named `c.<shard>.0` beside the array's zarr.json (Zarr v3's default chunk-key
+# encoding with the "." separator) rather than `c/<shard>/0`: a shard then costs one file, not a directory and
+# a file (creating ~50 directories per shard took about half the writes' time of small shards on ext4).
+# Readers follow each array's metadata, so stores of either naming read the same (layout, not numbers).
+FLAT_KEYS = {"name": "default", "separator": "."}
+
+
 def quant_codecs() -> list:
     """Scales and minima of int8 taps: small (4 bytes per column and shard), written once, read per block;
     zstd over byte-shuffled float16 (many minima are 0)."""

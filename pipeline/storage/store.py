@@ -28,6 +28,7 @@ from .schema import (
     COMPRESSIONS,
     DTYPES,
     FEATURES,
+    FLAT_KEYS,
     LABELS,
     LEDGER,
     QUANT,
@@ -281,12 +282,13 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
             to_create.append((FEATURES.key(split, layer["name"]), dict(
                 shape=(n, layer["dim"]), dtype=storage_dtype(dtype), chunks=(shard_rows, inner),
                 shards=(shard_rows, -(-layer["dim"] // inner) * inner), compressors=compressors, fill_value=0,
-                dimension_names=dimensions("features", layer["name"]),
+                chunk_key_encoding=FLAT_KEYS, dimension_names=dimensions("features", layer["name"]),
                 attributes={"h2t_encoding": "bfloat16"} if dtype == "bfloat16" else None)))
             if dtype == "int8":  # one row of scales and offsets per shard, one chunk each
                 to_create.append((QUANT.key(split, layer["name"]), dict(
                     shape=(n_shards, 2 * layer["dim"]), dtype=quant_params_dtype(spec), chunks=(1, 2 * layer["dim"]),
-                    compressors=quant_codecs(), fill_value=0, dimension_names=dimensions("quant", layer["name"]))))
+                    compressors=quant_codecs(), fill_value=0, chunk_key_encoding=FLAT_KEYS,
+                    dimension_names=dimensions("quant", layer["name"]))))
         label_array = group.create_array(LABELS.key(split), shape=(n,), dtype="int64", chunks=(n,),
                                          compressors=None, overwrite=True, dimension_names=dimensions("labels"))
         id_array = group.create_array(SAMPLE_IDS.key(split), shape=(n,), dtype=str, chunks=(n,), overwrite=True,
