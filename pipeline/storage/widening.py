@@ -62,7 +62,7 @@ class Widening:
                 data = decode_values(read_all(old), dtype).astype(np.float32)
                 new = handle.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
                                                 shards=old.shards, compressors=old.compressors, fill_value=0,
-                                                chunk_key_encoding=old.metadata.chunk_key_encoding,
+                                                chunk_key_encoding=getattr(old.metadata, "chunk_key_encoding", None),
                                                 dimension_names=getattr(old.metadata, "dimension_names", None),
                                                 overwrite=True)
                 handle.forget_arrays()  # the encoder of the old dtype
