@@ -186,8 +186,9 @@ def training_pool(workers: int) -> Iterator[Executor]:
     several, in that many threads at once, each single-threaded. A group's GEMMs are skinny and Adam's passes
     memory-bound, so a second thread adds little to either: on two cores, two groups at once brought the default
     tune to 0.77 of its wall time and the paper's protocol to 0.89 (benchmarks/README.md, tune_cost.py), with
-    each head the same as trained alone (tests/test_head.py). Afterwards the torch thread count is as before, for this thread and for threads that
-    start later (a worker's `torch.set_num_threads(1)` also sets the count new threads begin with)."""
+    each head the same as trained alone (tests/test_head.py). Afterwards the torch thread count is as before,
+    for this thread and for threads that start later (a worker's `torch.set_num_threads(1)` also sets the
+    count new threads begin with)."""
     if workers <= 1:
         yield _CallingThread()
         return

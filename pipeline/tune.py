@@ -128,8 +128,9 @@ class TunePlan:
                  f"({', '.join(f'{m} {n}' for m, n in self.candidates.items())}) over {len(self.stores)} store(s) x "
                  f"{self.rounds} round(s) of {self.fit_rows} fitted rows"]
         lines += [f"  T={T:<6d} {status}: {path}" for T, path, status in self.stores]
+        where = f"{self.device} ({self.workers} at once)" if self.workers > 1 else self.device
         lines.append(f"  heads: {len(self.groups)} batched trainings of {sum(h for _, h, _ in self.groups)} heads on "
-                     f"{self.device}{f' ({self.workers} at once)' if self.workers > 1 else ''}, at most ~{self.heads_seconds:.0f} s (fewer where lams select the same columns); "
+                     f"{where}, at most ~{self.heads_seconds:.0f} s (fewer where lams select the same columns); "
                      f"scoring: "
                      f"{len(self.stores) * self.rounds} group-lasso paths (cached scores are reused), not estimated")
         return "\n".join(lines)
@@ -167,7 +168,6 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
     groups = [(w, len(settings), longest) for w in widths] * plan.rounds
     rng = np.random.default_rng(0)
     device = torch.device(plan.device)
-
     workers = head_workers(device, head.workers)
 
     def step_seconds(width: int) -> float:
