@@ -9,7 +9,8 @@ On one folder of JPEG photos (256 px, quality 90) and the same feature bytes, fo
   raw write    `np.save` of the same feature bytes, one file per tap and shard, `writers` threads
   baseline     the loop without the store (in-memory images, preprocessing, tensors of the real tap shapes)
                plus the store's unavoidable work in the writer threads: cast to float16, each inner chunk
-               encoded with the store's codec through numcodecs, CRC32C, one file write per tap and shard
+               encoded with the store's codec through numcodecs, CRC32C, one file write per tap and shard of every
+               split the store holds
   store path   `extract` with the forward replaced by those tensors (claims, checks, casts, shard writes,
                ledger): the store path's ceiling, and its ratio to the baseline and to the raw write
   extract      the whole `h2t extract` of the folder with the real model, with the writer count whose store
@@ -86,17 +87,30 @@ def stage_rate(run, cfg, plan, repeats: int = 2) -> float:
     return result.backbone_images / min(times)
 
 
-def timed(fn, repeats: int = 2) -> float:
+def timed(fn, repeats: int = 2, fresh: Path | None = None) -> float:
     """The fastest of `repeats` runs after a warm-up (none when repeats is 1: one run, as a user's)."""
     if repeats > 1:
-        fn()
-    return min(_clock(fn) for _ in range(repeats))
+        _clock(fn, fresh)
+    return min(_clock(fn, fresh) for _ in range(repeats))
 
 
-def _clock(fn) -> float:
+def _clock(fn, fresh: Path | None = None) -> float:
+    """Seconds of fn(), started on an empty `fresh` folder (emptied before the clock, as the store path's
+    previous store is) with nothing left to write back."""
+    if fresh is not None:
+        shutil.rmtree(fresh, ignore_errors=True)
+        fresh.mkdir(parents=True)
+    settle()
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def settle() -> None:
+    """Write back what earlier runs left dirty in the page cache before a clock starts: otherwise one run's
+    ~100 MB of writeback lands in the next run's file creations (ext4 here: 0.1-1 ms per new file under
+    writeback, against ~0.05 ms without), and whichever writer runs second pays for the first."""
+    os.sync()
 
 
 class PlainWriter:
@@ -110,12 +124,12 @@ class PlainWriter:
         self.pool = ThreadPoolExecutor(writers)
         self.inflight: list = []
 
-    def submit(self, shard: int, blocks: list[np.ndarray]) -> None:
+    def submit(self, shard: str, blocks: list[np.ndarray]) -> None:
         while len(self.inflight) >= self.limit:
             self.inflight.pop(0).result()
         self.inflight.append(self.pool.submit(self._write, shard, blocks))
 
-    def _write(self, shard: int, blocks: list[np.ndarray]) -> None:
+    def _write(self, shard: str, blocks: list[np.ndarray]) -> None:
         for t, block in enumerate(blocks):
             parts = []
             for c0 in range(0, block.shape[1], self.inner):
@@ -191,13 +205,10 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                               "data.sizes.test=1", "data.image_size=64"])
     memory_plan = plan_store(memory_cfg)
     shards = range(-(-n // batch))
-    memory_train = memory_plan.dataset.splits["train"]
+    memory_splits = memory_plan.dataset.splits
     raw_root = work / "raw"
     for writers in args.writers:
         def raw() -> None:
-            shutil.rmtree(raw_root, ignore_errors=True)
-            raw_root.mkdir(parents=True)
-
             def save(shard: int) -> None:
                 rows = min(batch, n - shard * batch)
                 for t, block in enumerate(host):
@@ -206,32 +217,33 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                 list(pool.map(save, shards))
 
         def baseline() -> None:
-            shutil.rmtree(raw_root, ignore_errors=True)
-            raw_root.mkdir(parents=True)
             writer = PlainWriter(str(raw_root), writers, int(memory_cfg.store.col_chunk))
-            for shard, s in enumerate(range(0, n, batch)):
-                x = memory_plan.preprocess(memory_train.load(s, min(s + batch, n)), device)
-                pooled = synthetic(x)
-                flat = torch.cat([p.to(torch.float16).flatten() for p in pooled])
-                flat = flat.cpu().numpy() if cuda else flat.numpy()
-                blocks, offset = [], 0
-                for p in pooled:
-                    blocks.append(flat[offset:offset + p.numel()].reshape(p.shape[0], -1))
-                    offset += p.numel()
-                writer.submit(shard, blocks)
+            for name, split in memory_splits.items():  # every shard the store writes (its 1-row val and test too)
+                rows = len(split)
+                for shard, s in enumerate(range(0, rows, batch)):
+                    x = memory_plan.preprocess(split.load(s, min(s + batch, rows)), device)
+                    pooled = synthetic(x)
+                    flat = torch.cat([p.to(torch.float16).flatten() for p in pooled])
+                    flat = flat.cpu().numpy() if cuda else flat.numpy()
+                    blocks, offset = [], 0
+                    for p in pooled:
+                        blocks.append(flat[offset:offset + p.numel()].reshape(p.shape[0], -1))
+                        offset += p.numel()
+                    writer.submit(f"{name}-{shard}", blocks)
             writer.close()
 
         def store_path(cfg, plan):
             shutil.rmtree(work / "stores", ignore_errors=True)
             cfg.extract.writers = writers
+            settle()
             return extract(cfg, plan, forward=synthetic)
 
-        out[f"raw_w{writers}"] = n / timed(raw)
+        out[f"raw_w{writers}"] = n / timed(raw, fresh=raw_root)
         # the baseline and the store path take turns (after a warm-up of each), so that the machine's drift
         # hits both; the fastest of each is kept
-        baseline()
+        _clock(baseline, raw_root)
         store_path(memory_cfg, memory_plan)
-        turns = [(_clock(baseline), store_path(memory_cfg, memory_plan).stage_seconds) for _ in range(args.turns)]
+        turns = [(_clock(baseline, raw_root), store_path(memory_cfg, memory_plan).stage_seconds) for _ in range(args.turns)]
         out[f"baseline_w{writers}"] = n / min(b for b, _ in turns)
         out[f"store_w{writers}"] = n / min(st for _, st in turns)
     shutil.rmtree(raw_root, ignore_errors=True)
@@ -245,6 +257,7 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
 
     def whole(cfg, plan):
         shutil.rmtree(work / "stores", ignore_errors=True)
+        settle()
         return extract(cfg, plan)
 
     out["extract"] = stage_rate(whole, whole_cfg, plan_store(whole_cfg), repeats=2 if cuda else 1)
