@@ -54,6 +54,7 @@ def main() -> None:
     batches = [(s, st) for s, split in plan.dataset.splits.items() for st in range(0, len(split), batch)]
 
     def bare() -> float:
+        os.sync()  # what earlier runs left to write back is written before the clock starts (roofline.py's settle)
         start = time.perf_counter()
         for name, st in batches:
             split = plan.dataset.splits[name]
@@ -68,6 +69,7 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
         if count is not None:
             cfg.extract.writers = count
+        os.sync()  # the previous store's writeback is not this run's (its own is)
         result = extract(cfg, plan)
         assert result.backbone_images == n
         return result.seconds, result.stage_seconds
