@@ -1,16 +1,19 @@
-"""Selection across backbones: EfficientNet-Lite0 at 160 px, at 224 px, and both stores as one union.
+"""Selection across backbones: two stores alone and as one union.
 
-    python benchmarks/across_backbones.py [--tasks shapes_location,...] [--root DIR] [overrides ...]
+    python benchmarks/across_backbones.py [--pair sizes|networks] [--tasks shapes_location,...] [--root DIR]
+                                          [overrides ...]
 
 For each task of the built-in suite, three `h2t tune` runs on the same rows (the default grid and val split
-unless overrides say otherwise): the store of the model at 160 px, the store at 224 px, and
-`backbones=[{input_size:160},{input_size:224}]`, whose group lasso ranks the layers of both stores together
-(one global top-F). The stores are extracted first (the union reuses them: it extracts nothing), so the tune
-times compare probing only. Printed per task and run:
+unless overrides say otherwise): each store alone, then both as one union, whose group lasso ranks the layers
+of both stores together (one global top-F). `--pair sizes` (default): EfficientNet-Lite0 at 160 px and at
+224 px, `backbones=[{input_size:160},{input_size:224}]`; `--pair networks`: two networks with real weights
+offline, EfficientNet-Lite0 and EfficientNet-Lite1 at 160 px, `backbones=[efficientnet_lite0,
+efficientnet_lite1]`. The stores are extracted first (the union reuses them: it extracts nothing), so the
+tune times compare probing only. Printed per task and run:
   head2toe %   test accuracy of the tuned Head2Toe head (refitted on train + val, tested once)
   linear %     the tuned linear probe (for the union: both backbones' last layers side by side)
   chosen       the winning T, lam, F
-  from 160/224 selected features per backbone (the union's split of one global top-F)
+  from a/b     selected features per backbone (the union's split of one global top-F)
   tune s       wall time of the tune; score s its scoring paths alone (the union's cost is here)
 and the mean over tasks of each run.
 """
@@ -31,8 +34,13 @@ from pipeline.storage import configure_io
 from pipeline.tune import tune
 
 SUITE = "shapes_location,shapes_orientation,shapes_count,digits,mnist5k"
-RUNS = {"160 px": ["model.input_size=160"], "224 px": ["model.input_size=224"],
-        "union": ["backbones=[{input_size:160},{input_size:224}]"]}
+PAIRS = {
+    "sizes": {"160 px": ["model=efficientnet_lite0", "model.input_size=160"],
+              "224 px": ["model=efficientnet_lite0", "model.input_size=224"],
+              "union": ["model=efficientnet_lite0", "backbones=[{input_size:160},{input_size:224}]"]},
+    "networks": {"lite0": ["model=efficientnet_lite0"], "lite1": ["model=efficientnet_lite1"],
+                 "union": ["backbones=[efficientnet_lite0,efficientnet_lite1]"]},
+}
 
 
 def tuned(overrides: list[str]) -> tuple[dict, dict, float]:
@@ -51,18 +59,20 @@ def main() -> None:
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pair", choices=sorted(PAIRS), default="sizes")
     parser.add_argument("--tasks", default=SUITE)
     parser.add_argument("--root", default=None, help="store root (default: the config's, ./stores)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    common = ["model=efficientnet_lite0", "extract.progress=false", *args.overrides]
+    runs = PAIRS[args.pair]
+    common = ["extract.progress=false", *args.overrides]
     if args.root:
         common.append(f"store.root={args.root}")
     print(f"{'task':20s} {'run':7s} {'head2toe %':>10s} {'linear %':>8s} {'chosen T/lam/F':>20s} "
-          f"{'from 160/224':>12s} {'tune s':>7s} {'score s':>7s}", flush=True)
-    means: dict[str, list[tuple[float, float, float, float]]] = {run: [] for run in RUNS}
+          f"{'from a/b':>12s} {'tune s':>7s} {'score s':>7s}", flush=True)
+    means: dict[str, list[tuple[float, float, float, float]]] = {run: [] for run in runs}
     for task in args.tasks.split(","):
-        for run, extra in RUNS.items():
+        for run, extra in runs.items():
             h2t, linear, seconds = tuned([f"data={task}", *common, *extra])
             chosen = h2t["chosen"]
             split = h2t.get("selected_per_backbone")

