@@ -108,8 +108,8 @@ def _clock(fn, fresh: Path | None = None) -> float:
 
 def settle() -> None:
     """Write back what earlier runs left dirty in the page cache before a clock starts: otherwise one run's
-    ~100 MB of writeback lands in the next run's file creations (ext4 here: 0.1-1 ms per new file under
-    writeback, against ~0.05 ms without), and whichever writer runs second pays for the first."""
+    ~100 MB of writeback lands in the next run's file creations (ext4 here: 0.5-1 ms per new file under
+    writeback, against 0.05-0.2 ms without), and whichever writer runs second pays for the first."""
     os.sync()
 
 
