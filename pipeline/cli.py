@@ -9,7 +9,6 @@ import sys
 from . import storage
 from .config import CONF_DIR, register
 from .errors import H2TError, fail
-from .report import write_report
 from .runtime import keep_freed_memory
 from .storage import catalog
 
@@ -55,6 +54,8 @@ def _report_command(args: list[str]) -> None:
     parser.add_argument("dir", help="a -m sweep folder (multirun/...), a tune or probe output folder")
     opts = parser.parse_args(args)
     try:
+        from .report import write_report  # noqa: PLC0415 - matplotlib only for the verb that plots
+
         text, paths, failed = write_report(opts.dir)
     except H2TError as exc:
         fail(str(exc))

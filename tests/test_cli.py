@@ -277,3 +277,14 @@ def test_extract_plan_only_prints_the_plan_and_makes_nothing(tmp_path, verb):
     assert ("tune plan: " in said and "to extract" in said) if verb == "tune" else ("plan: " in said and "taps," in said)
     assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").rglob("zarr.json"))
     assert not list(tmp_path.rglob("results.json"))
+
+
+def test_store_verbs_load_neither_torch_nor_matplotlib(tmp_path):
+    """`h2t store ...` starts fast: the CLI imports what a verb uses, and listing stores uses neither the
+    backbone nor the plots."""
+    code = ("import sys; from pipeline import cli; sys.argv = ['h2t', 'store', 'ls', sys.argv[1]]\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
