@@ -11,8 +11,10 @@ before each run, so both pay the scoring path):
             (the way tune worked before heads were batched; kept here as the baseline)
   serial    the heads of one (round, T, lam, F) as one computation (pipeline/head.py train_linear_heads), one
             such group after the other (head.workers=1)
-  together  the same groups, several at once as `h2t tune` runs them (head.workers: by default one
+  together  the same groups, several at once as `h2t tune` runs them on a CPU (head.workers: by default one
             single-threaded group per torch thread on a CPU; pipeline/head.py training_pool)
+  stacked   each round's groups zero-padded and stacked into one computation (head.stack=true, pipeline/head.py
+            train_stacked_heads), as `h2t tune` runs them on a GPU
 Printed per mode (and per `--devices` entry, where the heads train: head.device): wall time, candidates/s,
 time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
 whether the choices agree, the speed-up, how many candidates' validation accuracies differ between the modes
@@ -40,7 +42,7 @@ from pipeline.runtime import keep_freed_memory
 from pipeline.score.cluster import ScoreRuntime
 from pipeline.storage import catalog, configure_io
 
-BATCHED = tune_module.train_linear_heads
+BATCHED = tune_module.train_stacked_heads
 
 
 def heads_alone(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
@@ -65,18 +67,23 @@ def heads_alone(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
     return heads
 
 
+def sets_alone(Xs, y, num_classes, settings, batch_size, seed=0, device="cpu"):
+    """`train_stacked_heads`' signature, every head of every column set trained by itself (`heads_alone`)."""
+    return [heads_alone(X, y, num_classes, settings, batch_size, seed, device) for X in Xs]
+
+
 def run(job, stores, mode: str) -> dict:
     for store in stores.values():
         catalog.remove_derived(store.path)  # cold scores: every mode pays the scoring path
-    tune_module.train_linear_heads = heads_alone if mode == "alone" else BATCHED
-    if mode in ("alone", "serial"):
-        job = replace(job, probe=replace(job.probe, head=replace(job.probe.head, workers=1)))
+    tune_module.train_stacked_heads = sets_alone if mode == "alone" else BATCHED
+    head = replace(job.probe.head, stack=mode == "stacked")
+    job = replace(job, probe=replace(job.probe, head=replace(head, workers=1) if mode in ("alone", "serial") else head))
     start = time.perf_counter()
     with ScoreRuntime() as runtime:
         results, candidates = tune_module.tune(job, lambda extract_job: (stores[extract_job.pooling.target_size], 0),
                                                runtime=runtime)
     seconds = time.perf_counter() - start
-    tune_module.train_linear_heads = BATCHED
+    tune_module.train_stacked_heads = BATCHED
     timings = results[0]["timings_s"]
     return {"seconds": seconds, "candidates": candidates, "results": results,
             "stages": {k.removeprefix("tune_"): timings.get(k, 0.0) for k in ("tune_score", "tune_read", "tune_heads")}}
@@ -87,7 +94,7 @@ def main() -> None:
     configure_io()
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--modes", default="alone,together", help="alone, serial and/or together")
+    parser.add_argument("--modes", default="alone,together", help="alone, serial, together and/or stacked")
     parser.add_argument("--devices", default=None, help="head.device values to compare, e.g. cpu,cuda")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()

@@ -204,6 +204,7 @@ class HeadConfig:
     seed: int = 0
     device: str = "auto"  # where heads train: auto is the CUDA device when there is one
     workers: Optional[int] = None  # tune's groups of heads trained at once; None: one per torch thread on a CPU, else 1
+    stack: Optional[bool] = None  # tune: each round's groups as one zero-padded computation; None: on a GPU only
 
 
 @dataclass

@@ -36,7 +36,8 @@ from .head import (
     normalise_layers,
     plan_positions,
     read_columns,
-    train_linear_heads,
+    stack_heads,
+    train_stacked_heads,
     training_pool,
 )
 from .probe import check_settings, probe_store, rankings
@@ -118,6 +119,7 @@ class TunePlan:
     heads_seconds: float  # estimated from a short run of the same computation here
     device: str
     workers: int = 1  # groups of heads trained at once (head.workers)
+    stacked: bool = False  # each round's groups as one padded computation (head.stack)
 
     @property
     def total(self) -> int:
@@ -129,7 +131,9 @@ class TunePlan:
                  f"{self.rounds} round(s) of {self.fit_rows} fitted rows"]
         lines += [f"  T={T:<6d} {status}: {path}" for T, path, status in self.stores]
         where = f"{self.device} ({self.workers} at once)" if self.workers > 1 else self.device
-        lines.append(f"  heads: {len(self.groups)} batched trainings of {sum(h for _, h, _ in self.groups)} heads on "
+        count = self.rounds if self.stacked else len(self.groups)
+        trainings = f"{count} {'stacked' if self.stacked else 'batched'} training{'s' * (count != 1)}"
+        lines.append(f"  heads: {trainings} of {sum(h for _, h, _ in self.groups)} heads on "
                      f"{where}, at most ~{self.heads_seconds:.0f} s (fewer where lams select the same columns); "
                      f"scoring: "
                      f"{len(self.stores) * self.rounds} group-lasso paths (cached scores are reused), not estimated")
@@ -162,7 +166,8 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
                    head: HeadConfig) -> TunePlan:
     """The plan with its head trainings listed (`widths`: the columns of each group of heads of one round,
     over every T) and their time estimated from 20 steps of the same computation at the smallest and
-    largest width, as many groups at once as the tune trains (`head.workers`)."""
+    largest width, as many groups at once as the tune trains (`head.workers`); stacked (`head.stack`), from 20
+    steps of one round's groups padded to the largest width."""
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     longest = max(values["head_steps"])
     groups = [(w, len(settings), longest) for w in widths] * plan.rounds
@@ -170,20 +175,24 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
     device = torch.device(plan.device)
     workers = head_workers(device, head.workers)
 
-    def step_seconds(width: int) -> float:
-        """Seconds per step of a group of this width, as the tune trains them: `workers` groups at once."""
+    def step_seconds(width: int, sets: int = 1) -> float:
+        """Seconds per step of a training of `sets` groups of this width (one unless stacked), as the tune trains
+        them: `workers` at once."""
         X = rng.random((max(plan.fit_rows, 1), width), dtype=np.float32)
         y = rng.integers(0, num_classes, len(X))
         short = [(lr, 20) for lr, _ in settings]
         with training_pool(workers) as pool:
             for _ in range(2):  # the first round warms every worker up
                 start = time.perf_counter()
-                for future in [pool.submit(train_linear_heads, X, y, num_classes, short, int(head.batch_size), 0,
-                                           device) for _ in range(workers)]:
+                for future in [pool.submit(train_stacked_heads, [X] * sets, y, num_classes, short,
+                                           int(head.batch_size), 0, device) for _ in range(workers)]:
                     future.result()
         return (time.perf_counter() - start) / (20 * workers)
 
     low, high = min(widths), max(widths)
+    if stack_heads(device, head.stack):  # a round's groups over every T, all padded to the widest: an upper bound
+        seconds = plan.rounds * longest * step_seconds(high, len(widths))
+        return replace(plan, groups=groups, heads_seconds=seconds, workers=workers, stacked=True)
     t_low = step_seconds(low)
     t_high = step_seconds(high) if high != low else t_low
     per_step = lambda w: t_low + (t_high - t_low) * (w - low) / max(high - low, 1)  # noqa: E731
@@ -191,70 +200,90 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
     return replace(plan, groups=groups, heads_seconds=seconds, workers=workers)
 
 
-def _heads(columns: np.ndarray, fit_at: np.ndarray, val_at: np.ndarray, y_fit, y_val, num_classes: int, values,
-           head_cfg: HeadConfig, device: torch.device, selected: tuple[dict, np.ndarray] | None = None):
-    """(lr, steps, train accuracy, validation accuracy) of a head for every (lr, steps) of the grid, on the fit
-    and validation rows of `columns` (`selected` = (plan, where): its columns at `where`, re-normalised per
-    layer). The heads share their rows, so they are trained as one computation (`train_linear_heads`)."""
+def _fit_and_val(columns: np.ndarray, fit_at: np.ndarray, val_at: np.ndarray,
+                 selected: tuple[dict, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The fit and validation rows of `columns` (`selected` = (plan, where): its columns at `where`,
+    re-normalised per layer)."""
     if selected is None:
-        X_fit, X_val = columns[fit_at], columns[val_at]
-    else:
-        plan, where = selected
-        X_fit = normalise_layers(columns[np.ix_(fit_at, where)], plan)
-        X_val = normalise_layers(columns[np.ix_(val_at, where)], plan)
+        return columns[fit_at], columns[val_at]
+    plan, where = selected
+    return (normalise_layers(columns[np.ix_(fit_at, where)], plan),
+            normalise_layers(columns[np.ix_(val_at, where)], plan))
+
+
+def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at: np.ndarray, val_at: np.ndarray,
+           y_fit, y_val, num_classes: int, values, head_cfg: HeadConfig, device: torch.device) -> list[list[tuple]]:
+    """Per column set (`columns`, `selected`: see `_fit_and_val`), (lr, steps, train accuracy, validation
+    accuracy) of a head for every (lr, steps) of the grid. The heads share their rows, so they are trained as one
+    computation: one set's by `train_linear_heads`, several sets zero-padded and stacked (`train_stacked_heads`)."""
+    matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
-    heads = train_linear_heads(X_fit, y_fit, num_classes, settings, int(head_cfg.batch_size), int(head_cfg.seed),
-                               device)
-    return [(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
-            for (lr, steps), head in zip(settings, heads)]
+    heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
+                                int(head_cfg.batch_size), int(head_cfg.seed), device)
+    return [[(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
+             for (lr, steps), head in zip(settings, per_set)] for (X_fit, X_val), per_set in zip(matrices, heads)]
 
 
 @dataclass
 class _Group:
-    """Heads that share their rows and columns: `_heads`' arguments, the candidates that read its results."""
+    """Heads that share their rows and columns: `_heads`' arguments for its column set, the candidates that
+    read its results."""
+    round: int
     width: int
-    args: tuple
-    kwargs: dict
+    columns: np.ndarray
+    selected: tuple[dict, np.ndarray] | None
+    common: tuple  # the round's rows, labels and settings: `_heads`' arguments after the sets
     candidates: int = 0
-    future: Future | None = None
+    trained: list | None = None
 
     def results(self) -> list:
-        assert self.future is not None, "a group is trained before its results are read"
-        return self.future.result()
+        assert self.trained is not None, "a group is trained before its results are read"
+        return self.trained
 
 
 class _Trainings:
     """The groups of heads of one store, trained in a pool (`head.training_pool`) the widest first: a long group
-    started last would run alone at the end, on one worker. `bar` advances by each candidate once its group is
+    started last would run alone at the end, on one worker. With `stack`, each round's groups are one padded
+    computation instead (`head.train_stacked_heads`). `bar` advances by each candidate once its group is
     trained; `timed` adds the time spent training or waiting to the heads stage."""
 
-    def __init__(self, pool: Executor, bar, timed: Callable):
-        self.pool, self.bar, self.timed = pool, bar, timed
+    def __init__(self, pool: Executor, bar, timed: Callable, stack: bool = False):
+        self.pool, self.bar, self.timed, self.stack = pool, bar, timed, stack
         self.queued: list[_Group] = []
 
-    def add(self, width: int, *args, **kwargs) -> _Group:
-        group = _Group(width, args, kwargs)
+    def add(self, round: int, width: int, columns: np.ndarray, common: tuple,
+            selected: tuple[dict, np.ndarray] | None = None) -> _Group:
+        group = _Group(round, width, columns, selected, common)
         self.queued.append(group)
         return group
 
     def train(self) -> None:
         """Train every group added so far (before a read replaces the columns they train on)."""
+        if self.stack:
+            rounds: dict[int, list[_Group]] = {}
+            for group in self.queued:
+                rounds.setdefault(group.round, []).append(group)
+            batches = list(rounds.values())
+        else:
+            batches = [[group] for group in sorted(self.queued, key=lambda g: -g.width)]
+
         def run():
-            pending: dict[Future, _Group] = {}
-            for group in sorted(self.queued, key=lambda g: -g.width):
-                group.future = self.pool.submit(_heads, *group.args, **group.kwargs)
-                pending[group.future] = group
-                if group.future.done():  # trained in this thread (one worker), or already
-                    self._advance(pending.pop(group.future))
+            pending: dict[Future, list[_Group]] = {}
+            for batch in batches:
+                future = self.pool.submit(_heads, [(g.columns, g.selected) for g in batch], *batch[0].common)
+                pending[future] = batch
+                if future.done():  # trained in this thread (one worker), or already
+                    self._advance(pending.pop(future), future)
             for future in as_completed(pending):
-                self._advance(pending[future])
+                self._advance(pending[future], future)
         self.timed("heads", run)
         self.queued = []
 
-    def _advance(self, group: _Group) -> None:
-        group.results()  # a failed group stops the tune here
-        if self.bar is not None:
-            self.bar.update(group.candidates)
+    def _advance(self, batch: list[_Group], future: Future) -> None:
+        for group, trained in zip(batch, future.result()):  # a failed group stops the tune here
+            group.trained = trained
+            if self.bar is not None:
+                self.bar.update(group.candidates)
 
 
 def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress: bool = False,
@@ -307,12 +336,12 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
     groups: list[tuple[dict, _Group]] = []  # each (round, lam, F)'s fields and its heads, one per (lr, steps)
     per_group = len(values["head_lr"]) * len(values["head_steps"])
     with training_pool(head_workers(device, probe.head.workers)) as executor:
-        trainings = _Trainings(executor, bar, timed)
+        trainings = _Trainings(executor, bar, timed, stack_heads(device, probe.head.stack))
         for r, ((y_fit, y_val), (fit_at, val_at)) in enumerate(zip(labels, at)):
             base = {"target_size": T, "round": r}
             common = (fit_at, val_at, y_fit, y_val, num_classes, values, probe.head, device)
             if linear is not None:
-                group = trainings.add(linear.shape[1], linear, *common)
+                group = trainings.add(r, linear.shape[1], linear, common)
                 group.candidates += per_group
                 groups.append(({"method": "linear", **base, "lam": None, "fraction": None,
                                 "n_features_selected": int(linear.shape[1])}, group))
@@ -335,8 +364,8 @@ def candidates_for_store(store, job: TuneJob, values: dict[str, list], progress:
                             wide = (plan, timed("read", read_columns, store, pool, plan, normalise=False))
                         outer, raw = wide
                         plan = column_plan(chosen, store.layers)
-                        trained[selection] = trainings.add(len(chosen), raw, *common,
-                                                           selected=(plan, plan_positions(outer, plan)))
+                        trained[selection] = trainings.add(r, len(chosen), raw, common,
+                                                           (plan, plan_positions(outer, plan)))
                     trained[selection].candidates += per_group
                     groups.append(({"method": "head2toe", **base, "lam": lam, "fraction": fraction,
                                     "n_features_selected": kept(D, fraction)}, trained[selection]))
@@ -397,6 +426,7 @@ def tune(job: TuneJob, ensure_store: Callable, progress: bool = False, save_head
             candidates += candidates_for_store(stores[T], job, values, False, runtime, bar, stage_seconds)
     folds = int(job.tune.folds)
     pool = "+".join(job.tune.pool)
+    stacked = stack_heads(resolve_device(job.probe.head.device, "head.device"), job.probe.head.stack)
     results: list[dict] = []
     for method in job.methods:
         setting, score, n = choose(candidates, str(method))
@@ -404,7 +434,7 @@ def tune(job: TuneJob, ensure_store: Callable, progress: bool = False, save_head
                              save_head_to=save_heads_to, runtime=runtime)
         result.update({"chosen": setting, "selection": "mean validation accuracy" + (
             f" over {folds} folds of {pool}" if folds else " on val"), "selection_score": score,
-            "folds": folds, "n_candidates": n, "tie_order": TIE_ORDER,
+            "folds": folds, "n_candidates": n, "tie_order": TIE_ORDER, "tune_heads_stacked": stacked,
             "backbone_images": backbone_images if not results else 0})
         results.append(result)
     seconds = time.perf_counter() - start

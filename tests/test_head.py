@@ -17,8 +17,10 @@ from pipeline.head import (
     plan_positions,
     predict,
     read_columns,
+    stack_heads,
     train_linear_head,
     train_linear_heads,
+    train_stacked_heads,
     training_pool,
 )
 from pipeline.rows import Rows
@@ -177,3 +179,24 @@ def test_workers_default_to_one_per_torch_thread_on_a_cpu_and_one_elsewhere():
     assert head_workers(torch.device("cpu")) == torch.get_num_threads()
     assert head_workers(torch.device("cuda")) == 1
     assert head_workers(torch.device("cpu"), 3) == 3
+
+
+def test_column_sets_stacked_and_padded_give_each_sets_heads(rng):
+    """train_stacked_heads pads narrower sets with zero columns: their weights stay exactly 0, so each set's heads
+    are the heads it gets alone (same batches, lr and schedule), whatever the other sets' widths."""
+    n, k = 90, 3
+    y = rng.integers(0, k, n)
+    sets = [rng.standard_normal((n, d)).astype(np.float32) for d in (7, 30, 1, 18)]
+    settings = [(0.05, 20), (0.2, 35)]
+    stacked = train_stacked_heads(sets, y, k, settings, batch_size=32, seed=5)
+    assert [[h.weight.shape[1] for h in heads] for heads in stacked] == [[7, 7], [30, 30], [1, 1], [18, 18]]
+    for X, heads in zip(sets, stacked):
+        for alone, head in zip(train_linear_heads(X, y, k, settings, batch_size=32, seed=5), heads):
+            np.testing.assert_allclose(head.weight.detach().numpy(), alone.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(head.bias.detach().numpy(), alone.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert train_stacked_heads([], y, k, settings, batch_size=32) == []
+
+
+def test_heads_are_stacked_on_a_gpu_by_default_and_as_told_elsewhere():
+    assert not stack_heads(torch.device("cpu")) and stack_heads(torch.device("cuda"))
+    assert stack_heads(torch.device("cpu"), True) and not stack_heads(torch.device("cuda"), False)

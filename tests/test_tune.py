@@ -1,5 +1,6 @@
 """h2t tune (pipeline/tune.py): every grid point of every round is a real probe of those rows, the winner is
 the best mean validation accuracy, and the refit is the probe `h2t probe probe.fit_on=[train,val]` runs."""
+import itertools
 from dataclasses import replace
 
 import numpy as np
@@ -85,8 +86,9 @@ def test_lams_that_select_the_same_columns_share_their_heads(store, monkeypatch)
     candidates are the same heads, trained once, and the tie goes to the larger lam as before."""
     import pipeline.tune as tune_module
     widths = []
-    train = tune_module.train_linear_heads
-    monkeypatch.setattr(tune_module, "train_linear_heads", lambda X, *a, **k: widths.append(X.shape[1]) or train(X, *a, **k))
+    train = tune_module.train_stacked_heads
+    monkeypatch.setattr(tune_module, "train_stacked_heads",
+                        lambda Xs, *a, **k: widths.extend(X.shape[1] for X in Xs) or train(Xs, *a, **k))
     results, candidates = run(store, tune_cfg(**{"methods": ["head2toe"], "tune.grid.lam": [50.0, 10.0, 2e-3]}))
     by = {(c["lam"], c["fraction"], c["head_steps"]): c for c in candidates}
     for fraction in (0.05, 0.3):
@@ -119,8 +121,9 @@ def test_the_lam_path_is_warm_started_and_matches_cold_solves(store, tmp_path):
 
 
 def test_groups_trained_at_once_give_the_candidates_of_groups_trained_in_turn(store):
-    """head.workers=2 trains groups of heads concurrently, the widest first: the same candidates in the same
-    order with the same accuracies as one group after the other; the progress bar counts every candidate."""
+    """head.workers=2 trains groups of heads concurrently, the widest first, and head.stack=true each round's groups
+    as one padded computation: the same candidates in the same order with the same accuracies as one group after
+    the other; the progress bar counts every candidate."""
     class Bar:
         count = 0
 
@@ -128,12 +131,13 @@ def test_groups_trained_at_once_give_the_candidates_of_groups_trained_in_turn(st
             self.count += n
 
     candidates = {}
-    for workers in (1, 2):
-        job = tune_cfg(**{"tune.folds": 2, "head.workers": workers})
+    for workers, stack in ((1, False), (2, False), (2, True)):
+        job = tune_cfg(**{"tune.folds": 2, "head.workers": workers, "head.stack": stack})
         bar = Bar()
-        candidates[workers] = candidates_for_store(store, job, check_job(job), bar=bar)
-        assert bar.count == len(candidates[workers]) == 2 * (2 * 2 * 2 + 2)
-    for a, b in zip(candidates[1], candidates[2]):
+        candidates[workers, stack] = candidates_for_store(store, job, check_job(job), bar=bar)
+        assert bar.count == len(candidates[workers, stack]) == 2 * (2 * 2 * 2 + 2)
+    for a, b in itertools.chain(zip(candidates[1, False], candidates[2, False]),
+                                zip(candidates[1, False], candidates[2, True])):
         assert {k: a[k] for k in CSV_FIELDS if "accuracy" not in k} == {k: b[k] for k in CSV_FIELDS if "accuracy" not in k}
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-9)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1e-9)
@@ -180,16 +184,19 @@ def _one_at_a_time(X, y, num_classes, settings, batch_size, seed=0, device="cpu"
                                    steps, batch_size, seed) for lr, steps in settings]
 
 
-@pytest.mark.parametrize("task", ["sum", "product"])
-def test_heads_trained_together_choose_what_heads_trained_alone_choose(tmp_path, rng, monkeypatch, task):
+@pytest.mark.parametrize("task,stack", [("sum", False), ("product", False), ("sum", True), ("product", True)])
+def test_heads_trained_together_choose_what_heads_trained_alone_choose(tmp_path, rng, monkeypatch, task, stack):
+    """Heads batched per group (and, with head.stack, every group of a round in one padded computation) make the
+    choices and accuracies of every head trained alone, on two tasks."""
     n = {"train": 96, "val": 32, "test": 40}
     X = {s: np.abs(rng.standard_normal((m, sum(WIDTHS)))).astype(np.float32) for s, m in n.items()}
     rule = (lambda x: x[:, 3] + x[:, 50] > x[:, 70] + x[:, 100]) if task == "sum" else (lambda x: x[:, 5] * x[:, 90] > 0.5)
     store = make_store(tmp_path / f"{task}.zarr", X, {s: rule(x).astype(np.int64) for s, x in X.items()}, 2,
                        dtype="float16", spec={"widths": WIDTHS, "pooling": {"target_size": 64}})
-    job = tune_cfg(**{"tune.grid.head_lr": [0.01, 0.1]})
+    job = tune_cfg(**{"tune.grid.head_lr": [0.01, 0.1], "head.stack": stack})
     together, candidates = run(store, job)
-    monkeypatch.setattr("pipeline.tune.train_linear_heads", _one_at_a_time)
+    assert all(r["tune_heads_stacked"] is stack for r in together)
+    monkeypatch.setattr("pipeline.tune.train_stacked_heads", lambda Xs, *a, **k: [_one_at_a_time(X, *a, **k) for X in Xs])
     alone, alone_candidates = run(store, job)
     for a, b in zip(together, alone):
         assert a["chosen"] == b["chosen"] and a["method"] == b["method"]
