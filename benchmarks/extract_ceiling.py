@@ -92,6 +92,7 @@ def main() -> None:
 
             def stored(writers: int) -> float:
                 shutil.rmtree(root, ignore_errors=True)
+                os.sync()  # the previous run's writeback is written before this one starts (roofline.py's settle)
                 cfg.extract.writers = writers
                 result = extract(cfg, plan, forward=forward)
                 return result.seconds
@@ -107,6 +108,7 @@ def main() -> None:
                     for t, block in enumerate(host):
                         np.save(os.path.join(root, f"{t}-{shard}.npy"), block[:rows])
 
+                os.sync()
                 start = time.perf_counter()
                 with ThreadPoolExecutor(writers) as pool:
                     list(pool.map(save, shards))
