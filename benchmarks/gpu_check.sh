@@ -18,6 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python3 benchmarks/roofline.py --device cuda "$@"
 python3 benchmarks/decode.py --images 512 --rounds 3
 # Heads on the device against the host's CPU (benchmarks/tune_cost.py): the default tune of the embedded
-# default, groups of heads at once and each round stacked into one computation, on each (~3 min with the
-# store's extraction).
-python3 benchmarks/tune_cost.py --modes together,stacked --devices cpu,cuda store.root=/tmp/h2t-gpu-stores
+# default: groups of heads trained at once on each, then each round stacked into one computation on the device
+# (head.stack, the GPU's default; ~3 min with the store's extraction).
+python3 benchmarks/tune_cost.py --modes together --devices cpu,cuda store.root=/tmp/h2t-gpu-stores
+python3 benchmarks/tune_cost.py --modes stacked --devices cuda store.root=/tmp/h2t-gpu-stores
