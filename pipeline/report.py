@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
-from matplotlib.figure import Figure
 
 from .errors import H2TError
 
@@ -40,7 +39,7 @@ def plot_selection(result: dict, layer_names: list[str], path: Path) -> Path:
     """Bar chart: how many features each tap contributes to the selection, in network order; one panel per
     backbone when the store is a union of several (layers named `<backbone>/<tap>`)."""
     backbones = list(result.get("selected_per_backbone") or [""])
-    fig = Figure(figsize=(max(6, 0.18 * len(layer_names) / len(backbones)), 3.2 * len(backbones)))
+    fig = new_figure((max(6, 0.18 * len(layer_names) / len(backbones)), 3.2 * len(backbones)))
     axes = fig.subplots(len(backbones), 1, squeeze=False)[:, 0]
     for ax, backbone in zip(axes, backbones):
         prefix = f"{backbone}/" if backbone else ""
@@ -187,7 +186,7 @@ def plot_sweep(rows: list[dict], out: Path) -> list[Path]:
     per_layer = [r for r in h2t if r.get("selected_per_layer")][:12]
     if per_layer:
         panels = layer_panels(per_layer)
-        fig = Figure(figsize=(7, 3.5 * len(panels)))
+        fig = new_figure((7, 3.5 * len(panels)))
         axes = fig.subplots(len(panels), 1, squeeze=False)[:, 0]
         for ax, (backbone, lines) in zip(axes, panels.items()):  # one panel per backbone, in network order
             for label, counts in lines:
@@ -215,9 +214,17 @@ def layer_panels(rows: list[dict]) -> dict[str, list[tuple[str, list[int]]]]:
     return panels
 
 
+def new_figure(size: tuple[float, float]):
+    """A figure of its own (no pyplot: nothing process-wide, no backend to switch). matplotlib is imported here,
+    when something is drawn: every verb loads this module (the sweep callback, the table), and the import
+    costs ~0.4 s."""
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    return Figure(figsize=size)
+
+
 def _figure(size: tuple[float, float]):
-    """A figure of its own (no pyplot: nothing process-wide, no backend to switch)."""
-    fig = Figure(figsize=size)
+    fig = new_figure(size)
     return fig, fig.subplots()
 
 

@@ -92,3 +92,22 @@ def test_the_run_table_lists_each_method():
     text = format_table([result("head2toe", 1e-3, 0.1, 0.7, 0.6), result("linear", None, None, 0.4, None)])
     lines = text.splitlines()
     assert len(lines) == 3 and "70.0" in lines[1] and "n/a" in lines[2]
+
+
+def test_matplotlib_is_loaded_when_a_plot_is_drawn_not_by_the_modules_every_verb_imports(tmp_path):
+    """The sweep callback and the result tables load pipeline.report in every verb; matplotlib (~0.4 s to
+    import) comes in only when a figure is made."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport pipeline.jobs, pipeline.report, pipeline.tasks\n"
+            "before = 'matplotlib' in sys.modules\n"
+            "from pipeline.report import plot_selection\n"
+            "result = {'selected_per_layer': {'a': 3, 'b': 1}, 'model': 'm', 'task': 't', 'n_features_selected': 4, "
+            "'n_features_total': 9, 'test_accuracy': 0.5}\n"
+            f"plot_selection(result, ['a', 'b'], __import__('pathlib').Path({str(tmp_path / 's.png')!r}))\n"
+            "print(before, 'matplotlib' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]
+    assert Image.open(tmp_path / "s.png").size[0] > 0
