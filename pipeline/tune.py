@@ -215,7 +215,7 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
            y_fit, y_val, num_classes: int, values, head_cfg: HeadConfig, device: torch.device) -> list[list[tuple]]:
     """Per column set (`columns`, `selected`: see `_fit_and_val`), (lr, steps, train accuracy, validation
     accuracy) of a head for every (lr, steps) of the grid. The heads share their rows, so they are trained as one
-    computation: one set's by `train_linear_heads`, several sets zero-padded and stacked (`train_stacked_heads`)."""
+    computation: one set's as `train_linear_heads` trains it, several sets zero-padded and stacked (`train_stacked_heads`)."""
     matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
@@ -228,7 +228,7 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
 class _Group:
     """Heads that share their rows and columns: `_heads`' arguments for its column set, the candidates that
     read its results."""
-    round: int
+    round_index: int
     width: int
     columns: np.ndarray
     selected: tuple[dict, np.ndarray] | None
@@ -251,9 +251,9 @@ class _Trainings:
         self.pool, self.bar, self.timed, self.stack = pool, bar, timed, stack
         self.queued: list[_Group] = []
 
-    def add(self, round: int, width: int, columns: np.ndarray, common: tuple,
+    def add(self, round_index: int, width: int, columns: np.ndarray, common: tuple,
             selected: tuple[dict, np.ndarray] | None = None) -> _Group:
-        group = _Group(round, width, columns, selected, common)
+        group = _Group(round_index, width, columns, selected, common)
         self.queued.append(group)
         return group
 
@@ -262,7 +262,7 @@ class _Trainings:
         if self.stack:
             rounds: dict[int, list[_Group]] = {}
             for group in self.queued:
-                rounds.setdefault(group.round, []).append(group)
+                rounds.setdefault(group.round_index, []).append(group)
             batches = list(rounds.values())
         else:
             batches = [[group] for group in sorted(self.queued, key=lambda g: -g.width)]
