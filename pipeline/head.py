@@ -134,7 +134,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
         return []
     G, n = len(sets), len(y)
     widths = [X.shape[1] for X in sets]
-    d = max(widths, default=0)
+    d = max(widths)
     m, K = len(settings), int(num_classes)
     steps = [int(s) for _, s in settings]
     if G == 1:  # no padding: the caller's float32 rows as they are

@@ -175,9 +175,9 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
     device = torch.device(plan.device)
     workers = head_workers(device, head.workers)
 
-    def step_seconds(width: int, sets: int = 1) -> float:
+    def step_seconds(width: int, sets: int = 1, at_once: int = workers) -> float:
         """Seconds per step of a training of `sets` groups of this width (one unless stacked), as the tune trains
-        them: `workers` at once."""
+        them: `at_once` trainings at the same time."""
         X = rng.random((max(plan.fit_rows, 1), width), dtype=np.float32)
         y = rng.integers(0, num_classes, len(X))
         short = [(lr, 20) for lr, _ in settings]
@@ -185,13 +185,14 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
             for _ in range(2):  # the first round warms every worker up
                 start = time.perf_counter()
                 for future in [pool.submit(train_stacked_heads, [X] * sets, y, num_classes, short,
-                                           int(head.batch_size), 0, device) for _ in range(workers)]:
+                                           int(head.batch_size), 0, device) for _ in range(at_once)]:
                     future.result()
-        return (time.perf_counter() - start) / (20 * workers)
+        return (time.perf_counter() - start) / (20 * at_once)
 
     low, high = min(widths), max(widths)
     if stack_heads(device, head.stack):  # a round's groups over every T, all padded to the widest: an upper bound
-        seconds = plan.rounds * longest * step_seconds(high, len(widths))
+        # one training per round: fewer rounds than workers leave workers idle
+        seconds = plan.rounds * longest * step_seconds(high, len(widths), min(workers, plan.rounds))
         return replace(plan, groups=groups, heads_seconds=seconds, workers=workers, stacked=True)
     t_low = step_seconds(low)
     t_high = step_seconds(high) if high != low else t_low
