@@ -19,6 +19,6 @@ python3 benchmarks/roofline.py --device cuda "$@"
 python3 benchmarks/decode.py --images 512 --rounds 3
 # Heads on the device against the host's CPU (benchmarks/tune_cost.py): the default tune of the embedded
 # default: groups of heads trained at once on each, then each round stacked into one computation on the device
-# (head.stack, the GPU's default; ~3 min with the store's extraction).
+# (head.stack, the GPU's default) with float32 and bfloat16 products (head.precision; ~3 min with extraction).
 python3 benchmarks/tune_cost.py --modes together --devices cpu,cuda store.root=/tmp/h2t-gpu-stores
-python3 benchmarks/tune_cost.py --modes stacked --devices cuda store.root=/tmp/h2t-gpu-stores
+python3 benchmarks/tune_cost.py --modes stacked --devices cuda --precisions float32,bfloat16 store.root=/tmp/h2t-gpu-stores

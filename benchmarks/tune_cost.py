@@ -3,6 +3,7 @@
     python benchmarks/tune_cost.py [--modes alone,together] [overrides ...]
     python benchmarks/tune_cost.py tune.folds=5 "tune.grid.target_size=[512,2048]"   # the paper's protocol
     python benchmarks/tune_cost.py --modes together --devices cpu,cuda          # heads on the GPU against the CPU
+    python benchmarks/tune_cost.py --modes together --precisions float32,bfloat16   # the heads' product dtype
 
 The tune's stores are made first (extraction is not timed). Then, in this run and on the same stores, the
 same tune runs once per mode, each from cold scores (the cached relevance and column views are deleted
@@ -15,7 +16,8 @@ before each run, so both pay the scoring path):
             single-threaded group per torch thread on a CPU; pipeline/head.py training_pool)
   stacked   each round's groups zero-padded and stacked into one computation (head.stack=true, pipeline/head.py
             train_stacked_heads), as `h2t tune` runs them on a GPU
-Printed per mode (and per `--devices` entry, where the heads train: head.device): wall time, candidates/s,
+Printed per mode (and per `--devices` entry, where the heads train: head.device, and per `--precisions` entry,
+the dtype of their matrix products: head.precision): wall time, candidates/s,
 time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
 whether the choices agree, the speed-up, how many candidates' validation accuracies differ between the modes
 (the largest gap) and, where the choices differ, each winner's mean validation accuracy in both modes.
@@ -35,7 +37,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import pipeline.tune as tune_module
-from pipeline.config import CONF_DIR, register, settings
+from pipeline.config import CONF_DIR, HeadPrecision, register, settings
 from pipeline.extract import ensure_store
 from pipeline.head import epoch_batches
 from pipeline.runtime import keep_freed_memory
@@ -67,8 +69,9 @@ def heads_alone(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
     return heads
 
 
-def sets_alone(Xs, y, num_classes, settings, batch_size, seed=0, device="cpu"):
-    """`train_stacked_heads`' signature, every head of every column set trained by itself (`heads_alone`)."""
+def sets_alone(Xs, y, num_classes, settings, batch_size, seed=0, device="cpu", precision="float32"):
+    """`train_stacked_heads`' signature, every head of every column set trained by itself (`heads_alone`, in
+    float32 whatever `precision` says: the textbook baseline)."""
     return [heads_alone(X, y, num_classes, settings, batch_size, seed, device) for X in Xs]
 
 
@@ -96,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modes", default="alone,together", help="alone, serial, together and/or stacked")
     parser.add_argument("--devices", default=None, help="head.device values to compare, e.g. cpu,cuda")
+    parser.add_argument("--precisions", default=None, help="head.precision values to compare: float32,bfloat16")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -107,16 +111,18 @@ def main() -> None:
           f"T {values['target_size']}, folds {job.tune.folds}, torch threads {torch.get_num_threads()}")
     print(f"{'mode':16s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
     devices = args.devices.split(",") if args.devices else [str(job.probe.head.device)]
+    precisions = args.precisions.split(",") if args.precisions else [str(job.probe.head.precision)]
     outcome = {}
     for mode in args.modes.split(","):
         for device in devices:
-            name = mode if len(devices) == 1 else f"{mode}@{device}"
-            on_device = replace(job, probe=replace(job.probe, head=replace(job.probe.head, device=device)))
-            r = outcome[name] = run(on_device, stores, mode)
-            chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
-            s = r["stages"]
-            print(f"{name:16s} {r['seconds']:8.1f} {len(r['candidates']) / r['seconds']:7.2f} {s['score']:8.1f} "
-                  f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
+            for precision in precisions:
+                name = mode + (f"@{device}" if len(devices) > 1 else "") + (f"/{precision}" if len(precisions) > 1 else "")
+                head = replace(job.probe.head, device=device, precision=HeadPrecision(precision))
+                r = outcome[name] = run(replace(job, probe=replace(job.probe, head=head)), stores, mode)
+                chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
+                s = r["stages"]
+                print(f"{name:16s} {r['seconds']:8.1f} {len(r['candidates']) / r['seconds']:7.2f} {s['score']:8.1f} "
+                      f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
     names = list(outcome)
     for other in names[1:]:
         a, b = outcome[names[0]], outcome[other]

@@ -98,14 +98,16 @@ def evaluate(head, store, rows: Rows | str, plan: dict[str, np.ndarray], view=No
 
 
 def train_linear_head(X: np.ndarray, y: np.ndarray, num_classes: int, lr: float, steps: int,
-                      batch_size: int, seed: int = 0, device: str | torch.device = "cpu") -> torch.nn.Linear:
+                      batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
+                      precision: str = "float32") -> torch.nn.Linear:
     """Unregularised softmax regression: Adam (0.9, 0.999, eps 1e-7), cosine decay to 0; batches follow one
     seeded permutation per epoch (`epoch_batches`), so every row is trained on every epoch."""
-    return train_linear_heads(X, y, num_classes, [(lr, steps)], batch_size, seed, device)[0]
+    return train_linear_heads(X, y, num_classes, [(lr, steps)], batch_size, seed, device, precision)[0]
 
 
 def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings: Sequence[tuple[float, int]],
-                       batch_size: int, seed: int = 0, device: str | torch.device = "cpu") -> list[torch.nn.Linear]:
+                       batch_size: int, seed: int = 0, device: str | torch.device = "cpu",
+                       precision: str = "float32") -> list[torch.nn.Linear]:
     """One head per (lr, steps) of `settings`, all on the same rows, trained as one computation.
 
     Each head is what `train_linear_head` alone gives (tests/test_head.py compares them with torch's own
@@ -113,13 +115,20 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     cosine schedule, Adam's moments per head. The heads' weights sit side by side in one (d, heads x K)
     matrix, so a step gathers the batch once and does two matrix products for all of them; the gradient of
     the mean cross-entropy is written out (softmax - one-hot) instead of recorded by autograd, and Adam is
-    torch's fused kernel over all of them at once. On `device` (a GPU when there is one)."""
-    return train_stacked_heads([X], y, num_classes, settings, batch_size, seed, device)[0]
+    torch's fused kernel over all of them at once. On `device` (a GPU when there is one).
+
+    `precision` (`head.precision`) is the dtype of the two matrix products: with "bfloat16" the rows and, at each
+    step, the weights and the gradient of the logits enter them rounded to bfloat16 (sums in float32, the results
+    rounded to bfloat16), while the weights, Adam's moments, the bias and the softmax stay float32: the usual
+    mixed-precision recipe. Where the CPU has bfloat16 dot products (avx512_bf16, AMX) or on a GPU the products
+    take about half the time; the heads differ from float32's by about 1 % of their largest weight
+    (benchmarks/README.md, tune_cost.py --precisions)."""
+    return train_stacked_heads([X], y, num_classes, settings, batch_size, seed, device, precision)[0]
 
 
 def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: int,
                         settings: Sequence[tuple[float, int]], batch_size: int, seed: int = 0,
-                        device: str | torch.device = "cpu") -> list[list[torch.nn.Linear]]:
+                        device: str | torch.device = "cpu", precision: str = "float32") -> list[list[torch.nn.Linear]]:
     """`train_linear_heads` for several column sets of the same rows at once (one tune round's selections:
     every lam and F): set g's heads are `result[g]`, one per setting.
 
@@ -127,7 +136,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     products and one Adam pass for every head of every set. A padded column's gradient is exactly 0, so is its
     Adam update, and its weights stay 0: each head is the one trained alone, up to the order of the products'
     sums. Padding costs the widest width's arithmetic for every set (2.35x the default F grid's), which a GPU
-    absorbs and a CPU does not: `head.stack` chooses (tune.py)."""
+    absorbs and a CPU does not: `head.stack` chooses (tune.py). `precision`: as in `train_linear_heads`."""
     device = torch.device(device)
     sets = [np.asarray(X) for X in Xs]
     if not sets:
@@ -144,6 +153,8 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
         for g, X in enumerate(sets):
             Xt[g, :, :widths[g]] = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
         Xt = Xt.to(device)
+    compute = PRECISIONS[str(precision)]
+    Xt = Xt.to(compute)
     labels = torch.as_tensor(np.asarray(y, np.int64))
     one_hot = torch.zeros(n, K).index_put_((torch.arange(n), labels), torch.tensor(1.0)).to(device)
     W = torch.zeros(G, d, m * K, device=device)
@@ -178,11 +189,16 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
         with torch.no_grad():
             idx = batches[t]
             xb = torch.index_select(Xt, 1, idx)  # 4x faster than Xt[:, idx] on the CPU
-            logits = torch.baddbmm(b, xb, W).view(G, len(idx), len(active), K)
+            if compute == torch.float32:
+                logits = torch.baddbmm(b, xb, W)
+            else:
+                logits = torch.bmm(xb, W.to(compute)).float().add_(b)
+            logits = logits.view(G, len(idx), len(active), K)
             grad = torch.softmax(logits, dim=3)
             grad.sub_(torch.index_select(one_hot, 0, idx)[None, :, None, :])
             grad = grad.view(G, len(idx), len(active) * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
-            update_W, update_b = adam.step([torch.bmm(xb.transpose(1, 2), grad), grad.sum(1, keepdim=True)])
+            grad_W = torch.bmm(xb.transpose(1, 2), grad.to(compute)).float()
+            update_W, update_b = adam.step([grad_W, grad.sum(1, keepdim=True)])
             W.addcmul_(update_W, scales[t])
             b.addcmul_(update_b, scales[t])
     for i, h in enumerate(active):
@@ -194,6 +210,9 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                 head.weight.copy_(finished[h][0][g, :widths[g]].T)
                 head.bias.copy_(finished[h][1][g, 0])
     return heads
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def head_workers(device: torch.device, workers: int | None = None) -> int:

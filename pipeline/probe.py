@@ -122,7 +122,8 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
         plan = whole_layers(store.layers, [layer["name"]])
         X_fit = read_columns(store, fit, plan)
         head = train_linear_head(X_fit, y_fit, store.info.num_classes, float(head_cfg.lr), int(head_cfg.steps),
-                                 int(head_cfg.batch_size), int(head_cfg.seed), device)
+                                 int(head_cfg.batch_size), int(head_cfg.seed), device,
+                                 str(head_cfg.precision))
         entry = {"layer": layer["name"], "dim": int(layer["dim"]), "train_accuracy": accuracy(head, X_fit, y_fit),
                  "val_accuracy": None if validate is None else evaluate(head, store, validate, plan),
                  "test_accuracy": evaluate(head, store, "test", plan)}
@@ -137,7 +138,8 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": str(Method.per_layer), "target_size": spec["pooling"]["target_size"],
         "lam": None, "fraction": None, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
-        "head_device": str(device), "tie_rule": None, "n_features_total": store.n_features,
+        "head_device": str(device), "head_precision": str(head_cfg.precision), "tie_rule": None,
+        "n_features_total": store.n_features,
         "n_features_selected": chosen["dim"], "selected_per_layer": {chosen["layer"]: chosen["dim"]},
         "selected_per_backbone": per_backbone(store, {chosen["layer"]: chosen["dim"]}),
         "best_layer": chosen["layer"], "per_layer": per_layer,
@@ -197,7 +199,8 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
     t = time.perf_counter()
     device = resolve_device(head_cfg.device, "head.device")
     head = train_linear_head(X_train, y_train, store.info.num_classes, float(head_cfg.lr),
-                             int(head_cfg.steps), int(head_cfg.batch_size), int(head_cfg.seed), device)
+                             int(head_cfg.steps), int(head_cfg.batch_size), int(head_cfg.seed), device,
+                             str(head_cfg.precision))
     timings["head"] = time.perf_counter() - t
     t = time.perf_counter()
     train_accuracy = accuracy(head, X_train, y_train)
@@ -210,7 +213,7 @@ def probe_store(store, job: ProbeJob, progress: bool = False, save_head_to: Path
         "task": spec["dataset"]["name"], "model": spec["model"]["name"], "store_id": store.id,
         "store_path": str(store.path), "method": str(method), "target_size": spec["pooling"]["target_size"],
         "lam": lam, "fraction": fraction, "head_lr": float(head_cfg.lr), "head_steps": int(head_cfg.steps),
-        "head_device": str(device),
+        "head_device": str(device), "head_precision": str(head_cfg.precision),
         "tie_rule": str(job.select.tie_rule) if method == Method.head2toe else None,
         "n_features_total": store.n_features, "n_features_selected": n_selected,
         "selected_per_layer": ({layer["name"]: int(len(plan.get(layer["name"], ()))) for layer in store.layers}

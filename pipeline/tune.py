@@ -120,6 +120,7 @@ class TunePlan:
     device: str
     workers: int = 1  # groups of heads trained at once (head.workers)
     stacked: bool = False  # each round's groups as one padded computation (head.stack)
+    precision: str = "float32"  # the heads' matrix products (head.precision)
 
     @property
     def total(self) -> int:
@@ -131,6 +132,7 @@ class TunePlan:
                  f"{self.rounds} round(s) of {self.fit_rows} fitted rows"]
         lines += [f"  T={T:<6d} {status}: {path}" for T, path, status in self.stores]
         where = f"{self.device} ({self.workers} at once)" if self.workers > 1 else self.device
+        where += f", {self.precision} products" if self.precision != "float32" else ""
         count = self.rounds if self.stacked else len(self.groups)
         trainings = f"{count} {'stacked' if self.stacked else 'batched'} training{'s' * (count != 1)}"
         lines.append(f"  heads: {trainings} of {sum(h for _, h, _ in self.groups)} heads on "
@@ -152,7 +154,8 @@ def plan_tune(job: TuneJob, values: dict[str, list], status_of: Callable[[Extrac
     rounds = max(folds, 1)
     fit_rows = pool - splits.get("val", 0) if folds == 0 else pool * (folds - 1) // folds
     device = resolve_device(job.probe.head.device, "head.device")
-    return TunePlan(stores, rounds, fit_rows, count_candidates(job, values), [], 0.0, str(device))
+    return TunePlan(stores, rounds, fit_rows, count_candidates(job, values), [], 0.0, str(device),
+                    precision=str(job.probe.head.precision))
 
 
 def count_candidates(job: TuneJob, values: dict[str, list]) -> dict[str, int]:
@@ -185,7 +188,8 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
             for _ in range(2):  # the first round warms every worker up
                 start = time.perf_counter()
                 for future in [pool.submit(train_stacked_heads, [X] * sets, y, num_classes, short,
-                                           int(head.batch_size), 0, device) for _ in range(at_once)]:
+                                           int(head.batch_size), 0, device, str(head.precision))
+                               for _ in range(at_once)]:
                     future.result()
         return (time.perf_counter() - start) / (20 * at_once)
 
@@ -220,7 +224,7 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
     matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
-                                int(head_cfg.batch_size), int(head_cfg.seed), device)
+                                int(head_cfg.batch_size), int(head_cfg.seed), device, str(head_cfg.precision))
     return [[(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
              for (lr, steps), head in zip(settings, per_set)] for (X_fit, X_val), per_set in zip(matrices, heads)]
 

@@ -270,13 +270,14 @@ def test_a_verb_run_in_process_leaves_argv_and_the_environment_as_they_were(tmp_
     assert sys.argv == argv and "HYDRA_FULL_ERROR" not in __import__("os").environ
 
 
-@pytest.mark.parametrize("verb,extra", [("probe", []), ("tune", []), ("tune", ["head.stack=true"])])  # run: probe's path
-def test_extract_plan_only_prints_the_plan_and_makes_nothing(tmp_path, verb, extra):
+@pytest.mark.parametrize("verb,extra", [("probe", []), ("tune", []), ("tune", ["head.stack=true", "head.precision=bfloat16"])])
+def test_extract_plan_only_prints_the_plan_and_makes_nothing(tmp_path, verb, extra):  # run: probe's path
     proc = h2t(tmp_path, verb, *TINY, "extract.plan_only=true", *extra)
     said = proc.stdout + proc.stderr
     assert ("tune plan: " in said and "to extract" in said) if verb == "tune" else ("plan: " in said and "taps," in said)
     if verb == "tune":  # one round (the val split): one stacked training, else one per group
         assert ("heads: 1 stacked training of" in said) == bool(extra) and ("batched trainings" in said) != bool(extra)
+        assert ("cpu, bfloat16 products" in said) == bool(extra)
     assert not (tmp_path / "stores").exists() or not any((tmp_path / "stores").rglob("zarr.json"))
     assert not list(tmp_path.rglob("results.json"))
 

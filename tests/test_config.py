@@ -81,6 +81,7 @@ def test_every_group_option_composes_under_the_schema(option):
     ("select.tie_rule=random", "select.tie_rule"), ("model.precision=int8", "model.precision"),
     ("probe.on_incomplete=retry", "probe.on_incomplete"), ("tune.folds=five", "tune.folds"),
     ("extract.workers=many", "extract.workers"), ("score.lamda=1", "lamda"),
+    ("head.precision=float16", "head.precision"),
 ])
 def test_the_schema_refuses_bad_types_and_choices_when_composed(override, key):
     from hydra.errors import ConfigCompositionException

@@ -69,6 +69,9 @@ def test_entry_order_ranks_zero_rows_by_the_largest_lam_at_which_they_enter(stor
 def test_the_head_trains_where_head_device_says_and_results_say_where(store):
     result = probe_store(store, cfg(**{"head.device": "cpu", "probe.fit_on": ["train"]}))
     assert result["head_device"] == "cpu" and result["test_accuracy"] is not None
+    assert result["head_precision"] == "float32"
+    bf16 = probe_store(store, cfg(**{"head.device": "cpu", "head.precision": "bfloat16"}))
+    assert bf16["head_precision"] == "bfloat16" and bf16["selected_per_layer"] == result["selected_per_layer"]
     if not torch.cuda.is_available():
         with pytest.raises(H2TError, match="head.device=cuda: no CUDA device"):
             check_settings(cfg(**{"head.device": "cuda"}))

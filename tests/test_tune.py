@@ -175,7 +175,7 @@ def test_a_wrong_type_or_unknown_choice_is_refused_by_the_schema(key, value):
         tune_cfg(**{key: value})
 
 
-def _one_at_a_time(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
+def _one_at_a_time(X, y, num_classes, settings, batch_size, seed=0, device="cpu", precision="float32"):
     """Each head alone, the textbook way (autograd, torch.optim.Adam, LambdaLR): what tune did before heads
     that share rows were trained together."""
     from tests.test_head import _alone_with_torch_adam
