@@ -4,6 +4,7 @@
     python benchmarks/tune_cost.py tune.folds=5 "tune.grid.target_size=[512,2048]"   # the paper's protocol
     python benchmarks/tune_cost.py --modes together --devices cpu,cuda          # heads on the GPU against the CPU
     python benchmarks/tune_cost.py --modes together --precisions float32,bfloat16   # the heads' product dtype
+    python benchmarks/tune_cost.py --modes together --precisions float32,bfloat16 --seeds 0,1   # ... against batch order
 
 The tune's stores are made first (extraction is not timed). Then, in this run and on the same stores, the
 same tune runs once per mode, each from cold scores (the cached relevance and column views are deleted
@@ -17,7 +18,8 @@ before each run, so both pay the scoring path):
   stacked   each round's groups zero-padded and stacked into one computation (head.stack=true, pipeline/head.py
             train_stacked_heads), as `h2t tune` runs them on a GPU
 Printed per mode (and per `--devices` entry, where the heads train: head.device, and per `--precisions` entry,
-the dtype of their matrix products: head.precision): wall time, candidates/s,
+the dtype of their matrix products: head.precision, and per `--seeds` entry: head.seed, the order of the
+batches, whose effect is the yardstick for any other change of numbers): wall time, candidates/s,
 time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
 whether the choices agree, the speed-up, how many candidates' validation accuracies differ between the modes
 (the largest gap) and, where the choices differ, each winner's mean validation accuracy in both modes.
@@ -25,6 +27,7 @@ whether the choices agree, the speed-up, how many candidates' validation accurac
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import time
@@ -100,6 +103,7 @@ def main() -> None:
     parser.add_argument("--modes", default="alone,together", help="alone, serial, together and/or stacked")
     parser.add_argument("--devices", default=None, help="head.device values to compare, e.g. cpu,cuda")
     parser.add_argument("--precisions", default=None, help="head.precision values to compare: float32,bfloat16")
+    parser.add_argument("--seeds", default=None, help="head.seed values to compare, e.g. 0,1")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -109,20 +113,20 @@ def main() -> None:
     stores = {T: ensure_store(job.extract.with_target_size(T)).store for T in values["target_size"]}
     print(f"{job.extract.model.name} on {stores[values['target_size'][0]].info.spec['dataset']['name']}: "
           f"T {values['target_size']}, folds {job.tune.folds}, torch threads {torch.get_num_threads()}")
-    print(f"{'mode':16s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
+    print(f"{'mode':24s} {'wall s':>8s} {'cand/s':>7s} {'score s':>8s} {'read s':>7s} {'heads s':>8s}  chosen (test %)")
     devices = args.devices.split(",") if args.devices else [str(job.probe.head.device)]
     precisions = args.precisions.split(",") if args.precisions else [str(job.probe.head.precision)]
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [int(job.probe.head.seed)]
     outcome = {}
-    for mode in args.modes.split(","):
-        for device in devices:
-            for precision in precisions:
-                name = mode + (f"@{device}" if len(devices) > 1 else "") + (f"/{precision}" if len(precisions) > 1 else "")
-                head = replace(job.probe.head, device=device, precision=HeadPrecision(precision))
-                r = outcome[name] = run(replace(job, probe=replace(job.probe, head=head)), stores, mode)
-                chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
-                s = r["stages"]
-                print(f"{name:16s} {r['seconds']:8.1f} {len(r['candidates']) / r['seconds']:7.2f} {s['score']:8.1f} "
-                      f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
+    for mode, device, seed, precision in itertools.product(args.modes.split(","), devices, seeds, precisions):
+        name = (mode + (f"@{device}" if len(devices) > 1 else "") + (f"/{precision}" if len(precisions) > 1 else "")
+                + (f"/seed{seed}" if len(seeds) > 1 else ""))
+        head = replace(job.probe.head, device=device, precision=HeadPrecision(precision), seed=seed)
+        r = outcome[name] = run(replace(job, probe=replace(job.probe, head=head)), stores, mode)
+        chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in r["results"])
+        s = r["stages"]
+        print(f"{name:24s} {r['seconds']:8.1f} {len(r['candidates']) / r['seconds']:7.2f} {s['score']:8.1f} "
+              f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
     names = list(outcome)
     for other in names[1:]:
         a, b = outcome[names[0]], outcome[other]
@@ -142,8 +146,8 @@ def compare_candidates(name_a: str, a: dict, name_b: str, b: dict) -> None:
         print("the two modes ran different candidates")
         return
     gaps = np.array([abs(va[k] - vb[k]) for k in va])
-    print(f"candidates with a different validation accuracy: {int((gaps > 0).sum())} of {len(gaps)}, largest "
-          f"gap {100 * gaps.max():.2f} points")
+    print(f"candidates with a different validation accuracy: {int((gaps > 0).sum())} of {len(gaps)}, mean gap "
+          f"{100 * gaps.mean():.2f}, largest {100 * gaps.max():.2f} points")
     for x, y in zip(a["results"], b["results"]):
         if x["chosen"] != y["chosen"]:
             sa, sb = (tune_module.setting_scores(r["candidates"], x["method"]) for r in (a, b))
