@@ -18,6 +18,8 @@ from .errors import H2TError
 from .rows import Rows
 from .score.matrix import cast_into, normalise_rows_in_place
 
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # head.precision: the products' dtype
+
 
 def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None, part: slice = slice(None),
                  block_rows: int = 512, normalise: bool = True) -> np.ndarray:
@@ -121,8 +123,9 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     step, the weights and the gradient of the logits enter them rounded to bfloat16 (sums in float32, the results
     rounded to bfloat16), while the weights, Adam's moments, the bias and the softmax stay float32: the usual
     mixed-precision recipe. Where the CPU has bfloat16 dot products (avx512_bf16, AMX) or on a GPU the products
-    take about half the time; the heads differ from float32's by about 1 % of their largest weight
-    (benchmarks/README.md, tune_cost.py --precisions)."""
+    take about half the time. On real selected columns the weights moved by 1-2 % of the largest, and a tune's
+    validation accuracies 2.6-5x less than a change of `head.seed` moves them (benchmarks/README.md, tune_cost.py
+    --precisions --seeds)."""
     return train_stacked_heads([X], y, num_classes, settings, batch_size, seed, device, precision)[0]
 
 
@@ -210,9 +213,6 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                 head.weight.copy_(finished[h][0][g, :widths[g]].T)
                 head.bias.copy_(finished[h][1][g, 0])
     return heads
-
-
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def head_workers(device: torch.device, workers: int | None = None) -> int:
