@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .config import HeadConfig, Method, ProbeJob, ScoreConfig, SelectConfig, TieRule
-from .devices import resolve_device
+from .devices import native_bfloat16, resolve_device
 from .errors import H2TError
 from .head import accuracy, evaluate, read_columns, save_head, train_linear_head
 from .rows import Rows
@@ -63,7 +64,10 @@ def check_head(head: HeadConfig) -> None:
             raise H2TError(f"head.{key} must be > 0, got {getattr(head, key)!r}")
     if head.workers is not None and not head.workers >= 1:
         raise H2TError(f"head.workers must be >= 1 or null, got {head.workers!r}")
-    resolve_device(head.device, "head.device")  # a device this machine lacks is named before any work
+    device = resolve_device(head.device, "head.device")  # a device this machine lacks is named before any work
+    if str(head.precision) == "bfloat16" and native_bfloat16(device) is False:
+        warnings.warn(f"head.precision=bfloat16: {device} has no bfloat16 dot products, so the heads' products are "
+                      "emulated (slower than float32)", stacklevel=2)
 
 
 def rankings(store, score: ScoreConfig, select: SelectConfig, rows: Rows, lams, progress: bool = False,

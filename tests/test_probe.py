@@ -1,10 +1,13 @@
 """One probe (pipeline/probe.py): which rows it fits and validates on, settings refused before any work,
 and the order of the group lasso's exact zeros."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
 from pipeline.config import SelectConfig, TieRule
+from pipeline.devices import native_bfloat16
 from pipeline.errors import H2TError
 from pipeline.probe import check_settings, fit_rows, probe_store, rankings
 from pipeline.rows import Rows
@@ -77,3 +80,18 @@ def test_the_head_trains_where_head_device_says_and_results_say_where(store):
             check_settings(cfg(**{"head.device": "cuda"}))
     with pytest.raises(H2TError, match="head.device='tpu9' is not a torch device"):
         check_settings(cfg(**{"head.device": "tpu9"}))
+
+
+def test_bfloat16_heads_warn_where_the_cpu_would_emulate_them(tmp_path, monkeypatch):
+    cpu = torch.device("cpu")
+    for flags, native in (("fpu sse2 avx512f avx512_bf16", True), ("fpu sse2 avx2", False), ("fp asimd bf16", True)):
+        info = tmp_path / f"cpuinfo-{native}"
+        info.write_text(f"processor\t: 0\n{'Features' if 'asimd' in flags else 'flags'}\t\t: {flags}\n")
+        assert native_bfloat16(cpu, info) is native
+    assert native_bfloat16(cpu, tmp_path / "missing") is None
+    monkeypatch.setattr("pipeline.probe.native_bfloat16", lambda device: False)
+    with pytest.warns(UserWarning, match="head.precision=bfloat16: cpu has no bfloat16 dot products"):
+        check_settings(cfg(**{"head.device": "cpu", "head.precision": "bfloat16"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 never warns
+        check_settings(cfg(**{"head.device": "cpu"}))
