@@ -150,14 +150,13 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     m, K = len(settings), int(num_classes)
     steps = [int(s) for _, s in settings]
     if G == 1:  # no padding: the caller's float32 rows as they are
-        Xt = torch.as_tensor(np.ascontiguousarray(sets[0], dtype=np.float32))[None].to(device)
+        Xt = torch.as_tensor(np.ascontiguousarray(sets[0], dtype=np.float32))[None]
     else:
         Xt = torch.zeros(G, n, d)
         for g, X in enumerate(sets):
             Xt[g, :, :widths[g]] = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
-        Xt = Xt.to(device)
     compute = PRECISIONS[str(precision)]
-    Xt = Xt.to(compute)
+    Xt = Xt.to(device=device, dtype=compute)  # one copy: no float32 rows on the device before a bfloat16 one
     labels = torch.as_tensor(np.asarray(y, np.int64))
     one_hot = torch.zeros(n, K).index_put_((torch.arange(n), labels), torch.tensor(1.0)).to(device)
     W = torch.zeros(G, d, m * K, device=device)
