@@ -1,18 +1,20 @@
 """Compact stores: bytes, accuracy and read speed of `store.dtype=int8` against float16, side by side.
 
     python benchmarks/compact.py [--tasks shapes_location,...] [--skip-tune] [--target-size 1024]
+                                 [--variants float16:auto,int8:auto,int8:lz4] [--repeats 3]
 
 For each task of the built-in suite (and a folder of JPEG photos, for bytes only) the embedded default's
 model is extracted into a float16 store and an int8 store with the default codecs (`store.compression=auto`:
 lz4 for float16, zstd for int8), and an int8 store with lz4 (`store.compression` is layout, not numbers: the
-same accuracy). Printed per task and store:
+same accuracy); `--variants` names other store.dtype:store.compression pairs. Printed per task and store:
   bytes/feature  bytes on disk of the feature arrays (and, for int8, their scales and offsets) per stored
                  value (rows x D), every split
   tune test %    `h2t tune` (the default grid, val split) on that store: Head2Toe's test accuracy of the
                  chosen setting, refitted on train + val (the floor: int8 within 0.5 points of float16)
   pass s         one streamed datafit pass (loss + gradient) over the train split under a 64 MiB budget
   read s         the head's read of the top 10 % columns of the train split, directly from the features
-Speed figures are the fastest of three.
+Speed figures are the fastest of `--repeats` turns over every store of the task (in turns, so that drift in
+the machine's speed hits each store alike).
 """
 from __future__ import annotations
 
@@ -46,13 +48,10 @@ def feature_bytes(store) -> int:
                for f in (root / split / part).rglob("*") if f.is_file())
 
 
-def fastest(fn, repeats: int = 3) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def speeds(store) -> tuple[float, float]:
@@ -60,13 +59,13 @@ def speeds(store) -> tuple[float, float]:
     datafit = MultinomialLogistic(store.labels("train"), store.info.num_classes)
     W = np.zeros((store.n_features, store.info.num_classes), np.float32)
     b = np.zeros(store.info.num_classes, np.float32)
-    t_pass = fastest(lambda: datafit.value_grad(matrix, W, b))
+    t_pass = seconds(lambda: datafit.value_grad(matrix, W, b))
     rng = np.random.default_rng(0)
     plan = {}
     for layer in store.layers:  # a top-10 % selection's shape: a sorted subset of every layer
         k = max(1, layer["dim"] // 10)
         plan[layer["name"]] = np.sort(rng.choice(layer["dim"], k, replace=False))
-    t_read = fastest(lambda: read_columns(store, "train", plan))
+    t_read = seconds(lambda: read_columns(store, "train", plan))
     return t_pass, t_read
 
 
@@ -84,32 +83,42 @@ def main() -> None:
     parser.add_argument("--target-size", type=int, default=1024)
     parser.add_argument("--skip-tune", action="store_true", help="bytes and speed only")
     parser.add_argument("--photos", type=int, default=512, help="JPEG photos for the natural-image bytes row")
+    parser.add_argument("--repeats", type=int, default=3, help="turns over the stores; the fastest of each is kept")
+    parser.add_argument("--variants", default="float16:auto,int8:auto,int8:lz4",
+                        help="store.dtype:store.compression pairs, e.g. int8:zstd,int8:lz4hc")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="h2t-compact-")
     tasks = [[f"data={task}"] for task in args.tasks.split(",")]
+    variants = [tuple(pair.split(":")) for pair in args.variants.split(",")]
     if args.photos:
         from roofline import make_folder
 
         make_folder(Path(root) / "photos", args.photos)
         tasks.append(["data=folder", f"data.root={Path(root) / 'photos'}"])
-    print(f"{'task':20s} {'dtype+codec':12s} {'bytes/feature':>13s} {'tune test %':>11s} {'pass s':>7s} {'read s':>7s}")
+    print(f"{'task':20s} {'dtype+codec':14s} {'bytes/feature':>13s} {'tune test %':>11s} {'pass s':>7s} {'read s':>7s}")
     for overrides in tasks:
         task = overrides[0].removeprefix("data=")
-        for dtype, compression in (("float16", "auto"), ("int8", "auto"), ("int8", "lz4")):
+        rows = []
+        for dtype, compression in variants:
             common = [*overrides, f"store.dtype={dtype}", f"pooling.target_size={args.target_size}",
                       f"store.root={root}/stores-{compression}", "extract.progress=false",
                       f"store.compression={compression}"]  # its own root: the codec is not in the store id
             cfg = settings(compose_cfg("tune", common))
             store = ensure_store(cfg.extract_job()).store
             per_value = feature_bytes(store) / (sum(store.splits().values()) * store.n_features)
-            t_pass, t_read = speeds(store)
             accuracy = "-"
-            if not args.skip_tune and task != "folder" and compression == "auto":  # lz4: the same numbers
+            if not args.skip_tune and task != "folder" and compression == "auto":  # other codecs: the same numbers
                 results, _ = tune(cfg.tune_job(), lambda job: (lambda r: (r.store, r.backbone_images))(ensure_store(job)))
                 accuracy = f"{100 * next(r for r in results if r['method'] == 'head2toe')['test_accuracy']:.1f}"
-            print(f"{task:20s} {dtype + '+' + compression:12s} {per_value:13.3f} {accuracy:>11s} {t_pass:7.2f} "
+            rows.append((dtype, compression, store, per_value, accuracy))
+        timings: list[list[tuple[float, float]]] = [[] for _ in rows]
+        for _ in range(args.repeats):  # in turns: drift in the machine's speed hits every store alike
+            for i, (_, _, store, _, _) in enumerate(rows):
+                timings[i].append(speeds(store))
+        for (dtype, compression, _, per_value, accuracy), measured in zip(rows, timings):
+            t_pass, t_read = (min(t[k] for t in measured) for k in (0, 1))
+            print(f"{task:20s} {dtype + '+' + compression:14s} {per_value:13.3f} {accuracy:>11s} {t_pass:7.2f} "
                   f"{t_read:7.2f}", flush=True)
-
 
 if __name__ == "__main__":
     main()
