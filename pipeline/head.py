@@ -177,6 +177,10 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     adam = ScratchAdam([W, b])
     active = list(range(m))  # the heads still training, in the order of their columns
     finished: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    # The two large per-step results (the batch's rows, the weights' gradient) go into buffers made once: a
+    # fresh one each step cost page faults (the allocator handed the memory back to the kernel in between).
+    xb = torch.empty(G, batches.shape[1] if total else 0, d, dtype=compute, device=device)
+    grad_W = torch.empty_like(W)
     for t in range(total):
         if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
             keep = [i for i, h in enumerate(active) if steps[h] > t]
@@ -185,12 +189,13 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                     finished[h] = (W[..., i * K:(i + 1) * K].clone(), b[..., i * K:(i + 1) * K].clone())
             columns = (torch.tensor(keep)[:, None] * K + torch.arange(K)).reshape(-1).to(device)
             W, b = W[..., columns].contiguous(), b[..., columns].contiguous()
+            grad_W = torch.empty_like(W)
             adam.narrow(columns)
             scales = scales[:, columns].contiguous()
             active = [active[i] for i in keep]
         with torch.no_grad():
             idx = batches[t]
-            xb = torch.index_select(Xt, 1, idx)  # 4x faster than Xt[:, idx] on the CPU
+            torch.index_select(Xt, 1, idx, out=xb)  # 4x faster than Xt[:, idx] on the CPU
             if compute == torch.float32:
                 logits = torch.baddbmm(b, xb, W)
             else:
@@ -199,7 +204,10 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
             grad = torch.softmax(logits, dim=3)
             grad.sub_(torch.index_select(one_hot, 0, idx)[None, :, None, :])
             grad = grad.view(G, len(idx), len(active) * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
-            grad_W = torch.bmm(xb.transpose(1, 2), grad.to(compute)).float()
+            if compute == torch.float32:
+                torch.bmm(xb.transpose(1, 2), grad, out=grad_W)
+            else:
+                grad_W.copy_(torch.bmm(xb.transpose(1, 2), grad.to(compute)))
             update_W, update_b = adam.step([grad_W, grad.sum(1, keepdim=True)])
             W.addcmul_(update_W, scales[t])
             b.addcmul_(update_b, scales[t])
