@@ -170,20 +170,22 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
     """The plan with its head trainings listed (`widths`: the columns of each group of heads of one round,
     over every T) and their time estimated from 20 steps of the same computation at the smallest and
     largest width, as many groups at once as the tune trains (`head.workers`); stacked (`head.stack`), from 20
-    steps of one round's groups padded to the largest width."""
+    steps of one round's groups padded to the largest width. A training's heads stop at their own step count,
+    so each phase (the steps until the next heads stop) is timed with the heads it trains."""
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
     longest = max(values["head_steps"])
     groups = [(w, len(settings), longest) for w in widths] * plan.rounds
     rng = np.random.default_rng(0)
     device = torch.device(plan.device)
     workers = head_workers(device, head.workers)
+    phases = head_phases(settings)
 
-    def step_seconds(width: int, sets: int = 1, at_once: int = workers) -> float:
-        """Seconds per step of a training of `sets` groups of this width (one unless stacked), as the tune trains
-        them: `at_once` trainings at the same time."""
+    def step_seconds(width: int, active: list, sets: int = 1, at_once: int = workers) -> float:
+        """Seconds per step of a training of `sets` groups of this width (one unless stacked) with the `active`
+        heads, as the tune trains them: `at_once` trainings at the same time."""
         X = rng.random((max(plan.fit_rows, 1), width), dtype=np.float32)
         y = rng.integers(0, num_classes, len(X))
-        short = [(lr, 20) for lr, _ in settings]
+        short = [(lr, 20) for lr, _ in active]
         with training_pool(workers) as pool:
             for _ in range(2):  # the first round warms every worker up
                 start = time.perf_counter()
@@ -196,13 +198,22 @@ def estimate_heads(plan: TunePlan, widths: list[int], values: dict[str, list], n
     low, high = min(widths), max(widths)
     if stack_heads(device, head.stack):  # a round's groups over every T, all padded to the widest: an upper bound
         # one training per round: fewer rounds than workers leave workers idle
-        seconds = plan.rounds * longest * step_seconds(high, len(widths), min(workers, plan.rounds))
+        at_once = min(workers, plan.rounds)
+        seconds = plan.rounds * sum(steps * step_seconds(high, active, len(widths), at_once) for steps, active in phases)
         return replace(plan, groups=groups, heads_seconds=seconds, workers=workers, stacked=True)
-    t_low = step_seconds(low)
-    t_high = step_seconds(high) if high != low else t_low
-    per_step = lambda w: t_low + (t_high - t_low) * (w - low) / max(high - low, 1)  # noqa: E731
-    seconds = sum(steps * per_step(w) for w, _, steps in groups)
+    seconds = 0.0
+    for steps, active in phases:
+        t_low = step_seconds(low, active)
+        t_high = step_seconds(high, active) if high != low else t_low
+        seconds += steps * sum(t_low + (t_high - t_low) * (w - low) / max(high - low, 1) for w, _, _ in groups)
     return replace(plan, groups=groups, heads_seconds=seconds, workers=workers)
+
+
+def head_phases(settings: list[tuple[float, int]]) -> list[tuple[int, list[tuple[float, int]]]]:
+    """(steps, the settings still training) of each phase of a training of these (lr, steps) heads: a head
+    stops after its own steps, the others go on narrower (pipeline/head.py)."""
+    ends = sorted({steps for _, steps in settings})
+    return [(end - begin, [s for s in settings if s[1] >= end]) for begin, end in zip([0, *ends[:-1]], ends)]
 
 
 def _fit_and_val(columns: np.ndarray, fit_at: np.ndarray, val_at: np.ndarray,

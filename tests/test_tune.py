@@ -7,12 +7,22 @@ import numpy as np
 import pytest
 from omegaconf.errors import ValidationError
 
-from pipeline.config import Method
+from pipeline.config import HeadConfig, Method
 from pipeline.errors import H2TError
 from pipeline.probe import probe_store
 from pipeline.rows import Rows
 from pipeline.score.relevance import score_path
-from pipeline.tune import CSV_FIELDS, candidates_for_store, check_job, refit_job, rounds, tune
+from pipeline.tune import (
+    CSV_FIELDS,
+    TunePlan,
+    candidates_for_store,
+    check_job,
+    estimate_heads,
+    head_phases,
+    refit_job,
+    rounds,
+    tune,
+)
 from tests.conftest import make_store, schema_cfg, score_cfg
 
 WIDTHS = [40, 24, 64, 8]
@@ -98,6 +108,32 @@ def test_lams_that_select_the_same_columns_share_their_heads(store, monkeypatch)
     assert len(candidates) == 3 * 2 * 2 and len(widths) == 2 * 2  # lam 50 and 2e-3 trained, lam 10 shared
     if results[0]["chosen"]["lam"] != 2e-3:
         assert results[0]["chosen"]["lam"] == 50.0  # the tie between identical selections: the larger lam
+
+
+def test_a_trainings_phases_follow_the_heads_that_still_train():
+    settings = list(itertools.product([0.01, 0.1], [500, 1000]))
+    assert head_phases(settings) == [(500, settings), (500, [(0.01, 1000), (0.1, 1000)])]
+    assert head_phases([(0.1, 30)]) == [(30, [(0.1, 30)])]
+    three = list(itertools.product([0.1], [10, 40, 100]))
+    assert [(steps, len(active)) for steps, active in head_phases(three)] == [(10, 3), (30, 2), (60, 1)]
+
+
+@pytest.mark.parametrize("stack", [False, True])
+def test_the_plan_times_each_phase_with_the_heads_it_trains(monkeypatch, stack):
+    """Heads stop at their own step count (the 5-step ones after 5), so the estimate times the steps after that
+    with the 10-step heads alone, at both widths (or, stacked, the padded round)."""
+    import pipeline.tune as tune_module
+    timed = []
+    train = tune_module.train_stacked_heads
+    monkeypatch.setattr(tune_module, "train_stacked_heads",
+                        lambda Xs, y, k, settings, *a, **kw: timed.append((len(Xs), Xs[0].shape[1], len(settings)))
+                        or train(Xs, y, k, settings, *a, **kw))
+    plan = TunePlan([], 2, 64, {}, [], 0.0, "cpu")
+    values = {"head_lr": [0.01, 0.1], "head_steps": [5, 10]}
+    plan = estimate_heads(plan, [30, 60], values, 3, HeadConfig(workers=1, stack=stack))
+    assert plan.groups == [(30, 4, 10), (60, 4, 10)] * 2 and plan.heads_seconds > 0 and plan.stacked == stack
+    expected = {(2, 60, 4), (2, 60, 2)} if stack else {(1, w, h) for w in (30, 60) for h in (4, 2)}
+    assert set(timed) == expected
 
 
 def test_folds_validate_on_disjoint_rows_of_train_and_val(store):
