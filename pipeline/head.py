@@ -49,16 +49,28 @@ def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None
                 cast_into(target[:, a:b], raw[:, order[a:b]])
         else:
             for (layer, cols), a, b in zip(plan.items(), bounds[:-1], bounds[1:]):
-                array = store.features(segment.split, layer)
-                if cols[-1] - cols[0] + 1 == len(cols):  # a whole range (the linear probe's layer): a slice
-                    values = array[segment.src, int(cols[0]):int(cols[-1]) + 1]
-                else:
-                    values = array.get_orthogonal_selection((segment.src, cols))
+                values = column_subset(store.features(segment.split, layer), segment.src, cols)
                 values = values if segment.take is None else values[segment.take]
                 cast_into(target[:, a:b], store.decode(layer, values))
         if normalise:
             normalise_layers(target, plan)
     return out
+
+
+def column_subset(array, rows: slice, cols: np.ndarray) -> np.ndarray:
+    """`array[rows][:, cols]` for ascending `cols`. A run of columns is one slice. Columns spread over at least
+    an eighth of the inner chunks between the first and the last are read as that range and taken in memory:
+    zarr's orthogonal selection decodes them chunk by chunk, 7-15x slower than a range read through the codec
+    pipeline for a tune's columns (benchmarks/README.md); a few chunks' worth in a wide range keep the
+    orthogonal read, which fetches only the chunks they touch."""
+    lo, hi = int(cols[0]), int(cols[-1]) + 1
+    if hi - lo == len(cols):  # a whole range (the linear probe's layer)
+        return array[rows, lo:hi]
+    inner = int(array.chunks[1])
+    touched, spanned = len(np.unique(cols // inner)), (hi - 1) // inner - lo // inner + 1
+    if 8 * touched >= spanned:
+        return array[rows, lo:hi][:, cols - lo]
+    return array.get_orthogonal_selection((rows, cols))
 
 
 def normalise_layers(X: np.ndarray, plan: dict[str, np.ndarray]) -> np.ndarray:

@@ -10,6 +10,7 @@ import torch
 from benchmarks.tune_cost import heads_alone
 from pipeline.head import (
     accuracy,
+    column_subset,
     epoch_batches,
     evaluate,
     head_workers,
@@ -62,6 +63,36 @@ def test_a_subset_of_a_wider_raw_read_is_the_direct_read(store):
     at = np.array([1, 4, 5, 11])
     subset = normalise_layers(raw[np.ix_(at, plan_positions(wide, narrow))], narrow)
     np.testing.assert_array_equal(subset, read_columns(s, Rows((("test", at),), "four"), narrow))
+
+
+class _Recording:
+    """A feature array that notes which reads it serves (and serves them from the real array)."""
+
+    def __init__(self, array):
+        self.array, self.chunks, self.reads = array, array.chunks, []
+
+    def __getitem__(self, key):
+        self.reads.append("range")
+        return self.array[key]
+
+    def get_orthogonal_selection(self, selection):
+        self.reads.append("orthogonal")
+        return self.array.get_orthogonal_selection(selection)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_column_subset_is_the_columns_of_the_rows_by_either_read(tmp_path, rng, dtype):
+    """A run of columns is one slice, columns over most chunks of their range a range read taken in memory, a
+    few columns far apart zarr's orthogonal read: the same values each way, int8 stores dequantised alike."""
+    X = {"train": np.abs(rng.standard_normal((40, 2048))).astype(np.float32)}
+    store = make_store(tmp_path / "c.zarr", X, {"train": np.zeros(40, np.int64)}, 2, dtype=dtype)
+    full = store.features("train", "layer0")[0:40, 0:2048]
+    assert store.features("train", "layer0").chunks[1] == 64  # 32 inner chunks across the layer
+    for cols, read in ((np.arange(100, 300), "range"), (np.arange(3, 2048, 5), "range"),
+                       (np.array([3, 70, 2040]), "orthogonal")):
+        array = _Recording(store.features("train", "layer0"))
+        np.testing.assert_array_equal(column_subset(array, slice(5, 37), cols), full[5:37][:, cols])
+        assert array.reads == [read]
 
 
 def test_training_is_deterministic_and_learns_a_separable_task(store):
