@@ -237,8 +237,8 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
 def head_workers(device: torch.device, workers: int | None = None) -> int:
     """How many of tune's groups of heads train at once (`head.workers`): by default one per torch thread on a
     CPU, one on any other device (a GPU runs one group's GEMMs across all its cores already). Per-layer probes
-    train one tap after the other: their heads are narrow, and two at once, each holding the GIL between its
-    many small ops, were no faster (15-18 s either way for the embedded default's 51 taps)."""
+    use it for their stacked batches of taps (pipeline/probe.py): one narrow tap per worker, each holding the
+    GIL between its many small ops, was no faster than one at a time."""
     if workers is not None:
         return int(workers)
     return torch.get_num_threads() if device.type == "cpu" else 1

@@ -9,7 +9,8 @@ import torch
 from pipeline.config import SelectConfig, TieRule
 from pipeline.devices import native_bfloat16
 from pipeline.errors import H2TError
-from pipeline.probe import check_settings, fit_rows, probe_store, rankings
+from pipeline.head import evaluate, read_columns, train_linear_head
+from pipeline.probe import check_settings, fit_rows, probe_store, rankings, tap_batches
 from pipeline.rows import Rows
 from pipeline.score.relevance import score_path
 from tests.conftest import make_store, schema_cfg, score_cfg
@@ -41,6 +42,32 @@ def test_the_rows_a_probe_fits_and_validates_on(store):
     assert result["test_accuracy"] is not None
     with pytest.raises(H2TError, match="probe.fit_on must name splits of the store other than test"):
         fit_rows(store, cfg(**{"probe.fit_on": ["train", "dev"]}).fit_on)
+
+
+def test_taps_are_batched_by_width_within_the_count_and_the_budget():
+    layers = [{"name": f"t{i}", "dim": dim} for i, dim in enumerate([50, 10, 40, 10, 30, 500])]
+    names = lambda batches: [[layer["name"] for layer in batch] for batch in batches]  # noqa: E731
+    assert names(tap_batches(layers, 10, 1e9, 2)) == [["t1", "t3"], ["t4", "t2"], ["t0", "t5"]]
+    # padded to the widest, 4 bytes x 10 rows: 3 taps of <= 30 columns 3,600 <= 4,000, a fourth of 40 6,400;
+    # 2 of <= 50 4,000; the 500-wide tap alone
+    assert names(tap_batches(layers, 10, 4000)) == [["t1", "t3", "t4"], ["t2", "t0"], ["t5"]]
+    assert names(tap_batches(layers, 10, 1e9)) == [["t1", "t3", "t4", "t2", "t0", "t5"]]
+
+
+@pytest.mark.parametrize("workers,per_batch", [(1, 8), (2, 2)])
+def test_per_layer_heads_trained_in_batches_are_each_tap_trained_alone(store, monkeypatch, workers, per_batch):
+    """One stacked batch of three taps, or two batches (two taps padded to 20 columns, one alone) in two workers."""
+    import pipeline.probe as probe_module
+    monkeypatch.setattr(probe_module, "TAPS_PER_BATCH", per_batch)
+    job = cfg(**{"method": "per_layer", "head.workers": workers})
+    result = probe_store(store, job)
+    assert [entry["layer"] for entry in result["per_layer"]] == ["layer0", "layer1", "layer2"]  # network order
+    for entry, width in zip(result["per_layer"], WIDTHS):
+        plan = {entry["layer"]: np.arange(width)}
+        head = train_linear_head(read_columns(store, "train", plan), store.labels("train"), 2, 0.05, 60, 128)
+        assert entry["dim"] == width
+        assert (entry["val_accuracy"], entry["test_accuracy"]) == (evaluate(head, store, "val", plan),
+                                                                   evaluate(head, store, "test", plan))
 
 
 @pytest.mark.parametrize("key,value,culprit", [
