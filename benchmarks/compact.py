@@ -90,6 +90,8 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="h2t-compact-")
     tasks = [[f"data={task}"] for task in args.tasks.split(",")]
     variants = [tuple(pair.split(":")) for pair in args.variants.split(",")]
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if args.photos:
         from roofline import make_folder
 

@@ -29,7 +29,8 @@ def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None
 
     With a column view (pipeline/storage/views.py) whose prefix holds exactly the planned columns, the
     values come from that prefix: a contiguous read of about the selected bytes. The numbers are the
-    same either way. Memory: the float32 result and one block of raw values. `normalise=False` keeps the
+    same either way. Memory: the float32 result and one block of raw values (of each layer's range of planned
+    columns, at most `block_rows` x the layer's width: `column_subset`). `normalise=False` keeps the
     raw values (`normalise_layers` applies the normalisation to any subset of them later)."""
     rows = Rows.of(store, rows) if isinstance(rows, str) else rows
     start, stop, _ = part.indices(rows.size(store))
@@ -58,14 +59,19 @@ def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None
 
 
 def column_subset(array, rows: slice, cols: np.ndarray) -> np.ndarray:
-    """`array[rows][:, cols]` for ascending `cols`. A run of columns is one slice. Columns spread over at least
-    an eighth of the inner chunks between the first and the last are read as that range and taken in memory:
-    zarr's orthogonal selection decodes them chunk by chunk, 7-15x slower than a range read through the codec
-    pipeline for a tune's columns (benchmarks/README.md); a few chunks' worth in a wide range keep the
-    orthogonal read, which fetches only the chunks they touch."""
+    """`array[rows][:, cols]`. A run of columns is one slice. Ascending columns spread over at least an eighth of
+    the inner chunks between the first and the last are read as that range and taken in memory: zarr's
+    orthogonal selection decodes them chunk by chunk, 7-15x slower than a range read through the codec
+    pipeline for a tune's columns (benchmarks/README.md); a few chunks' worth in a wide range (or columns out
+    of order) keep the orthogonal read, which fetches only the chunks they touch."""
+    cols = np.asarray(cols)
+    if len(cols) == 0:
+        return array[rows, 0:0]
     lo, hi = int(cols[0]), int(cols[-1]) + 1
-    if hi - lo == len(cols):  # a whole range (the linear probe's layer)
+    if hi - lo == len(cols) and (len(cols) == 1 or bool(np.all(np.diff(cols) == 1))):  # a whole range
         return array[rows, lo:hi]
+    if not bool(np.all(np.diff(cols) > 0)):
+        return array.get_orthogonal_selection((rows, cols))
     inner = int(array.chunks[1])
     touched, spanned = len(np.unique(cols // inner)), (hi - 1) // inner - lo // inner + 1
     if 8 * touched >= spanned:
@@ -193,6 +199,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     # fresh one each step cost page faults (the allocator handed the memory back to the kernel in between).
     xb = torch.empty(G, batches.shape[1] if total else 0, d, dtype=compute, device=device)
     grad_W = torch.empty_like(W)
+    product = grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute)  # the gradient in `compute`
     for t in range(total):
         if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
             keep = [i for i, h in enumerate(active) if steps[h] > t]
@@ -202,6 +209,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
             columns = (torch.tensor(keep)[:, None] * K + torch.arange(K)).reshape(-1).to(device)
             W, b = W[..., columns].contiguous(), b[..., columns].contiguous()
             grad_W = torch.empty_like(W)
+            product = grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute)
             adam.narrow(columns)
             scales = scales[:, columns].contiguous()
             active = [active[i] for i in keep]
@@ -216,10 +224,9 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
             grad = torch.softmax(logits, dim=3)
             grad.sub_(torch.index_select(one_hot, 0, idx)[None, :, None, :])
             grad = grad.view(G, len(idx), len(active) * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
-            if compute == torch.float32:
-                torch.bmm(xb.transpose(1, 2), grad, out=grad_W)
-            else:
-                grad_W.copy_(torch.bmm(xb.transpose(1, 2), grad.to(compute)))
+            torch.bmm(xb.transpose(1, 2), grad.to(compute), out=product)
+            if product is not grad_W:
+                grad_W.copy_(product)
             update_W, update_b = adam.step([grad_W, grad.sum(1, keepdim=True)])
             W.addcmul_(update_W, scales[t])
             b.addcmul_(update_b, scales[t])
