@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -145,25 +146,29 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
     setting = [(float(head_cfg.lr), int(head_cfg.steps))]
     trained: dict[str, tuple[dict, torch.nn.Linear, dict]] = {}
     bar = tqdm(total=len(store.layers), unit="tap", desc="per-layer probes", disable=not progress, leave=False)
+    def finish(batch, plan, Xs, future) -> None:
+        for layer, X_fit, (head,) in zip(batch, Xs, future.result()):
+            tap = {layer["name"]: plan[layer["name"]]}
+            trained[layer["name"]] = ({
+                "layer": layer["name"], "dim": int(layer["dim"]), "train_accuracy": accuracy(head, X_fit, y_fit),
+                "val_accuracy": None if validate is None else evaluate(head, store, validate, tap),
+                "test_accuracy": evaluate(head, store, "test", tap)}, head, tap)
+        bar.update(len(batch))
+
     with training_pool(workers) as pool:
-        for wave in range(0, len(batches), workers):  # at most `workers` batches' rows in memory
-            submitted = []
-            for batch in batches[wave:wave + workers]:
-                plan = whole_layers(store.layers, [layer["name"] for layer in batch])
-                X_all = read_columns(store, fit, plan)  # each tap L2-normalised per row on its own, as read alone
-                bounds = np.cumsum([0] + [int(layer["dim"]) for layer in batch])
-                Xs = [X_all[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-                submitted.append((batch, plan, Xs, pool.submit(
-                    train_stacked_heads, Xs, y_fit, store.info.num_classes, setting, int(head_cfg.batch_size),
-                    int(head_cfg.seed), device, str(head_cfg.precision))))
-            for batch, plan, Xs, future in submitted:
-                for layer, X_fit, (head,) in zip(batch, Xs, future.result()):
-                    tap = {layer["name"]: plan[layer["name"]]}
-                    trained[layer["name"]] = ({
-                        "layer": layer["name"], "dim": int(layer["dim"]), "train_accuracy": accuracy(head, X_fit, y_fit),
-                        "val_accuracy": None if validate is None else evaluate(head, store, validate, tap),
-                        "test_accuracy": evaluate(head, store, "test", tap)}, head, tap)
-                bar.update(len(batch))
+        in_flight: deque = deque()  # at most `workers` batches' rows in memory
+        for batch in batches:
+            if len(in_flight) == workers:  # the oldest is scored while the others train
+                finish(*in_flight.popleft())
+            plan = whole_layers(store.layers, [layer["name"] for layer in batch])
+            X_all = read_columns(store, fit, plan)  # each tap L2-normalised per row on its own, as read alone
+            bounds = np.cumsum([0] + [int(layer["dim"]) for layer in batch])
+            Xs = [X_all[:, a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+            in_flight.append((batch, plan, Xs, pool.submit(
+                train_stacked_heads, Xs, y_fit, store.info.num_classes, setting, int(head_cfg.batch_size),
+                int(head_cfg.seed), device, str(head_cfg.precision))))
+        while in_flight:
+            finish(*in_flight.popleft())
     bar.close()
     per_layer, best = [], None
     for layer in store.layers:  # network order; ties go to the earliest tap
