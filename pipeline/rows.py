@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
-from sklearn.model_selection import KFold, StratifiedKFold
 
 from .errors import H2TError
 
@@ -135,6 +134,8 @@ def kfold(store, splits: Sequence[str], k: int, seed: int = 0) -> list[tuple[Row
     labels = pool.labels(store)
     counts = np.bincount(labels)
     smallest = int(counts[counts > 0].min())
+    from sklearn.model_selection import KFold, StratifiedKFold  # noqa: PLC0415 - start-up time: scikit-learn (~1 s) for folds only
+
     splitter = StratifiedKFold(int(k), shuffle=True, random_state=int(seed))
     if smallest < int(k):  # a class rarer than k: plain shuffled folds (StratifiedKFold would warn and skew)
         splitter = KFold(int(k), shuffle=True, random_state=int(seed))

@@ -6,7 +6,6 @@ import importlib.resources
 
 import numpy as np
 from PIL import Image, ImageDraw
-from sklearn.datasets import load_digits
 
 from ..errors import H2TError
 from .base import Dataset, in_memory_split, register, split_indices
@@ -21,6 +20,8 @@ def _from_arrays(name, images, labels, num_classes, sizes, seed, source) -> Data
 @register("digits")
 def digits(sizes: dict, seed: int = 0, name: str = "digits") -> Dataset:
     """sklearn's 1,797 8x8 handwritten digits (0..16 intensities scaled to uint8)."""
+    from sklearn.datasets import load_digits  # noqa: PLC0415 - start-up time: scikit-learn (~1 s) for this task only
+
     bunch = load_digits()
     images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
     return _from_arrays(name, images, bunch.target.astype(np.int64), 10, sizes, seed,
