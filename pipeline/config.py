@@ -209,8 +209,8 @@ class HeadConfig:
     batch_size: int = 128
     seed: int = 0
     device: str = "auto"  # where heads train: auto is the CUDA device when there is one
-    workers: Optional[int] = None  # tune's groups of heads trained at once; None: one per torch thread on a CPU, else 1
-    stack: Optional[bool] = None  # tune: each round's groups as one zero-padded computation; None: on a GPU only
+    workers: Optional[int] = None  # tune's (and per-layer probes') groups of heads trained at once; None: one per torch thread on a CPU, else 1
+    stack: Optional[bool] = None  # tune: each round's groups as one zero-padded computation (per-layer: all taps the budget holds); None: on a GPU only
     precision: HeadPrecision = HeadPrecision.float32  # the matrix products' dtype; bfloat16: ~2x faster on CPUs with bf16 dot products
 
 
