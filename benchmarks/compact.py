@@ -85,13 +85,13 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=512, help="JPEG photos for the natural-image bytes row")
     parser.add_argument("--repeats", type=int, default=3, help="turns over the stores; the fastest of each is kept")
     parser.add_argument("--variants", default="float16:auto,int8:auto,int8:lz4",
-                        help="store.dtype:store.compression pairs, e.g. int8:zstd,int8:lz4hc")
+                        help="store.dtype:store.compression pairs, e.g. int8:zstd,int8:none")
     args = parser.parse_args()
-    root = tempfile.mkdtemp(prefix="h2t-compact-")
-    tasks = [[f"data={task}"] for task in args.tasks.split(",")]
-    variants = [tuple(pair.split(":")) for pair in args.variants.split(",")]
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    variants = [tuple(pair.split(":")) for pair in args.variants.split(",")]
+    root = tempfile.mkdtemp(prefix="h2t-compact-")
+    tasks = [[f"data={task}"] for task in args.tasks.split(",")]
     if args.photos:
         from roofline import make_folder
 
@@ -121,6 +121,7 @@ def main() -> None:
             t_pass, t_read = (min(t[k] for t in measured) for k in (0, 1))
             print(f"{task:20s} {dtype + '+' + compression:14s} {per_value:13.3f} {accuracy:>11s} {t_pass:7.2f} "
                   f"{t_read:7.2f}", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -16,7 +16,7 @@ from torch.optim.adam import adam  # the functional form of torch.optim.Adam
 from .config import ModelConfig
 from .errors import H2TError
 from .rows import Rows
-from .score.matrix import cast_into, normalise_rows_in_place
+from .score.matrix import cast_into, chunk_runs, normalise_rows_in_place
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # head.precision: the products' dtype
 
@@ -29,8 +29,8 @@ def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None
 
     With a column view (pipeline/storage/views.py) whose prefix holds exactly the planned columns, the
     values come from that prefix: a contiguous read of about the selected bytes. The numbers are the
-    same either way. Memory: the float32 result and one block of raw values (of each layer's range of planned
-    columns, at most `block_rows` x the layer's width: `column_subset`). `normalise=False` keeps the
+    same either way. Memory: the float32 result and one block of raw values (of the planned columns' inner
+    chunks, at most `block_rows` x the layer's width: `column_subset`). `normalise=False` keeps the
     raw values (`normalise_layers` applies the normalisation to any subset of them later)."""
     rows = Rows.of(store, rows) if isinstance(rows, str) else rows
     start, stop, _ = part.indices(rows.size(store))
@@ -59,24 +59,20 @@ def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None
 
 
 def column_subset(array, rows: slice, cols: np.ndarray) -> np.ndarray:
-    """`array[rows][:, cols]`. A run of columns is one slice. Ascending columns spread over at least an eighth of
-    the inner chunks between the first and the last are read as that range and taken in memory: zarr's
-    orthogonal selection decodes them chunk by chunk, 7-15x slower than a range read through the codec
-    pipeline for a tune's columns (benchmarks/README.md); a few chunks' worth in a wide range (or columns out
-    of order) keep the orthogonal read, which fetches only the chunks they touch."""
+    """`array[rows][:, cols]`: ascending columns as the scoring matrix reads them (`score.matrix.chunk_runs`),
+    each run of adjacent inner chunks one slice, taken in memory; columns out of order by zarr's orthogonal
+    selection."""
     cols = np.asarray(cols)
     if len(cols) == 0:
         return array[rows, 0:0]
-    lo, hi = int(cols[0]), int(cols[-1]) + 1
-    if hi - lo == len(cols) and (len(cols) == 1 or bool(np.all(np.diff(cols) == 1))):  # a whole range
-        return array[rows, lo:hi]
-    if not bool(np.all(np.diff(cols) > 0)):
+    if np.any(np.diff(cols) <= 0):
         return array.get_orthogonal_selection((rows, cols))
-    inner = int(array.chunks[1])
-    touched, spanned = len(np.unique(cols // inner)), (hi - 1) // inner - lo // inner + 1
-    if 8 * touched >= spanned:
-        return array[rows, lo:hi][:, cols - lo]
-    return array.get_orthogonal_selection((rows, cols))
+    parts = []
+    for run in chunk_runs(cols, int(array.chunks[1])):
+        lo, hi = int(cols[run[0]]), int(cols[run[-1]]) + 1
+        slab = array[rows, lo:hi]
+        parts.append(slab if hi - lo == len(run) else slab[:, cols[run] - lo])
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 def normalise_layers(X: np.ndarray, plan: dict[str, np.ndarray]) -> np.ndarray:
@@ -195,11 +191,16 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     adam = ScratchAdam([W, b])
     active = list(range(m))  # the heads still training, in the order of their columns
     finished: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-    # The two large per-step results (the batch's rows, the weights' gradient) go into buffers made once: a
-    # fresh one each step cost page faults (the allocator handed the memory back to the kernel in between).
+    # The two large per-step results (the batch's rows, the weights' gradient) go into buffers made once (and
+    # again when the heads narrow): a fresh one each step cost page faults (the allocator handed the memory
+    # back to the kernel in between). `product` is the gradient in the products' dtype.
     xb = torch.empty(G, batches.shape[1] if total else 0, d, dtype=compute, device=device)
-    grad_W = torch.empty_like(W)
-    product = grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute)  # the gradient in `compute`
+
+    def gradient_buffers(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grad_W = torch.empty_like(W)
+        return grad_W, grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute)
+
+    grad_W, product = gradient_buffers(W)
     for t in range(total):
         if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
             keep = [i for i, h in enumerate(active) if steps[h] > t]
@@ -208,8 +209,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                     finished[h] = (W[..., i * K:(i + 1) * K].clone(), b[..., i * K:(i + 1) * K].clone())
             columns = (torch.tensor(keep)[:, None] * K + torch.arange(K)).reshape(-1).to(device)
             W, b = W[..., columns].contiguous(), b[..., columns].contiguous()
-            grad_W = torch.empty_like(W)
-            product = grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute)
+            grad_W, product = gradient_buffers(W)
             adam.narrow(columns)
             scales = scales[:, columns].contiguous()
             active = [active[i] for i in keep]

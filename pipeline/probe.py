@@ -146,6 +146,7 @@ def probe_layers(store, job: ProbeJob, progress: bool = False, save_head_to: Pat
     setting = [(float(head_cfg.lr), int(head_cfg.steps))]
     trained: dict[str, tuple[dict, torch.nn.Linear, dict]] = {}
     bar = tqdm(total=len(store.layers), unit="tap", desc="per-layer probes", disable=not progress, leave=False)
+
     def finish(batch, plan, Xs, future) -> None:
         for layer, X_fit, (head,) in zip(batch, Xs, future.result()):
             tap = {layer["name"]: plan[layer["name"]]}

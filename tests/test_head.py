@@ -82,19 +82,18 @@ class _Recording:
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
 def test_a_column_subset_is_the_columns_of_the_rows_by_either_read(tmp_path, rng, dtype):
-    """A run of columns is one slice, columns over most chunks of their range a range read taken in memory, a
-    few columns far apart (or out of order) zarr's orthogonal read: the same values each way, int8 stores
-    dequantised alike."""
+    """Each run of columns in adjacent inner chunks is one slice taken in memory, columns far apart one slice per
+    run, columns out of order zarr's orthogonal read: the same values each way, int8 stores dequantised alike."""
     X = {"train": np.abs(rng.standard_normal((40, 2048))).astype(np.float32)}
     store = make_store(tmp_path / "c.zarr", X, {"train": np.zeros(40, np.int64)}, 2, dtype=dtype)
     full = store.features("train", "layer0")[0:40, 0:2048]
     assert store.features("train", "layer0").chunks[1] == 64  # 32 inner chunks across the layer
     for cols, read in ((np.arange(100, 300), "range"), (np.arange(3, 2048, 5), "range"),
-                       (np.array([3, 70, 2040]), "orthogonal"), (np.array([70, 3, 40]), "orthogonal"),
+                       (np.array([3, 70, 2040]), "range range"), (np.array([70, 3, 40]), "orthogonal"),
                        (np.array([], np.int64), "range")):
         array = _Recording(store.features("train", "layer0"))
         np.testing.assert_array_equal(column_subset(array, slice(5, 37), cols), full[5:37][:, cols])
-        assert array.reads == [read]
+        assert array.reads == read.split()  # [3, 70] in chunks 0 and 1, then 2040 in chunk 31
 
 
 def test_training_is_deterministic_and_learns_a_separable_task(store):
