@@ -52,6 +52,7 @@ from pipeline.extract import decode_workers, decodes_on_device, extract, plan_st
 from pipeline.runtime import keep_freed_memory
 from pipeline.stages import Loader, Shard
 from pipeline.storage import configure_io
+from pipeline.storage.schema import inner_columns
 
 RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
 CASES = {
@@ -217,7 +218,7 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                 list(pool.map(save, shards))
 
         def baseline() -> None:
-            writer = PlainWriter(str(raw_root), writers, int(memory_cfg.store.col_chunk))
+            writer = PlainWriter(str(raw_root), writers, inner_columns(memory_cfg.store.col_chunk, "float16"))
             for name, split in memory_splits.items():  # every shard the store writes (its 1-row val and test too)
                 rows = len(split)
                 for shard, s in enumerate(range(0, rows, batch)):

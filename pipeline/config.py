@@ -163,7 +163,7 @@ class StoreConfig:
     dtype: StoreDtype = StoreDtype.float16
     on_overflow: OnOverflow = OnOverflow.error
     compression: Compression = Compression.auto
-    col_chunk: int = 256
+    col_chunk: Optional[int] = None  # by dtype: storage.schema.inner_columns
     s3: S3Config = field(default_factory=S3Config)
     column_views: bool = True
     view_fraction: float = 0.2

@@ -257,7 +257,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
                     store = create_store(
                         plan.path, plan.spec, layers, {s: len(split) for s, split in dataset.splits.items()},
                         dataset.num_classes, dataset.class_names, reuse.shard_rows or shard_rows, str(job.store.dtype),
-                        int(job.store.col_chunk), str(job.store.compression), dataset.skipped, options,
+                        job.store.col_chunk, str(job.store.compression), dataset.skipped, options,
                         labels={s: split.labels for s, split in dataset.splits.items()},
                         sample_ids={s: split.ids for s, split in dataset.splits.items()},
                         reused=reuse.sources)

@@ -11,7 +11,7 @@ from pipeline.errors import H2TError
 from pipeline.extract import extract, plan_store
 from pipeline.storage import CODEC_PIPELINES, catalog, zarr_compat
 from pipeline.storage.schema import ATTRS, expected_arrays
-from pipeline.storage.store import open_store
+from pipeline.storage.store import create_store, open_store
 from tests.conftest import make_store, tiny_cfg, tiny_job
 
 
@@ -73,3 +73,29 @@ def test_a_store_is_standard_zarr_v3_that_zarr_python_alone_reads(tmp_path):
             array = group[f"test/features/{name}"]
             assert array.metadata.zarr_format == 3
             assert np.array_equal(array[:], values), name
+
+
+@pytest.mark.parametrize("dtype, columns", [("float16", 256), ("bfloat16", 256), ("int8", 512), ("float32", 128)])
+def test_inner_chunks_hold_512_bytes_per_row_unless_col_chunk_says_otherwise(tmp_path, dtype, columns):
+    layers = [{"name": "wide", "role": "t", "raw_shape": [1500], "dim": 1500, "offset": 0},
+              {"name": "narrow", "role": "t", "raw_shape": [40], "dim": 40, "offset": 1500}]
+    X = np.random.default_rng(0).random((8, 1540)).astype(np.float32)
+    read = []
+    for col_chunk, width in ((None, columns), (100, 100)):
+        store = create_store(str(tmp_path / f"{col_chunk}.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}},
+                             layers, {"train": 8}, 2, ["a", "b"], 8, dtype, col_chunk, "auto")
+        assert store.stored_features("train", "wide").chunks == (8, width)
+        assert store.stored_features("train", "narrow").chunks == (8, 40)  # never wider than the tap
+        store.write_rows("train", 0, [store.encode("wide", X[:, :1500], dtype), store.encode("narrow", X[:, 1500:], dtype)])
+        read.append([store.features("train", name)[:] for name in ("wide", "narrow")])
+    for a, b in zip(*read):  # layout, not numbers
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [0, -256, 2.5, True])
+def test_a_bad_col_chunk_is_named(tmp_path, bad):
+    layers = [{"name": "t", "role": "t", "raw_shape": [8], "dim": 8, "offset": 0}]
+    with pytest.raises(H2TError, match="store.col_chunk"):
+        create_store(str(tmp_path / "s.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers,
+                     {"train": 8}, 2, ["a", "b"], 8, "int8", bad, "auto")
+    assert not (tmp_path / "s.zarr").exists()  # refused before anything is laid out

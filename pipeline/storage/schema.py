@@ -5,7 +5,8 @@ attributes against it, `h2t store verify` checks every array against it.
         attrs["h2t"]             the ATTRS below
         <split>/features/<tap>   (n, dim)  float16 | float32, or bfloat16 kept as its bit pattern in uint16
                                  (array attrs h2t_encoding=bfloat16), or int8 codes; shard = (shard_rows, dim),
-                                 inner chunk = (shard_rows, col_chunk), lz4 (or zstd, or none) + CRC32C each
+                                 inner chunk = (shard_rows, col_chunk: by default 512 bytes per row),
+                                 lz4 (or zstd, or none) + CRC32C each
         <split>/quant/<tap>      int8 taps only: (n_shards, 2 * dim) float16 (float32 in stores whose spec
                                  has no "quant"), per shard the scale of every
                                  column then its minimum lo: value = code * scale + (lo + 128 * scale)
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
+from ..errors import H2TError
 from .quant import quantize
 
 if TYPE_CHECKING:
@@ -114,6 +116,21 @@ WRITE_EMPTY: ArrayConfigParams = {"write_empty_chunks": True}
 # a file (creating ~50 directories per shard took about half the writes' time of small shards on ext4).
 # Readers follow each array's metadata, so stores of either naming read the same (layout, not numbers).
 FLAT_KEYS = {"name": "default", "separator": "."}
+
+
+INNER_CHUNK_BYTES_PER_ROW = 512  # col_chunk's default: 256 columns of a 2-byte type, 512 of int8, 128 of float32
+
+
+def inner_columns(col_chunk: int | None, dtype: str) -> int:
+    """Columns per inner chunk: `col_chunk`, or by default as many as make 512 bytes per row (32 KiB for a
+    64-row shard) in the store's dtype. Each inner chunk is one codec call and one index entry: int8 codes at
+    256 columns paid zstd's per-call cost on half the bytes; at 512 zstd decodes ~1.4x faster per byte and
+    stores the same bytes (benchmarks/README.md, compact.py)."""
+    if col_chunk is None:
+        return INNER_CHUNK_BYTES_PER_ROW // np.dtype(storage_dtype(dtype)).itemsize
+    if isinstance(col_chunk, bool) or not isinstance(col_chunk, int) or col_chunk < 1:
+        raise H2TError(f"store.col_chunk must be a positive integer or null, got {col_chunk!r}")
+    return col_chunk
 
 
 def quant_codecs() -> list:

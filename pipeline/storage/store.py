@@ -44,6 +44,7 @@ from .schema import (
     encode_values,
     feature_codecs,
     from_bfloat16_bits,
+    inner_columns,
     quant_codecs,
     quant_params_dtype,
     resolve_compression,
@@ -227,7 +228,7 @@ class FeatureStore:
 
 
 def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[str, int], num_classes: int,
-                 class_names: list[str], shard_rows: int, dtype: str, col_chunk: int,
+                 class_names: list[str], shard_rows: int, dtype: str, col_chunk: int | None,
                  compression: str, skipped: list[dict] | None = None, options: dict | None = None,
                  labels: dict | None = None, sample_ids: dict | None = None,
                  reused: dict[str, FeatureStore] | None = None) -> FeatureStore:
@@ -241,6 +242,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
     if compression not in COMPRESSIONS:
         raise H2TError(f"store.compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
     compressors = feature_codecs(resolve_compression(compression, dtype), np.dtype(storage_dtype(dtype)).itemsize)
+    col_chunk = inner_columns(col_chunk, dtype)
     meta: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "store_id": store_id(spec), "spec": spec, "layers": layers,
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
