@@ -50,6 +50,9 @@ def main() -> None:
     cfg = settings(cfg).extract_job()
     plan = plan_store(cfg)
     model = build_model(cfg.model)
+    channels_last = bool(cfg.extract.channels_last)  # the bare forward in the extraction's memory format
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     batch = int(cfg.extract.batch_size)
     batches = [(s, st) for s, split in plan.dataset.splits.items() for st in range(0, len(split), batch)]
 
@@ -59,6 +62,8 @@ def main() -> None:
         for name, st in batches:
             split = plan.dataset.splits[name]
             x = plan.preprocess(split.load(st, min(st + batch, len(split))), torch.device("cpu"))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 model(x)
         return time.perf_counter() - start
@@ -81,7 +86,7 @@ def main() -> None:
     shutil.rmtree(root, ignore_errors=True)
     D = sum(layer["dim"] for layer in plan.layers)
     print(f"model {cfg.model.name} @ {plan.preprocess.input_size}px, {len(plan.layers)} taps, D={D}, T={args.target_size}, "
-          f"{n} images, {torch.get_num_threads()} threads")
+          f"{n} images, {torch.get_num_threads()} threads{', channels_last' if channels_last else ''}")
     print(f"bare forward      {t_bare:7.2f} s  ({n / t_bare:6.1f} img/s)")
     for i, count in enumerate(writers):
         t_store, t_stage = min(t[1][i][0] for t in turns), min(t[1][i][1] for t in turns)
