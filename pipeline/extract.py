@@ -24,7 +24,7 @@ from .storage import location
 from .storage.catalog import human_bytes
 from .storage.claims import Claims
 from .storage.reuse import Reuse, find_reuse, reused_layer
-from .storage.schema import SCHEMA_VERSION, STATUS_CREATING, storage_dtype
+from .storage.schema import SCHEMA_VERSION, STATUS_CREATING, inner_columns, storage_dtype
 from .storage.store import FeatureStore, create_store, open_store, store_path
 from .storage.union import StoreUnion
 from .taps import TappedForward, select_taps
@@ -46,6 +46,7 @@ def plan_store(job: ExtractJob, dataset: Dataset | None = None) -> Plan:
     model_cfg = job.model
     check_model_name(model_cfg.name)
     target_size = validate_target_size(job.pooling.target_size)
+    inner_columns(job.store.col_chunk, str(job.store.dtype))  # a bad store.col_chunk is named before any work
     dataset = dataset or build_dataset(job.data)
     preprocess = build_preprocess(model_cfg)
     with torch.device("meta"):  # structure only: tap names and shapes, no weights, no compute

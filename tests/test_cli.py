@@ -86,6 +86,7 @@ def test_any_timm_model_by_name(tmp_path):
     (["store.view_fraction=0"], "store.view_fraction"),
     (["store.dtype=float8"], "store.dtype"),
     (["store.on_overflow=clip"], "store.on_overflow"),
+    (["store.col_chunk=0"], "store.col_chunk"),
     (["model=timm", "model.name=resnet18", "model.pretrained=true"], "model.checkpoint"),
 ])
 def test_bad_input_is_one_line_naming_the_culprit(tmp_path, args, culprit):
