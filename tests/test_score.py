@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import H2TError
+from pipeline.rows import Rows
 from pipeline.score import (
     SOLVERS,
     Datafit,
@@ -22,6 +23,7 @@ from pipeline.score import (
 )
 from pipeline.score.contracts import BlockMatrix
 from pipeline.score.matrix import DenseMatrix, l2_normalise_rows
+from pipeline.storage import shards
 from tests.conftest import make_store, score_cfg
 
 
@@ -250,3 +252,25 @@ def test_casts_in_worker_threads_are_exact_and_leave_no_thread_team_behind():
     np.testing.assert_array_equal(wide[:, 100:800], values.astype(np.float32))
     assert not wide[:, :100].any() and not wide[:, 800:].any()
     np.testing.assert_array_equal(flat, values.astype(np.float32).reshape(-1))
+
+
+@pytest.mark.parametrize("budget", [30_000, 2**30])  # streamed in blocks of one shard, or read whole at once
+@pytest.mark.parametrize("fold", [False, True])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_the_matrix_read_from_shard_files_is_the_one_zarr_reads(tmp_path, rng, monkeypatch, dtype, fold, budget):
+    X = {"train": rng.random((40, 150)).astype(np.float32)}
+    y = {"train": rng.integers(0, 3, 40)}
+    store = make_store(tmp_path / "s.zarr", X, y, 3, dtype=dtype, spec={"widths": [100, 50]})
+    rows = Rows((("train", np.array([0, 3, 4, 17, 18, 33, 39]) if fold else None),), "some")
+
+    def read():
+        with FeatureMatrix(store, rows, budget) as matrix:
+            return matrix, np.concatenate([block.copy() for _, block in matrix.blocks()])
+
+    direct_matrix, direct = read()
+    assert all(reader is not None for reader in direct_matrix.reader.direct["train"])  # the direct path ran
+    monkeypatch.setattr(shards, "reader_for", lambda array: None)
+    zarr_matrix, through_zarr = read()
+    assert all(reader is None for reader in zarr_matrix.reader.direct["train"])
+    np.testing.assert_array_equal(direct, through_zarr)
+    assert len(direct) == (7 if fold else 40)

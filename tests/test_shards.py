@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
+from pipeline.errors import H2TError
 from pipeline.storage import CODEC_PIPELINES, shards
 from pipeline.storage.schema import feature_codecs, storage_dtype
 
@@ -76,3 +77,63 @@ def test_arrays_of_other_layouts_are_left_to_zarr(tmp_path):
     three_d = zarr.create_array(store=str(tmp_path / "c"), shape=(2, 2, 2), dtype="float32", chunks=(1, 2, 2),
                                 zarr_format=3)
     assert shards.encoder_for(three_d) is None
+
+
+# --- direct reads of whole shards ---------------------------------------------------------------------
+
+READ_LAYOUTS = LAYOUTS + [("int8", "zstd")]
+
+
+@pytest.mark.parametrize("dtype,compression", READ_LAYOUTS)
+def test_direct_reads_give_what_zarr_reads(tmp_path, rng, dtype, compression):
+    array = _array(tmp_path / "a", dtype, compression)  # 100 rows in shards of 32; 300 columns, inner chunks of 64
+    data = _values(rng, array.shape, array.dtype)
+    array[:] = data  # zarr's own writer
+    reader = shards.reader_for(zarr.open_array(str(tmp_path / "a"), mode="r"))
+    assert reader is not None
+    for start, stop in [(0, 100), (0, 32), (32, 96), (96, 100), (10, 50), (64, 65)]:
+        got = reader.read(start, stop)
+        assert got.dtype == array.dtype and got.shape == (stop - start, 300)
+        np.testing.assert_array_equal(got, data[start:stop])
+
+
+def test_a_left_out_inner_chunk_reads_as_the_fill_value(tmp_path, rng):
+    array = _array(tmp_path / "a", "float16", "lz4", n=32)
+    data = _values(rng, array.shape, array.dtype) + np.float16(1)
+    data[:, 64:128] = 0
+    array[:] = data  # zarr's default leaves all-zero inner chunks out of the shard
+    index = np.frombuffer((tmp_path / "a" / "c" / "0" / "0").read_bytes()[-4 - 16 * 5:-4], "<u8").reshape(5, 2)
+    assert index[1, 0] == shards.EMPTY  # what this test is about
+    np.testing.assert_array_equal(shards.reader_for(array).read(0, 32), data)
+
+
+def test_a_missing_shard_is_left_to_zarr(tmp_path, rng):
+    array = _array(tmp_path / "a", "float16", "lz4", n=64)
+    array[:] = _values(rng, array.shape, array.dtype)
+    os.remove(tmp_path / "a" / "c" / "1" / "0")
+    reader = shards.reader_for(array)
+    assert reader.read(0, 32) is not None and reader.read(0, 64) is None
+
+
+@pytest.mark.parametrize("where", ["chunk", "index"])
+def test_a_flipped_byte_fails_the_read_naming_the_shard(tmp_path, rng, where):
+    array = _array(tmp_path / "a", "int8", "zstd", n=32)
+    array[:] = _values(rng, array.shape, array.dtype)
+    path = tmp_path / "a" / "c" / "0" / "0"
+    data = bytearray(path.read_bytes())
+    data[10 if where == "chunk" else -10] ^= 0x40
+    path.write_bytes(bytes(data))
+    with pytest.raises(H2TError, match=f"checksum mismatch in .*{os.path.join('c', '0', '0')}"):
+        shards.reader_for(array).read(0, 32)
+
+
+def test_arrays_not_in_a_local_store_or_of_other_layouts_are_read_through_zarr(tmp_path):
+    in_memory = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(10, 300), dtype="float16",
+                                  chunks=(10, 50), shards=(10, 300), zarr_format=3)
+    assert shards.reader_for(in_memory) is None
+    two_shards = zarr.create_array(store=str(tmp_path / "b"), shape=(10, 300), dtype="float16", chunks=(10, 50),
+                                   shards=(10, 150), zarr_format=3)
+    assert shards.reader_for(two_shards) is None
+    unsharded = zarr.create_array(store=str(tmp_path / "c"), shape=(10, 300), dtype="float16", chunks=(10, 300),
+                                  zarr_format=3)
+    assert shards.reader_for(unsharded) is None

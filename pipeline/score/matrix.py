@@ -5,8 +5,8 @@ in W and the objective value are unchanged, while the dominant direction of non-
 common mean) is removed from the problem's curvature — proximal steps become ~50x longer.
 
 The whole matrix is materialised only when it fits the memory budget. Otherwise every pass streams row
-blocks of whole shards: Dask runs one task per layer (the Rust codec pipeline decodes the layer's chunks in
-parallel; the task casts them to float32 and divides each row by its norm in place, into the block's
+blocks of whole shards: Dask runs one task per layer (a local store's shard files are decoded by the task
+itself, pipeline/storage/shards.py; others go through zarr's codec pipeline; the task casts them to float32 and divides each row by its norm in place, into the block's
 buffer), and the next block is read while the current one is multiplied. Streamed blocks are not centred
 in memory: `offset` (the column means) is subtracted algebraically by the datafit, which saves a pass over
 every block. Peak memory of a streamed pass: two float32 blocks, the raw values of one, and the per-row
@@ -27,6 +27,7 @@ import torch
 
 from ..errors import H2TError
 from ..rows import Rows, Segment
+from ..storage import shards
 from ..storage.quant import DequantizedArray
 from .contracts import BlockMatrix
 
@@ -164,13 +165,16 @@ class BlockReader:
         self.threads = threads or min(len(self.layers), os.cpu_count() or 1)
         self.dtypes = store.layer_dtypes()
         self.arrays = {split: [store.features(split, layer["name"]) for layer in self.layers] for split in splits}
+        # local shards are read straight from their files (pipeline/storage/shards.py); others through zarr
+        self.direct = {split: [shards.reader_for(a.codes if isinstance(a, DequantizedArray) else a) for a in arrays]
+                       for split, arrays in self.arrays.items()}
         self.starts = np.cumsum([0] + [layer["dim"] for layer in self.layers])
         self.D = int(self.starts[-1])
         self.itemsize = max(np.dtype(a.dtype).itemsize for arrays in self.arrays.values() for a in arrays)
 
     def fill(self, out: np.ndarray, segment: Segment, norms: np.ndarray, known: bool) -> None:
         """out[:] = the segment's rows, normalised; `norms` (rows x layers) is written, or read when `known`.
-        One Dask task per layer: the Rust pipeline decodes the layer's chunks in parallel."""
+        One Dask task per layer, each decoding its own shards (`shards.ShardReader`, or zarr's pipeline)."""
         tasks = [dask.delayed(self._fill_layer)(out, segment, i, norms, known) for i in range(len(self.layers))]
         dask.compute(*tasks, scheduler="threads", num_workers=self.threads)
 
@@ -180,10 +184,15 @@ class BlockReader:
         name = self.layers[i]["name"]
         seg = out[:, self.starts[i]:self.starts[i + 1]]
         array = self.arrays[segment.split][i]
-        # an int8 tap: its codes, dequantised a few rows at a time below (while in cache)
-        codes = array.codes_of(segment.src) if segment.take is None and isinstance(array, DequantizedArray) else None
-        if codes is None:
-            raw = array[segment.src]
+        reader = self.direct[segment.split][i]
+        stored = None if reader is None else reader.read(*segment.src.indices(array.shape[0])[:2])
+        codes = None
+        if isinstance(array, DequantizedArray):  # an int8 tap: its codes, dequantised a few rows at a time below
+            codes = array.codes_of(segment.src, codes=stored)
+            if segment.take is not None:  # some of the rows: dequantised, then taken
+                raw, codes = codes.fill(np.empty(codes.codes.shape, np.float32))[segment.take], None
+        else:
+            raw = array[segment.src] if stored is None else stored
             raw = raw if segment.take is None else raw[segment.take]
         step = max(1, CACHE_BYTES // (4 * max(1, seg.shape[1])))
         for r0 in range(0, len(seg), step):
