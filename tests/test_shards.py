@@ -127,6 +127,15 @@ def test_a_flipped_byte_fails_the_read_naming_the_shard(tmp_path, rng, where):
         shards.reader_for(array).read(0, 32)
 
 
+def test_a_truncated_shard_fails_the_read_naming_it(tmp_path, rng):
+    array = _array(tmp_path / "a", "float16", "lz4", n=32)
+    array[:] = _values(rng, array.shape, array.dtype)
+    path = tmp_path / "a" / "c" / "0" / "0"
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(H2TError, match=f"shard .*{os.path.join('c', '0', '0')} is truncated"):
+        shards.reader_for(array).read(0, 32)
+
+
 def test_arrays_not_in_a_local_store_or_of_other_layouts_are_read_through_zarr(tmp_path):
     in_memory = zarr.create_array(store=zarr.storage.MemoryStore(), shape=(10, 300), dtype="float16",
                                   chunks=(10, 50), shards=(10, 300), zarr_format=3)
