@@ -146,3 +146,16 @@ def test_arrays_not_in_a_local_store_or_of_other_layouts_are_read_through_zarr(t
     unsharded = zarr.create_array(store=str(tmp_path / "c"), shape=(10, 300), dtype="float16", chunks=(10, 300),
                                   zarr_format=3)
     assert shards.reader_for(unsharded) is None
+
+
+def test_read_rows_reads_shard_files_where_it_can_and_zarr_elsewhere(tmp_path, rng, monkeypatch):
+    local = _array(tmp_path / "a", "float16", "lz4", n=70)
+    in_memory = zarr.create_array(store=zarr.storage.MemoryStore(), shape=local.shape, dtype=local.dtype,
+                                  chunks=local.chunks, shards=local.shards, zarr_format=3)
+    data = _values(rng, local.shape, local.dtype)
+    local[:], in_memory[:] = data, data
+    read = []
+    monkeypatch.setattr(shards.ShardReader, "read", lambda self, a, b: read.append((a, b)) or data[a:b].copy())
+    np.testing.assert_array_equal(shards.read_rows(local, 32, 70), data[32:70])
+    np.testing.assert_array_equal(shards.read_rows(in_memory, 32, 70), data[32:70])
+    assert read == [(32, 70)]  # the local array's rows came from its files, the other's through zarr

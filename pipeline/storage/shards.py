@@ -275,3 +275,11 @@ def reader_for(array) -> ShardReader | None:
     if chunk is None or index != ([], True):  # the index: little-endian bytes and a CRC32C, as zarr writes it
         return None
     return ShardReader(array, str(array.store.root), *chunk)
+
+
+def read_rows(array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of every column of a feature array: from its shard files when `reader_for` can
+    read them, else through zarr."""
+    reader = reader_for(array)
+    values = None if reader is None else reader.read(start, stop)
+    return array[start:stop] if values is None else values

@@ -24,6 +24,7 @@ import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
+from . import shards
 from .claims import Claims
 from .handle import array_at
 from .quant import DequantizedArray
@@ -123,13 +124,13 @@ def build_view(store, relevance_key: str, ranking: np.ndarray, n_columns: int, b
                     name = layers[i]["name"]
                     cols = columns[where] - starts[i]
                     if encoding == "int8":  # codes as stored, and their shards' scales and offsets
-                        out[:, where] = store.stored_features(split, name)[r0:r1][:, cols]
+                        out[:, where] = shards.read_rows(store.stored_features(split, name), r0, r1)[:, cols]
                         params = store.group[QUANT.key(split, name)][r0 // shard_rows:-(-r1 // shard_rows)]
                         dim = layers[i]["dim"]
                         out_params[:, where] = params[:, cols]
                         out_params[:, len(columns) + where] = params[:, dim + cols]
                         continue
-                    raw = (store.stored_features if same else store.features)(split, name)[r0:r1]
+                    raw = shards.read_rows((store.stored_features if same else store.features)(split, name), r0, r1)
                     values = raw if same else store.decode(name, raw, dtypes[name])
                     out[:, where] = values[:, cols]
                 if quant is not None:
