@@ -7,9 +7,9 @@ common mean) is removed from the problem's curvature — proximal steps become ~
 The whole matrix is materialised only when it fits the memory budget. Otherwise every pass streams row
 blocks of whole shards: Dask runs one task per layer (a local store's shard files are decoded by the task
 itself, pipeline/storage/shards.py, others by zarr's codec pipeline; the task casts them to float32 and
-divides each row by its norm in place, into the block's buffer), and the next block is read while the current one is multiplied. Streamed blocks are not centred
-in memory: `offset` (the column means) is subtracted algebraically by the datafit, which saves a pass over
-every block. Peak memory of a streamed pass: two float32 blocks, the raw values of one, and the per-row
+divides each row by its norm in place, into the block's buffer), and the next block is read while the
+current one is multiplied. Streamed blocks are not centred in memory: `offset` (the column means) is
+subtracted algebraically by the datafit, which saves a pass over every block. Peak memory of a streamed pass: two float32 blocks, the raw values of one, and the per-row
 layer norms (n x layers).
 """
 from __future__ import annotations

@@ -140,10 +140,10 @@ def encoder_for(array) -> ShardEncoder | None:
     dtype = np.dtype(array.dtype)
     key_of = lambda shard: chunk_key(array, (shard, 0))  # noqa: E731
     if len(codecs) == 1 and isinstance(codecs[0], ShardingCodec):
-        sharding = codecs[0]
-        inner_rows, inner_cols = sharding.chunk_shape
-        if inner_rows != grid_rows or grid_cols % inner_cols or sharding.index_location != ShardingCodecIndexLocation.end:
+        sharding = _row_sharding(array)
+        if sharding is None:
             return None
+        inner_cols = sharding.chunk_shape[1]
         steps, index_steps = _pipeline(list(sharding.codecs)), _pipeline(list(sharding.index_codecs))
         if steps is None or index_steps is None:
             return None
@@ -152,6 +152,21 @@ def encoder_for(array) -> ShardEncoder | None:
     if steps is None:
         return None
     return ShardEncoder(key_of, dtype, (grid_rows, grid_cols), grid_cols, steps, None)
+
+
+def _row_sharding(array) -> ShardingCodec | None:
+    """The sharding codec of a 2-D zarr v3 array laid out as row shards: one shard spans every column, in
+    inner chunks of the shard's rows and whole columns, the index at the end; None for any other layout."""
+    codecs = array_codecs(array)
+    if codecs is None or len(array.shape) != 2 or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
+        return None
+    sharding = codecs[0]
+    rows, cols = array.shards
+    inner_rows, inner_cols = sharding.chunk_shape
+    if (cols < array.shape[1] or inner_rows != rows or cols % inner_cols
+            or sharding.index_location != ShardingCodecIndexLocation.end):
+        return None
+    return sharding
 
 
 def write_local(root: str, key: str, parts: list) -> None:
@@ -199,8 +214,8 @@ class ShardReader:
     """Reads row shards of one local 2-D sharded array straight from their files: the index, then each inner
     chunk decoded with the array's codecs (numcodecs, as `ShardEncoder` encodes them) and its CRC32C
     checked, in the calling thread (no event loop): streamed scoring passes ran 13-42 % faster than through
-    zarr's Rust pipeline (benchmarks/README.md, compact.py). `read` returns None
-    when a shard's file is absent, so the caller reads through zarr and gets zarr's fill value."""
+    zarr's Rust pipeline (benchmarks/shard_reads.py). `read` returns None when a shard's file is absent, so
+    the caller reads through zarr and gets zarr's fill value."""
 
     def __init__(self, array, root: str, steps: list, checksum: bool):
         self.array, self.root, self.steps, self.checksum = array, root, steps, checksum
@@ -261,15 +276,8 @@ EMPTY = 2**64 - 1  # the shard index's (offset, nbytes) of an absent inner chunk
 def reader_for(array) -> ShardReader | None:
     """The direct reader of a zarr v3 2-D array in a local store whose shard spans all its columns (the
     layout `encoder_for` writes), or None: any other array is read through zarr."""
-    if not isinstance(getattr(array, "store", None), LocalStore) or len(array.shape) != 2 or array.shards is None:
-        return None
-    codecs = array_codecs(array)
-    if codecs is None or len(codecs) != 1 or not isinstance(codecs[0], ShardingCodec):
-        return None
-    sharding = codecs[0]
-    rows, cols = array.shards
-    if (cols < array.shape[1] or tuple(sharding.chunk_shape) != (rows, array.chunks[1]) or cols % array.chunks[1]
-            or sharding.index_location != ShardingCodecIndexLocation.end):
+    sharding = _row_sharding(array) if isinstance(getattr(array, "store", None), LocalStore) else None
+    if sharding is None:
         return None
     chunk, index = _decode_pipeline(list(sharding.codecs)), _decode_pipeline(list(sharding.index_codecs))
     if chunk is None or index != ([], True):  # the index: little-endian bytes and a CRC32C, as zarr writes it
