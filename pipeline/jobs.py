@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from .config import CONF_DIR
 from .errors import H2TError, fail
 from .report import FAILED_FILE
+from .runtime import imports_uncollected
 from .storage.location import CREDENTIAL_SETTINGS, WHERE_CREDENTIALS_GO
 
 
@@ -171,7 +172,8 @@ def run_verb(verb: str, rest: list[str]) -> None:
     if quiet:  # warnings and errors only, no progress bars; the job's log file keeps everything
         args += ["hydra.job_logging.handlers.console.level=WARNING", "extract.progress=false"]
     _check_overrides(verb, args)
-    from . import tasks  # noqa: PLC0415 - start-up time: a bad override is one line before torch loads
+    with imports_uncollected():  # ~400 k objects for life: not scanned again (pipeline/runtime.py)
+        from . import tasks  # noqa: PLC0415 - start-up time: a bad override is one line before torch loads
 
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(tasks.TASKS[verb]))
     with tempfile.TemporaryDirectory(prefix="h2t-sweep-") as scratch:
