@@ -37,7 +37,7 @@ from hydra import compose, initialize_config_dir
 from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import ensure_store
 from pipeline.head import read_columns
-from pipeline.runtime import keep_freed_memory
+from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.score import FeatureMatrix, MultinomialLogistic
 from pipeline.storage import configure_io
 from pipeline.tune import tune
@@ -79,6 +79,7 @@ def compose_cfg(name: str, overrides: list[str]):
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    freeze_imported()  # and its start-up objects out of the collector's scans
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -32,7 +32,7 @@ from hydra import compose, initialize_config_dir
 from pipeline.config import CONF_DIR, Method, register, settings
 from pipeline.extract import ensure_store
 from pipeline.probe import probe_store
-from pipeline.runtime import keep_freed_memory
+from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.storage import configure_io
 from pipeline.tune import choose, refit_job, tune
 
@@ -47,6 +47,7 @@ def composed(overrides: list[str]):
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    freeze_imported()  # and its start-up objects out of the collector's scans
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

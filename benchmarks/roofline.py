@@ -49,7 +49,7 @@ from PIL import Image
 from pipeline.backbone import build_model
 from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import decode_workers, decodes_on_device, extract, plan_store, resolve_device
-from pipeline.runtime import keep_freed_memory
+from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.stages import Loader, Shard
 from pipeline.storage import configure_io
 from pipeline.storage.schema import inner_columns
@@ -286,6 +286,7 @@ def report(r: dict, writers: list[int]) -> None:
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    freeze_imported()  # and its start-up objects out of the collector's scans
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads (pipeline/storage)
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

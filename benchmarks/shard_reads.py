@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from pipeline.runtime import keep_freed_memory
+from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.score import FeatureMatrix, MultinomialLogistic
 from pipeline.storage import configure_io, shards
 from pipeline.storage.store import open_store
@@ -35,6 +35,7 @@ def one_pass(store, budget_bytes: int, matrix: FeatureMatrix | None = None) -> t
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    freeze_imported()  # and its start-up objects out of the collector's scans
     configure_io()  # as the h2t command does: zarr's codec pipeline and I/O threads
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stores", nargs="+")

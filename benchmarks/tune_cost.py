@@ -43,7 +43,7 @@ import pipeline.tune as tune_module
 from pipeline.config import CONF_DIR, HeadPrecision, register, settings
 from pipeline.extract import ensure_store
 from pipeline.head import epoch_batches
-from pipeline.runtime import keep_freed_memory
+from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.score.cluster import ScoreRuntime
 from pipeline.storage import catalog, configure_io
 
@@ -97,6 +97,7 @@ def run(job, stores, mode: str) -> dict:
 
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
+    freeze_imported()  # and its start-up objects out of the collector's scans
     configure_io()
     register()  # the schema conf/ starts from (pipeline/config.py)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
