@@ -249,6 +249,7 @@ class ShardReader:
         index_start = len(data) - index_bytes - 4
         self._check(path, data[index_start:-4], data[-4:], "its index")
         index = np.frombuffer(data, "<u8", 2 * self.n_inner, index_start).reshape(self.n_inner, 2)
+        view = np.frombuffer(data, np.uint8)  # read-only: chunks are sliced, checksummed and decoded without a copy
         rows = out.shape[0]
         for i, (offset, nbytes) in enumerate(index.tolist()):
             c0 = i * self.inner
@@ -256,7 +257,7 @@ class ShardReader:
             if offset == EMPTY:  # an inner chunk zarr left out: the fill value
                 out[:, c0:c0 + w] = 0
                 continue
-            body = data[offset:offset + nbytes - 4] if self.checksum else data[offset:offset + nbytes]
+            body = view[offset:offset + nbytes - 4] if self.checksum else view[offset:offset + nbytes]
             if self.checksum:
                 self._check(path, body, data[offset + nbytes - 4:offset + nbytes], f"inner chunk {i}")
             for step in reversed(self.steps):
@@ -264,7 +265,7 @@ class ShardReader:
             out[:, c0:c0 + w] = np.frombuffer(body, self.dtype).reshape(self.rows, self.inner)[r0:r0 + rows, :w]
 
     @staticmethod
-    def _check(path: str, body: bytes, stored: bytes, what: str) -> None:
+    def _check(path: str, body: bytes | np.ndarray, stored: bytes, what: str) -> None:
         if google_crc32c.value(body) != int.from_bytes(stored, "little"):
             raise H2TError(f"checksum mismatch in {what} of shard {path}: the store is damaged "
                            f"(`h2t store verify` lists damaged shards)")
