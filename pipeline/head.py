@@ -19,6 +19,11 @@ from .rows import Rows
 from .score.matrix import cast_into, chunk_runs, normalise_rows_in_place
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # head.precision: the products' dtype
+# Fewest columns the weights have in the matrix products: the heads' own, then zero columns. MKL's products of a
+# 128-row batch with fewer than 16 columns ran 2.5-4x slower than with 16 on this AVX-512 CPU (one head of 10
+# classes: 11.9 ms a step against 4.3 ms padded, d = 20,000; benchmarks/README.md), and a padded column's
+# gradient, Adam update and weights stay exactly 0.
+MIN_PRODUCT_COLUMNS = 16
 
 
 def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None, part: slice = slice(None),
@@ -173,8 +178,9 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     Xt = Xt.to(device=device, dtype=compute)  # one copy: no float32 rows on the device before a bfloat16 one
     labels = torch.as_tensor(np.asarray(y, np.int64))
     one_hot = torch.zeros(n, K).index_put_((torch.arange(n), labels), torch.tensor(1.0)).to(device)
-    W = torch.zeros(G, d, m * K, device=device)
-    b = torch.zeros(G, 1, m * K, device=device)
+    width = _product_width(m * K)
+    W = torch.zeros(G, d, width, device=device)
+    b = torch.zeros(G, 1, width, device=device)
     # What a step needs besides its arithmetic is made before the loop (per-step bookkeeping was most of a
     # narrow head's time): every batch's rows, and each head's lr at every step (LambdaLR's cosine factor of
     # the steps taken so far, in float64, then float32) repeated over its K columns.
@@ -184,7 +190,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     lrs = torch.tensor([[float(lr) * (0.5 * (1 + math.cos(math.pi * t / max(s, 1))))
                          for (lr, _), s in zip(settings, steps)] for t in range(total)], dtype=torch.float64)
     lrs = lrs.reshape(total, m)
-    scales = lrs.to(torch.float32).repeat_interleave(K, dim=1).to(device)
+    scales = _pad_columns(lrs.to(torch.float32).repeat_interleave(K, dim=1), width).to(device)
     # Adam runs on a scratch copy of each parameter reset to 0 before every step, so that after the step it
     # holds -m_hat / (sqrt(v_hat) + eps) (lr 1, torch's fused kernel: one pass); each head's own lr and
     # schedule then scale its columns of that update into the weights.
@@ -196,11 +202,14 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     # back to the kernel in between). `product` is the gradient in the products' dtype.
     xb = torch.empty(G, batches.shape[1] if total else 0, d, dtype=compute, device=device)
 
-    def gradient_buffers(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def gradient_buffers(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The weights' gradient, the same in the products' dtype, and the logits' gradient with its zero
+        padding columns (None when the heads fill the width)."""
         grad_W = torch.empty_like(W)
-        return grad_W, grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute)
+        padded = torch.zeros(G, xb.shape[1], W.shape[-1], device=device) if W.shape[-1] > len(active) * K else None
+        return grad_W, grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute), padded
 
-    grad_W, product = gradient_buffers(W)
+    grad_W, product, padded = gradient_buffers(W)
     for t in range(total):
         if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
             keep = [i for i, h in enumerate(active) if steps[h] > t]
@@ -208,11 +217,12 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                 if steps[h] == t:
                     finished[h] = (W[..., i * K:(i + 1) * K].clone(), b[..., i * K:(i + 1) * K].clone())
             columns = (torch.tensor(keep)[:, None] * K + torch.arange(K)).reshape(-1).to(device)
-            W, b = W[..., columns].contiguous(), b[..., columns].contiguous()
-            grad_W, product = gradient_buffers(W)
-            adam.narrow(columns)
-            scales = scales[:, columns].contiguous()
+            width = _product_width(len(columns))
+            W, b = _pad_columns(W[..., columns], width), _pad_columns(b[..., columns], width)
+            adam.narrow(columns, width)
+            scales = _pad_columns(scales[:, columns], width)
             active = [active[i] for i in keep]
+            grad_W, product, padded = gradient_buffers(W)
         with torch.no_grad():
             idx = batches[t]
             torch.index_select(Xt, 1, idx, out=xb)  # 4x faster than Xt[:, idx] on the CPU
@@ -220,10 +230,13 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                 logits = torch.baddbmm(b, xb, W)
             else:
                 logits = torch.bmm(xb, W.to(compute)).float().add_(b)
-            logits = logits.view(G, len(idx), len(active), K)
-            grad = torch.softmax(logits, dim=3)
+            real = len(active) * K  # the heads' columns; any after them are padding
+            grad = torch.softmax(logits[..., :real].reshape(G, len(idx), len(active), K), dim=3)
             grad.sub_(torch.index_select(one_hot, 0, idx)[None, :, None, :])
-            grad = grad.view(G, len(idx), len(active) * K).div_(len(idx))  # d(mean cross-entropy) / d(logits)
+            grad = grad.view(G, len(idx), real).div_(len(idx))  # d(mean cross-entropy) / d(logits)
+            if padded is not None:
+                padded[..., :real] = grad
+                grad = padded
             torch.bmm(xb.transpose(1, 2), grad.to(compute), out=product)
             if product is not grad_W:
                 grad_W.copy_(product)
@@ -239,6 +252,16 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                 head.weight.copy_(finished[h][0][g, :widths[g]].T)
                 head.bias.copy_(finished[h][1][g, 0])
     return heads
+
+
+def _product_width(columns: int) -> int:
+    """Columns of the weights in the products: the heads' `columns`, at least `MIN_PRODUCT_COLUMNS`."""
+    return max(columns, MIN_PRODUCT_COLUMNS)
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """x with zero columns appended up to `width` (last axis), contiguous."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1])) if x.shape[-1] < width else x.contiguous()
 
 
 def head_workers(device: torch.device, workers: int | None = None) -> int:
@@ -311,11 +334,12 @@ class ScratchAdam:
              beta1=0.9, beta2=0.999, lr=1.0, weight_decay=0.0, eps=1e-7, maximize=False)
         return self.updates
 
-    def narrow(self, columns: torch.Tensor) -> None:
-        """Keep the state of some columns only (the heads still training): the finished heads' arithmetic
-        stops instead of running on at lr 0 (Adam is elementwise, so the others' steps are unchanged)."""
+    def narrow(self, columns: torch.Tensor, width: int) -> None:
+        """Keep the state of some columns only (the heads still training), zero-padded to `width` columns: the
+        finished heads' arithmetic stops instead of running on at lr 0 (Adam is elementwise, so the others'
+        steps are unchanged)."""
         for state in (self.updates, self.exp_avgs, self.exp_avg_sqs):
-            state[:] = [p[..., columns].contiguous() for p in state]
+            state[:] = [_pad_columns(p[..., columns], width) for p in state]
 
 
 def epoch_batches(n: int, batch_size: int, steps: int, generator: torch.Generator):

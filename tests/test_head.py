@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.tune_cost import heads_alone
 from pipeline.head import (
+    MIN_PRODUCT_COLUMNS,
     accuracy,
     column_subset,
     epoch_batches,
@@ -160,6 +161,20 @@ def test_heads_trained_together_are_the_heads_trained_alone(rng):
         single = train_linear_head(X, y, k, lr, steps, 32, seed=3)
         assert torch.equal(single.weight, head.weight) or np.allclose(single.weight.detach(), head.weight.detach(), atol=1e-6)
     assert not np.allclose(together[0].weight.detach(), together[1].weight.detach())  # each its own lr and steps
+
+
+def test_heads_filling_the_products_then_padded_as_they_finish_are_the_heads_trained_alone(rng):
+    """Three heads of 6 classes fill 18 product columns; once the first finishes the two left (12 columns) are
+    padded with zero columns up to MIN_PRODUCT_COLUMNS: every head is still the one trained alone."""
+    n, d, k = 120, 25, 6
+    X = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, k, n)
+    settings = [(0.05, 20), (0.1, 50), (0.02, 35)]
+    assert len(settings) * k > MIN_PRODUCT_COLUMNS > 2 * k
+    for (lr, steps), head in zip(settings, train_linear_heads(X, y, k, settings, batch_size=32, seed=1)):
+        alone = _alone_with_torch_adam(X, y, k, lr, steps, 32, seed=1)
+        np.testing.assert_allclose(head.weight.detach().numpy(), alone.weight.detach().numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(head.bias.detach().numpy(), alone.bias.detach().numpy(), rtol=1e-4, atol=1e-5)
 
 
 def _thread_count_seen_by_a_new_thread() -> int:
