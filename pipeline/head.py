@@ -16,7 +16,7 @@ from torch.optim.adam import adam  # the functional form of torch.optim.Adam
 from .config import ModelConfig
 from .errors import H2TError
 from .rows import Rows
-from .score.matrix import cast_into, chunk_runs, normalise_rows_in_place
+from .score.matrix import cast_into, chunk_runs, gather_columns_into, normalise_rows_in_place
 
 PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # head.precision: the products' dtype
 # Fewest columns the weights have in the matrix products: the heads' own, then zero columns. MKL's products of a
@@ -50,9 +50,7 @@ def read_columns(store, rows: Rows | str, plan: dict[str, np.ndarray], view=None
         target = out[segment.dst.start - start:segment.dst.stop - start]
         if order is not None:
             raw = view.read(segment.split, len(order), segment.src)
-            raw = raw if segment.take is None else raw[segment.take]
-            for (a, b) in zip(bounds[:-1], bounds[1:]):
-                cast_into(target[:, a:b], raw[:, order[a:b]])
+            gather_columns_into(target, raw if segment.take is None else raw[segment.take], order)
         else:
             for (layer, cols), a, b in zip(plan.items(), bounds[:-1], bounds[1:]):
                 values = column_subset(store.features(segment.split, layer), segment.src, cols)

@@ -254,6 +254,29 @@ def test_casts_in_worker_threads_are_exact_and_leave_no_thread_team_behind():
     np.testing.assert_array_equal(flat, values.astype(np.float32).reshape(-1))
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_gathered_columns_are_numpys_fancy_indexing_on_any_thread(rng, monkeypatch, dtype):
+    """gather_columns_into: torch's gather on the main thread (rows in several pieces), numpy's in a worker; both
+    exactly values[:, order] as float32, and a worker keeps no OpenMP team."""
+    from pipeline.score import matrix
+
+    values = rng.standard_normal((300, 2000)).astype(dtype)
+    order = rng.permutation(2000)
+    expected = values[:, order].astype(np.float32)
+    out = np.zeros((300, 2000), np.float32)
+    monkeypatch.setattr(matrix, "GATHER_BYTES", 100_000)  # several pieces of rows (25 or 12 each)
+    matrix.gather_columns_into(out, values, order)
+    np.testing.assert_array_equal(out, expected)
+    out[:] = 0
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(lambda: None).result()
+        before = _tasks() if os.path.isdir("/proc/self/task") else set()
+        pool.submit(matrix.gather_columns_into, out, values, order).result()
+        after = _tasks() if os.path.isdir("/proc/self/task") else set()
+    np.testing.assert_array_equal(out, expected)
+    assert after - before == set()
+
+
 @pytest.mark.parametrize("budget", [30_000, 2**30])  # streamed in blocks of one shard, or read whole at once
 @pytest.mark.parametrize("fold", [False, True])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])

@@ -36,6 +36,7 @@ CACHE_BYTES = 2**20  # float32 values cast, measured and scaled at once: they st
 
 # torch runs an elementwise op over more elements than its grain (at::internal::GRAIN_SIZE, 32,768) in parallel
 SERIAL_ELEMENTS = 16384
+GATHER_BYTES = 1 << 24  # rows gathered at once by `gather_columns_into` (fewer torch calls: see there)
 
 
 def cast_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -64,6 +65,21 @@ def cast_into(out: np.ndarray, values: np.ndarray) -> np.ndarray:
             flat_target[a:a + SERIAL_ELEMENTS].copy_(flat_source[a:a + SERIAL_ELEMENTS])
     else:  # a strided array of another rank (no call site makes one): numpy's cast
         out[...] = values
+    return out
+
+
+def gather_columns_into(out: np.ndarray, values: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """out[...] = values[:, order] as float32 (out: C-contiguous rows). On the main thread torch gathers and casts
+    16 MiB of rows at a time (a probe's 5,000 x 39,332 float16 columns in 1.6 s against numpy's 2.9 s; pieces of
+    1 MiB took 3.9 s there, each parallel call waking OpenMP threads that had gone to sleep); elsewhere numpy's
+    fancy indexing and `cast_into`, which keep the calling thread off OpenMP."""
+    main = threading.current_thread() is threading.main_thread()
+    if not main or values.dtype not in (np.float16, np.float32) or not out.flags.c_contiguous or len(order) == 0:
+        return cast_into(out, values[:, order])
+    source, index, target = torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(order), torch.from_numpy(out)
+    rows = max(1, GATHER_BYTES // (len(order) * values.itemsize))
+    for r in range(0, len(values), rows):
+        target[r:r + rows].copy_(torch.index_select(source[r:r + rows], 1, index))
     return out
 
 
