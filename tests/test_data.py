@@ -81,6 +81,29 @@ def test_packaged_digits_have_disjoint_splits(source, total):
         build_dataset(OmegaConf.create({"source": source, "sizes": {"train": total, "val": 0, "test": 1}}))
 
 
+def test_digits_are_sklearns_load_digits_read_without_importing_it(monkeypatch):
+    """The digits table comes from scikit-learn's package data without importing scikit-learn; it is exactly
+    what load_digits gives, and load_digits itself is used when that file is missing."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from pipeline.data import builtin
+
+    images, labels = builtin._sklearn_digits()
+    bunch = load_digits()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+    code = ("import sys; from pipeline.data.builtin import _sklearn_digits; _sklearn_digits(); "
+            "print('sklearn' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+    monkeypatch.setattr(builtin.Path, "is_file", lambda self: False)  # not where scikit-learn ships it
+    fallback_images, fallback_labels = builtin._sklearn_digits()
+    np.testing.assert_array_equal(fallback_images, bunch.images)
+    np.testing.assert_array_equal(fallback_labels, bunch.target)
+
+
 def _write_folder(root, classes=("cat", "dog"), per_class=5, splits=("train", "test")):
     rng = np.random.default_rng(0)
     for split in splits:

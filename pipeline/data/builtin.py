@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -20,12 +22,26 @@ def _from_arrays(name, images, labels, num_classes, sizes, seed, source) -> Data
 @register("digits")
 def digits(sizes: dict, seed: int = 0, name: str = "digits") -> Dataset:
     """sklearn's 1,797 8x8 handwritten digits (0..16 intensities scaled to uint8)."""
-    from sklearn.datasets import load_digits  # noqa: PLC0415 - start-up time: scikit-learn (~1 s) for this task only
-
-    bunch = load_digits()
-    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
-    return _from_arrays(name, images, bunch.target.astype(np.int64), 10, sizes, seed,
+    pixels, labels = _sklearn_digits()
+    images = np.round(pixels * (255.0 / 16.0)).astype(np.uint8)
+    return _from_arrays(name, images, labels.astype(np.int64), 10, sizes, seed,
                         {"source": "sklearn.load_digits", "seed": seed})
+
+
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """The table `sklearn.datasets.load_digits` reads (its images and targets), read from scikit-learn's package
+    data the way load_digits reads it, without importing scikit-learn (~1 s of a command's start-up); through
+    load_digits when the file is not where scikit-learn ships it."""
+    spec = importlib.util.find_spec("sklearn")
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz" if spec and spec.origin else None
+    if path is None or not path.is_file():
+        from sklearn.datasets import load_digits  # noqa: PLC0415 - start-up time: scikit-learn only when needed
+
+        bunch = load_digits()
+        return bunch.images, bunch.target
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",")
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(int)
 
 
 @register("mnist5k")
