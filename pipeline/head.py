@@ -200,14 +200,14 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     # back to the kernel in between). `product` is the gradient in the products' dtype.
     xb = torch.empty(G, batches.shape[1] if total else 0, d, dtype=compute, device=device)
 
-    def gradient_buffers(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def gradient_buffers(W: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The weights' gradient, the same in the products' dtype, and the logits' gradient with its zero
-        padding columns (None when the heads fill the width)."""
+        padding columns (None when the `heads` fill the width)."""
         grad_W = torch.empty_like(W)
-        padded = torch.zeros(G, xb.shape[1], W.shape[-1], device=device) if W.shape[-1] > len(active) * K else None
+        padded = torch.zeros(G, xb.shape[1], W.shape[-1], device=device) if W.shape[-1] > heads * K else None
         return grad_W, grad_W if compute == torch.float32 else torch.empty_like(W, dtype=compute), padded
 
-    grad_W, product, padded = gradient_buffers(W)
+    grad_W, product, padded = gradient_buffers(W, m)
     for t in range(total):
         if any(steps[h] == t for h in active):  # heads done: their weights are final, the others go on narrower
             keep = [i for i, h in enumerate(active) if steps[h] > t]
@@ -220,7 +220,7 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
             adam.narrow(columns, width)
             scales = _pad_columns(scales[:, columns], width)
             active = [active[i] for i in keep]
-            grad_W, product, padded = gradient_buffers(W)
+            grad_W, product, padded = gradient_buffers(W, len(active))
         with torch.no_grad():
             idx = batches[t]
             torch.index_select(Xt, 1, idx, out=xb)  # 4x faster than Xt[:, idx] on the CPU
