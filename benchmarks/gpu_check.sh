@@ -33,4 +33,6 @@ step 45 python3 benchmarks/decode.py --images 512 --rounds 3
 # (head.stack, the GPU's default) with float32 and bfloat16 products (head.precision).
 step 110 python3 benchmarks/tune_cost.py --modes together --devices cpu,cuda store.root=/tmp/h2t-gpu-stores
 step 60 python3 benchmarks/tune_cost.py --modes stacked --devices cuda --precisions float32,bfloat16 store.root=/tmp/h2t-gpu-stores
+# One round of the paper's protocol's heads (T = 2048 shapes): the host's path against the device's, in turns.
+step 60 python3 benchmarks/stacked_round.py --device cuda --turns 2
 if [ ${#failed[@]} -gt 0 ]; then printf 'failed: %s\n' "${failed[@]}"; exit 1; fi

@@ -146,7 +146,7 @@ def train_linear_heads(X: np.ndarray, y: np.ndarray, num_classes: int, settings:
     return train_stacked_heads([X], y, num_classes, settings, batch_size, seed, device, precision)[0]
 
 
-def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: int,
+def train_stacked_heads(Xs: Sequence[np.ndarray | torch.Tensor], y: np.ndarray, num_classes: int,
                         settings: Sequence[tuple[float, int]], batch_size: int, seed: int = 0,
                         device: str | torch.device = "cpu", precision: str = "float32") -> list[list[torch.nn.Linear]]:
     """`train_linear_heads` for several column sets of the same rows at once (one tune round's selections:
@@ -158,22 +158,15 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
     sums. Padding costs the widest width's arithmetic for every set (2.35x the default F grid's), which a GPU
     absorbs and a CPU does not: `head.stack` chooses (tune.py). `precision`: as in `train_linear_heads`."""
     device = torch.device(device)
-    sets = [np.asarray(X) for X in Xs]
-    if not sets:
+    if not Xs:
         return []
-    G, n = len(sets), len(y)
-    widths = [X.shape[1] for X in sets]
-    d = max(widths)
+    G, n = len(Xs), len(y)
+    widths = [X.shape[1] for X in Xs]
     m, K = len(settings), int(num_classes)
     steps = [int(s) for _, s in settings]
-    if G == 1:  # no padding: the caller's float32 rows as they are
-        Xt = torch.as_tensor(np.ascontiguousarray(sets[0], dtype=np.float32))[None]
-    else:
-        Xt = torch.zeros(G, n, d)
-        for g, X in enumerate(sets):
-            Xt[g, :, :widths[g]] = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32))
     compute = PRECISIONS[str(precision)]
-    Xt = Xt.to(device=device, dtype=compute)  # one copy: no float32 rows on the device before a bfloat16 one
+    Xt = stack_padded(Xs, device, compute)
+    d = Xt.shape[2]
     labels = torch.as_tensor(np.asarray(y, np.int64))
     one_hot = torch.zeros(n, K).index_put_((torch.arange(n), labels), torch.tensor(1.0)).to(device)
     width = _product_width(m * K)
@@ -250,6 +243,48 @@ def train_stacked_heads(Xs: Sequence[np.ndarray], y: np.ndarray, num_classes: in
                 head.weight.copy_(finished[h][0][g, :widths[g]].T)
                 head.bias.copy_(finished[h][1][g, 0])
     return heads
+
+
+def stack_padded(Xs: Sequence[np.ndarray | torch.Tensor], device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The sets (rows x their own columns, the same rows) as one (sets, rows, widest) tensor on `device`, each
+    zero-padded to the widest. Each set travels as it is (numpy rows or tensors already there) and is padded
+    where it lands: no padded copy on the host, and only the sets' own bytes cross to a device."""
+    if len(Xs) == 1 and isinstance(Xs[0], np.ndarray) and device.type == "cpu" and dtype == torch.float32:
+        return torch.as_tensor(np.ascontiguousarray(Xs[0], dtype=np.float32))[None]  # the caller's rows as they are
+    rows, widest = Xs[0].shape[0], max(X.shape[1] for X in Xs)
+    out = (torch.zeros if len(Xs) > 1 else torch.empty)(len(Xs), rows, widest, dtype=dtype, device=device)
+    for g, X in enumerate(Xs):
+        out[g, :, :X.shape[1]].copy_(X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X, np.float32)))
+    return out
+
+
+def stacked_accuracies(heads: Sequence[Sequence[torch.nn.Linear]], Xs: Sequence[torch.Tensor],
+                       y: np.ndarray) -> list[list[float]]:
+    """`accuracy` of every head of every set (`heads[g]` on the rows `Xs[g]`, a tensor on the device that trains
+    them), each set's heads in one product there: a round's accuracies without taking its rows back to the
+    host."""
+    if not Xs:
+        return []
+    labels = torch.as_tensor(np.asarray(y, np.int64), device=Xs[0].device)
+    out = []
+    with torch.no_grad():
+        for per_set, X in zip(heads, Xs):
+            W = torch.cat([h.weight for h in per_set]).T.to(X.device)  # (columns, heads x K)
+            b = torch.cat([h.bias for h in per_set]).to(X.device)
+            logits = torch.addmm(b, X.float(), W).view(len(X), len(per_set), -1)
+            out.append([int(right) / len(X) for right in (logits.argmax(2) == labels[:, None]).sum(0).tolist()])
+    return out
+
+
+def normalise_layers_on(X: torch.Tensor, plan: dict[str, np.ndarray]) -> torch.Tensor:
+    """`normalise_layers` for a tensor (on any device), in place: each layer's columns of each row divided by
+    their L2 norm (zero stays zero), every layer at once."""
+    sizes = torch.as_tensor([len(cols) for cols in plan.values()])
+    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(X.device)
+    norms = torch.zeros(X.shape[0], len(sizes), dtype=X.dtype, device=X.device).index_add_(1, layer_of, X * X)
+    norms = norms.sqrt_().masked_fill_(norms == 0, 1.0)
+    return X.div_(torch.index_select(norms, 1, layer_of))
 
 
 def _product_width(columns: int) -> int:

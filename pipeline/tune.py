@@ -34,9 +34,11 @@ from .head import (
     accuracy,
     head_workers,
     normalise_layers,
+    normalise_layers_on,
     plan_positions,
     read_columns,
     stack_heads,
+    stacked_accuracies,
     train_stacked_heads,
     training_pool,
 )
@@ -232,12 +234,44 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
     """Per column set (`columns`, `selected`: see `_fit_and_val`), (lr, steps, train accuracy, validation
     accuracy) of a head for every (lr, steps) of the grid. The heads share their rows, so they are trained as one
     computation: one set's as `train_linear_heads` trains it, several sets zero-padded and stacked (`train_stacked_heads`)."""
-    matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
-    heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
+    if not rows_on_device(device):
+        matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
+        heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
+                                    int(head_cfg.batch_size), int(head_cfg.seed), device, str(head_cfg.precision))
+        return [[(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
+                 for (lr, steps), head in zip(settings, per_set)] for (X_fit, X_val), per_set in zip(matrices, heads)]
+    fits, vals = _fit_and_val_on(device, sets, fit_at, val_at)
+    heads = train_stacked_heads(fits, y_fit, num_classes, settings,
                                 int(head_cfg.batch_size), int(head_cfg.seed), device, str(head_cfg.precision))
-    return [[(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
-             for (lr, steps), head in zip(settings, per_set)] for (X_fit, X_val), per_set in zip(matrices, heads)]
+    return [[(lr, steps, fit_acc, val_acc) for (lr, steps), fit_acc, val_acc in zip(settings, *accs)]
+            for accs in zip(stacked_accuracies(heads, fits, y_fit), stacked_accuracies(heads, vals, y_val))]
+
+
+def rows_on_device(device: torch.device) -> bool:
+    """Whether a round's rows are taken, normalised and evaluated on the device that trains its heads (any but a
+    CPU) rather than in numpy on the host."""
+    return device.type != "cpu"
+
+
+def _fit_and_val_on(device: torch.device, sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]],
+                    fit_at: np.ndarray, val_at: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`_fit_and_val` of every set, done on `device`: each distinct column array travels there once (a round's
+    selections all take their columns from one shared read), and the sets' columns are taken and normalised
+    there. On a GPU the host's gathers and per-layer norms were most of a round's heads time."""
+    arrays: dict[int, torch.Tensor] = {}
+    rows = torch.as_tensor(np.concatenate([fit_at, val_at]), device=device)
+    fits, vals = [], []
+    for columns, selected in sets:
+        if id(columns) not in arrays:
+            arrays[id(columns)] = torch.index_select(torch.as_tensor(columns).to(device, torch.float32), 0, rows)
+        X = arrays[id(columns)]
+        if selected is not None:
+            plan, where = selected
+            X = normalise_layers_on(torch.index_select(X, 1, torch.as_tensor(where, device=device)), plan)
+        fits.append(X[:len(fit_at)])
+        vals.append(X[len(fit_at):])
+    return fits, vals
 
 
 @dataclass

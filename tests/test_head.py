@@ -16,10 +16,13 @@ from pipeline.head import (
     evaluate,
     head_workers,
     normalise_layers,
+    normalise_layers_on,
     plan_positions,
     predict,
     read_columns,
     stack_heads,
+    stack_padded,
+    stacked_accuracies,
     train_linear_head,
     train_linear_heads,
     train_stacked_heads,
@@ -242,6 +245,45 @@ def test_column_sets_stacked_and_padded_give_each_sets_heads(rng):
             np.testing.assert_allclose(head.weight.detach().numpy(), alone.weight.detach().numpy(), rtol=1e-5, atol=1e-6)
             np.testing.assert_allclose(head.bias.detach().numpy(), alone.bias.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert train_stacked_heads([], y, k, settings, batch_size=32) == []
+
+
+def test_sets_stacked_from_numpy_or_tensors_are_zero_padded_to_the_widest(rng):
+    """stack_padded: every set at the front of its slot and zeros after it, whether it comes as numpy rows or as
+    a tensor already on the device, in the products' dtype; one float32 numpy set on a CPU is the caller's rows."""
+    sets = [rng.standard_normal((6, d)).astype(np.float32) for d in (3, 5, 1)]
+    for given in (sets, [torch.from_numpy(X) for X in sets]):
+        for dtype in (torch.float32, torch.bfloat16):
+            out = stack_padded(given, torch.device("cpu"), dtype)
+            assert out.shape == (3, 6, 5) and out.dtype == dtype
+            for g, X in enumerate(sets):
+                assert torch.equal(out[g, :, :X.shape[1]], torch.from_numpy(X).to(dtype))
+                assert not out[g, :, X.shape[1]:].any()
+    alone = stack_padded(sets[:1], torch.device("cpu"))
+    assert alone.shape == (1, 6, 3) and np.shares_memory(alone.numpy(), sets[0])
+
+
+def test_layers_normalised_in_torch_are_the_numpy_normalisation(rng):
+    """normalise_layers_on (a round's rows on the device) gives normalise_layers' per-layer unit rows, zero layers
+    staying zero, within float32 rounding."""
+    plan = {"a": np.arange(4), "b": np.arange(7), "c": np.arange(2)}
+    X = rng.standard_normal((9, 13)).astype(np.float32)
+    X[3, 4:11] = 0  # one row's layer b is all zeros
+    expected = normalise_layers(X.copy(), plan)
+    got = normalise_layers_on(torch.from_numpy(X.copy()), plan).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
+    assert not got[3, 4:11].any()
+
+
+def test_stacked_accuracies_are_each_heads_accuracy(rng):
+    """stacked_accuracies evaluates every head of every set in one product per set: each head's `accuracy`."""
+    n, k = 70, 4
+    y = rng.integers(0, k, n)
+    sets = [rng.standard_normal((n, d)).astype(np.float32) for d in (6, 11)]
+    heads = train_stacked_heads(sets, y, k, [(0.1, 15), (0.3, 25), (0.03, 5)], batch_size=16, seed=1)
+    got = stacked_accuracies(heads, [torch.from_numpy(X) for X in sets], y)
+    assert got == [[accuracy(h, X, y) for h in per] for per, X in zip(heads, sets)]
+    assert len({a for per in got for a in per}) > 1  # the heads differ: the comparison can fail
+    assert stacked_accuracies([], [], y) == []
 
 
 def test_heads_are_stacked_on_a_gpu_by_default_and_as_told_elsewhere():

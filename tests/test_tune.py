@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from omegaconf.errors import ValidationError
 
 from pipeline.config import HeadConfig, Method
@@ -15,6 +16,8 @@ from pipeline.score.relevance import score_path
 from pipeline.tune import (
     CSV_FIELDS,
     TunePlan,
+    _fit_and_val,
+    _fit_and_val_on,
     candidates_for_store,
     check_job,
     estimate_heads,
@@ -177,6 +180,35 @@ def test_groups_trained_at_once_give_the_candidates_of_groups_trained_in_turn(st
         assert {k: a[k] for k in CSV_FIELDS if "accuracy" not in k} == {k: b[k] for k in CSV_FIELDS if "accuracy" not in k}
         assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1e-9)
         assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1e-9)
+
+
+def test_rows_taken_normalised_and_evaluated_on_the_device_give_the_hosts_candidates(store, monkeypatch):
+    """On a GPU a round's columns are taken, normalised and evaluated where its heads train (rows_on_device); run
+    here on the CPU, that path gives the host path's candidates: the same settings, accuracies within one row."""
+    job = tune_cfg(**{"tune.folds": 2, "head.stack": True, "tune.grid.head_lr": [0.01, 0.1]})
+    host = candidates_for_store(store, job, check_job(job))
+    monkeypatch.setattr("pipeline.tune.rows_on_device", lambda device: True)
+    on_device = candidates_for_store(store, job, check_job(job))
+    assert len(host) == len(on_device) == 2 * (2 * 2 * 4 + 4)
+    for a, b in zip(host, on_device):
+        assert {k: a[k] for k in CSV_FIELDS if "accuracy" not in k} == {k: b[k] for k in CSV_FIELDS if "accuracy" not in k}
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 16 + 1e-9)  # a fold validates on 64 rows
+        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1 / 32 + 1e-9)
+    assert sum(a["val_accuracy"] == b["val_accuracy"] for a, b in zip(host, on_device)) >= 0.9 * len(host)
+
+
+def test_the_device_path_takes_each_sets_rows_as_the_host_does(rng):
+    """_fit_and_val_on: each set's fit and validation rows of its selected columns, normalised per layer (or the
+    columns as they are without a selection), as _fit_and_val gives them in numpy."""
+    columns = rng.random((20, 30), dtype=np.float32)
+    plan = {"a": np.array([1, 4]), "b": np.array([0, 2, 3])}
+    sets = [(columns, (plan, np.array([1, 4, 7, 9, 10]))), (columns, None), (rng.random((20, 4), dtype=np.float32), None)]
+    fit_at, val_at = np.array([3, 0, 7, 12, 5]), np.array([19, 2])
+    fits, vals = _fit_and_val_on(torch.device("cpu"), sets, fit_at, val_at)
+    for (cols, selected), fit, val in zip(sets, fits, vals):
+        X_fit, X_val = _fit_and_val(cols, fit_at, val_at, selected)
+        np.testing.assert_allclose(fit.numpy(), X_fit, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(val.numpy(), X_val, rtol=1e-6, atol=1e-7)
 
 
 def test_a_second_tune_reuses_every_score(store):
