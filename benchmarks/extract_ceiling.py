@@ -1,6 +1,6 @@
 """The store path's ceiling: images/s that extraction absorbs when the backbone costs nothing.
 
-    python benchmarks/extract_ceiling.py [--images 1024] [--writers 1,2,4] [--device auto]
+    python benchmarks/extract_ceiling.py [--images 1024] [--writers 1,2,4] [--device auto] [overrides ...]
 
 The whole pipeline runs (claims, loading, preprocessing on the device, checks, casts, one device-to-host
 copy per batch, sharded zstd + CRC32C writes, the ledger) with the forward replaced by tensors of a real
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--case", default=None, help="run one case (a key of CASES)")
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every case, e.g. store.compression=none")
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="h2t-ceiling-")
     device = resolve_device(args.device)
@@ -72,7 +73,7 @@ def main() -> None:
                 cfg = compose(config_name="extract", overrides=[
                     *overrides, f"store.root={root}", "extract.progress=false", f"extract.device={device}",
                     f"extract.workers={args.workers}", "data=shapes_location",
-                    f"data.sizes.train={n}", "data.sizes.val=1", "data.sizes.test=1"])
+                    f"data.sizes.train={n}", "data.sizes.val=1", "data.sizes.test=1", *args.overrides])
             cfg.data.image_size = cfg.data.get("image_size") or 64
             cfg = settings(cfg).extract_job()
             plan = plan_store(cfg)

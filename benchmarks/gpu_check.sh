@@ -4,7 +4,9 @@
 # device against the host's CPU. Run from a checkout whose dependencies are installed (pip install -e .), or
 # set H2T_WHEELS to a folder of wheels to install into /tmp first. Each step has its own time limit
 # (H2T_STEP_SCALE multiplies them) and a failed step does not stop the next: the exit status says whether all
-# passed. Lent GPU time is short, so one run should bring back every table it can.
+# passed. Lent GPU time is short, so one run should bring back every table it can. `benchmarks/gpu_wheels.sh`
+# downloads the wheels (here, for the lent machines' Python 3.12); with H2T_PROFILE_DIR set and py-spy among
+# them, the store path of the largest layout is profiled there too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
@@ -27,6 +29,9 @@ python3 -c "import torch, torchvision, timm, numpy, zarr; print('torch', torch._
 # The roofline (benchmarks/roofline.py): forward, decode, raw writes, the store path and h2t extract on the
 # same images and bytes, for ResNet-50 @ 224 at T = 8192 and 1024 and the embedded default.
 step 240 python3 benchmarks/roofline.py --device cuda --turns 2 "$@"
+# The same layout stored uncompressed (store.compression=none): lz4 keeps 0.81-0.90 of the bytes of pooled
+# activations but was ~45 % of a writer's time on the CPU machine.
+step 90 python3 benchmarks/roofline.py --device cuda --turns 2 --case "resnet50@224 T=8192" store.compression=none
 step 45 python3 benchmarks/decode.py --images 512 --rounds 3
 # Heads on the device against the host's CPU (benchmarks/tune_cost.py): the default tune of the embedded
 # default: groups of heads trained at once on each, then each round stacked into one computation on the device
@@ -35,4 +40,10 @@ step 110 python3 benchmarks/tune_cost.py --modes together --devices cpu,cuda sto
 step 60 python3 benchmarks/tune_cost.py --modes stacked --devices cuda --precisions float32,bfloat16 store.root=/tmp/h2t-gpu-stores
 # One round of the paper's protocol's heads (T = 2048 shapes): the host's path against the device's, in turns.
 step 60 python3 benchmarks/stacked_round.py --device cuda --turns 2
+spy=$(command -v py-spy || ls /tmp/h2t-site/bin/py-spy 2>/dev/null || true)
+if [ -n "${H2T_PROFILE_DIR:-}" ] && [ -n "$spy" ]; then  # where the writers stop scaling: every thread, native frames
+  mkdir -p "$H2T_PROFILE_DIR"
+  step 90 "$spy" record -r 100 --threads --native -f raw -o "$H2T_PROFILE_DIR/store_path.txt" -- \
+    python3 benchmarks/extract_ceiling.py --device cuda --images 4096 --writers 4,8 --case "resnet50@224 T=8192"
+fi
 if [ ${#failed[@]} -gt 0 ]; then printf 'failed: %s\n' "${failed[@]}"; exit 1; fi

@@ -1,6 +1,6 @@
 """Extraction against its roofline: the slowest of the forward, the decode and the disk, all in one run.
 
-    python benchmarks/roofline.py [--images N] [--device auto] [--case NAME] [--writers 1,2]
+    python benchmarks/roofline.py [--images N] [--device auto] [--case NAME] [--writers 1,2] [overrides ...]
 
 On one folder of JPEG photos (256 px, quality 90) and the same feature bytes, for each case it prints:
   forward      the bare backbone forward on batches already on the device (bf16 autocast and channels-last
@@ -52,7 +52,7 @@ from pipeline.extract import decode_workers, decodes_on_device, extract, plan_st
 from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.stages import Loader, Shard
 from pipeline.storage import configure_io
-from pipeline.storage.schema import inner_columns
+from pipeline.storage.schema import inner_columns, resolve_compression
 
 RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
 CASES = {
@@ -119,9 +119,12 @@ class PlainWriter:
     (numcodecs, as the store's codec) with its CRC32C, one file per tap and shard; `writers` threads, at
     most writers + 1 batches in flight."""
 
-    def __init__(self, root: str, writers: int, inner: int):
+    def __init__(self, root: str, writers: int, inner: int, compression: str = "lz4"):
         self.root, self.inner, self.limit = root, inner, writers + 1
-        self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, typesize=2)
+        # the store's codec (store.compression; `none`: the chunk's own bytes, only checksummed)
+        self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, typesize=2) if compression == "lz4" else None
+        if compression not in ("lz4", "none"):
+            raise SystemExit(f"roofline.py: the plain baseline writes lz4 or none, not store.compression={compression}")
         self.pool = ThreadPoolExecutor(writers)
         self.inflight: list = []
 
@@ -134,7 +137,8 @@ class PlainWriter:
         for t, block in enumerate(blocks):
             parts = []
             for c0 in range(0, block.shape[1], self.inner):
-                encoded = self.codec.encode(np.ascontiguousarray(block[:, c0:c0 + self.inner]))
+                chunk = np.ascontiguousarray(block[:, c0:c0 + self.inner])
+                encoded = self.codec.encode(chunk) if self.codec is not None else chunk.view(np.uint8).reshape(-1)
                 parts += [encoded, np.uint32(google_crc32c.value(encoded)).tobytes()]
             with open(os.path.join(self.root, f"{t}-{shard}"), "wb") as fh:
                 fh.writelines(parts)
@@ -148,7 +152,7 @@ class PlainWriter:
 def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     batch = 256 if cuda else 64
-    common = [*overrides, f"store.root={work / 'stores'}", "extract.progress=false", f"extract.device={device}",
+    common = [*overrides, *args.overrides, f"store.root={work / 'stores'}", "extract.progress=false", f"extract.device={device}",
               f"extract.batch_size={batch}", f"extract.workers={args.workers}"]
     if cuda:
         common += ["model.precision=bfloat16", "extract.channels_last=true"]
@@ -218,7 +222,8 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                 list(pool.map(save, shards))
 
         def baseline() -> None:
-            writer = PlainWriter(str(raw_root), writers, inner_columns(memory_cfg.store.col_chunk, "float16"))
+            writer = PlainWriter(str(raw_root), writers, inner_columns(memory_cfg.store.col_chunk, "float16"),
+                                 resolve_compression(memory_cfg.store.compression, "float16"))
             for name, split in memory_splits.items():  # every shard the store writes (its 1-row val and test too)
                 rows = len(split)
                 for shard, s in enumerate(range(0, rows, batch)):
@@ -299,6 +304,7 @@ def main() -> None:
     parser.add_argument("--case", action="append", help="a key of CASES (repeatable); default: all")
     parser.add_argument("--writers", default=None, help="comma-separated (default: 4,8 on CUDA, 1,2 on a CPU)")
     parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("overrides", nargs="*", help="more Hydra overrides for every case, e.g. store.compression=none")
     args = parser.parse_args()
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
