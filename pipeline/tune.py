@@ -235,7 +235,7 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
     accuracy) of a head for every (lr, steps) of the grid. The heads share their rows, so they are trained as one
     computation: one set's as `train_linear_heads` trains it, several sets zero-padded and stacked (`train_stacked_heads`)."""
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
-    if not rows_on_device(device):
+    if not (rows_on_device(device) and len(sets) > 1):  # one set: only its own columns need to travel
         matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
         heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
                                     int(head_cfg.batch_size), int(head_cfg.seed), device, str(head_cfg.precision))
@@ -249,8 +249,8 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
 
 
 def rows_on_device(device: torch.device) -> bool:
-    """Whether a round's rows are taken, normalised and evaluated on the device that trains its heads (any but a
-    CPU) rather than in numpy on the host."""
+    """Whether a stacked round's rows are taken, normalised and evaluated on the device that trains its heads (any
+    but a CPU) rather than in numpy on the host."""
     return device.type != "cpu"
 
 
@@ -258,7 +258,8 @@ def _fit_and_val_on(device: torch.device, sets: list[tuple[np.ndarray, tuple[dic
                     fit_at: np.ndarray, val_at: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`_fit_and_val` of every set, done on `device`: each distinct column array travels there once (a round's
     selections all take their columns from one shared read), and the sets' columns are taken and normalised
-    there. On a GPU the host's gathers and per-layer norms were most of a round's heads time."""
+    there. On the 2-core CPU machine the host's part of a T = 2048 protocol round (gathers, per-layer norms, the
+    padded copy, each head's accuracies) took ~2 s (benchmarks/stacked_round.py); a GPU's is not measured yet."""
     arrays: dict[int, torch.Tensor] = {}
     rows = torch.as_tensor(np.concatenate([fit_at, val_at]), device=device)
     fits, vals = [], []
