@@ -3,9 +3,10 @@
     python benchmarks/extract_ceiling.py [--images 1024] [--writers 1,2,4] [--device auto] [overrides ...]
 
 The whole pipeline runs (claims, loading, preprocessing on the device, checks, casts, one device-to-host
-copy per batch, sharded writes with the store's codec (lz4 by default) and CRC32C, the ledger) with the forward replaced by tensors of a real
-model's pooled tap shapes (ReLU'd normal values, about half zeros, like activations): ResNet-50 @ 224 at
-T = 8192 (52 taps, ~400 k features, 0.8 MB of float16 per image) and the embedded default
+copy per batch, sharded writes with the store's codec (lz4 unless an override says otherwise) and CRC32C, the
+ledger) with the forward replaced by tensors of a real model's pooled tap shapes (ReLU'd normal values, about
+half zeros, like activations): ResNet-50 @ 224 at T = 8192 (51 taps, D = 517,160, ~1 MiB of float16 per image;
+the store's layout included in the time) and the embedded default
 (EfficientNet-Lite0 @ 160, T = 1024). If a GPU's forward is faster than this figure, the store keeps it
 fed. Baselines in the same run: the same loop without the store (load + preprocess + the synthetic
 tensors), and raw `np.save` of the same float16 blocks (one file per tap and shard, as many threads as
