@@ -281,12 +281,14 @@ def stacked_accuracies(heads: Sequence[Sequence[torch.nn.Linear]], Xs: Sequence[
 
 def normalise_layers_on(X: torch.Tensor, plan: dict[str, np.ndarray]) -> torch.Tensor:
     """`normalise_layers` for a tensor (on any device), in place: each layer's columns of each row divided by
-    their L2 norm (zero stays zero), every layer at once."""
-    sizes = torch.as_tensor([len(cols) for cols in plan.values()])
-    layer_of = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(X.device)
-    norms = torch.zeros(X.shape[0], len(sizes), dtype=X.dtype, device=X.device).index_add_(1, layer_of, X * X)
-    norms = norms.sqrt_().masked_fill_(norms == 0, 1.0)
-    return X.div_(torch.index_select(norms, 1, layer_of))
+    their L2 norm (zero stays zero). One reduction per layer rather than one scatter-add for all: a CUDA
+    scatter-add sums in no fixed order, and a tune must choose the same on the same device every time."""
+    bounds = np.cumsum([0] + [len(cols) for cols in plan.values()])
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        block = X[:, a:b]
+        norms = torch.linalg.vector_norm(block, dim=1, keepdim=True)
+        block.div_(norms.masked_fill_(norms == 0, 1.0))
+    return X
 
 
 def _product_width(columns: int) -> int:
