@@ -40,6 +40,9 @@ step 110 python3 benchmarks/tune_cost.py --modes together --devices cpu,cuda sto
 step 60 python3 benchmarks/tune_cost.py --modes stacked --devices cuda --precisions float32,bfloat16 store.root=/tmp/h2t-gpu-stores
 # One round of the paper's protocol's heads (T = 2048 shapes): the host's path against the device's, in turns.
 step 60 python3 benchmarks/stacked_round.py --device cuda --turns 2
+if [ -n "${H2T_PROTOCOL:-}" ]; then  # the paper's protocol (5 folds x 2 T) with heads stacked on the device (~2 min)
+  step 180 python3 benchmarks/tune_cost.py --modes stacked --devices cuda tune.folds=5 "tune.grid.target_size=[512,2048]" store.root=/tmp/h2t-gpu-stores
+fi
 spy=$(command -v py-spy || ls /tmp/h2t-site/bin/py-spy 2>/dev/null || true)
 if [ -n "${H2T_PROFILE_DIR:-}" ] && [ -n "$spy" ]; then  # where the writers stop scaling: every thread, native frames
   mkdir -p "$H2T_PROFILE_DIR"
