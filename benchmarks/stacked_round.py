@@ -7,12 +7,14 @@ validation rows, 16 classes, the linear probe's 1,280 columns and the 4 lam x 4 
 D; each lam its own ranking), every set with 4 heads (lr 0.01 / 0.1 x 500 / 1,000 steps). Rows are random:
 speed does not depend on their values. Printed, fastest of `--turns` (the two paths in turns), each part and
 the whole round of:
-  host path    the columns taken and normalised in numpy, the padded rows sent to the device, the heads
-               trained, each head's fit and validation accuracy on the host (a CPU's path; a GPU's before
-               2026-12-04)
-  device path  the round's column arrays sent once, each set's columns taken and normalised there, the heads
-               trained, the accuracies there, every head of a set in one product (pipeline/tune.py
-               rows_on_device: what `h2t tune` runs on a GPU)
+  host path    the columns taken and normalised in numpy, each set's rows sent to the device and padded
+               there (`head.stack_padded`), the heads trained, each head's fit and validation accuracy on the
+               host: a CPU's path (on a GPU before 2026-12-04 the rows were also padded on the host and sent
+               whole, which this does not time)
+  device path  the round's column arrays sent once (the shared read of every fold's widest selections, as
+               tune makes it, and the linear probe's columns), each set's columns taken and normalised
+               there, the heads trained, the accuracies there, every head of a set in one product
+               (pipeline/tune.py rows_on_device: what `h2t tune` runs on a GPU)
 and device / host for the round. `--profile`: torch's profiler tables of the round as tune runs it on --device.
 """
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pipeline.runtime import freeze_imported
 from pipeline.select import column_plan, kept
 from pipeline.tune import _fit_and_val, _fit_and_val_on, _heads
 
-LAMS, FRACTIONS, LRS, STEPS = 4, (0.01, 0.03, 0.1, 0.2), (0.01, 0.1), (500, 1000)
+FOLDS, LAMS, FRACTIONS, LRS, STEPS = 5, 4, (0.01, 0.03, 0.1, 0.2), (0.01, 0.1), (500, 1000)
 
 
 def round_sets(D: int, rows: int, rng: np.random.Generator):
@@ -44,13 +46,15 @@ def round_sets(D: int, rows: int, rng: np.random.Generator):
         layers.append({"name": f"tap{i}", "offset": offset, "dim": int(dim)})
         offset += int(dim)
     D = offset
-    orders = [rng.permutation(D) for _ in range(LAMS)]
+    # tune reads the widest F of every round's every lam in one pass (5 folds x 4 lams): this round's sets take
+    # their columns from that shared read
+    orders = [rng.permutation(D) for _ in range(FOLDS * LAMS)]
     widest = kept(D, max(FRACTIONS))
     union = np.unique(np.concatenate([o[:widest] for o in orders]))
     outer = column_plan(union, layers)
     raw = rng.random((rows, len(union)), dtype=np.float32)
     sets = [(rng.random((rows, 1280), dtype=np.float32), None)]  # the linear probe's columns, normalised
-    for order in orders:
+    for order in orders[:LAMS]:
         for fraction in FRACTIONS:
             plan = column_plan(order[:kept(D, fraction)], layers)
             sets.append((raw, (plan, plan_positions(outer, plan))))
@@ -92,6 +96,10 @@ def main() -> None:
         sync()
         return time.perf_counter() - start, out
 
+    # a warm-up of both paths (allocators, CUDA and cuBLAS start-up), not timed
+    train_stacked_heads([X for X, _ in [_fit_and_val(c, fit_at, val_at, s) for c, s in sets[:2]]], y[fit_at], K,
+                        settings[:1], 128, 0, device)
+    _fit_and_val_on(device, sets[:2], fit_at, val_at)
     times: dict[str, list[float]] = {}
 
     def note(name, t):

@@ -255,6 +255,8 @@ def stack_padded(Xs: Sequence[np.ndarray | torch.Tensor], device: torch.device,
     if len(Xs) == 1 and isinstance(Xs[0], np.ndarray) and device.type == "cpu" and dtype == torch.float32:
         return torch.as_tensor(np.ascontiguousarray(Xs[0], dtype=np.float32))[None]  # the caller's rows as they are
     rows, widest = Xs[0].shape[0], max(X.shape[1] for X in Xs)
+    if any(X.shape[0] != rows for X in Xs):
+        raise ValueError(f"stack_padded: the sets must share their rows, got {[X.shape[0] for X in Xs]}")
     out = (torch.zeros if len(Xs) > 1 else torch.empty)(len(Xs), rows, widest, dtype=dtype, device=device)
     for g, X in enumerate(Xs):
         out[g, :, :X.shape[1]].copy_(X if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X, np.float32)))
@@ -264,19 +266,21 @@ def stack_padded(Xs: Sequence[np.ndarray | torch.Tensor], device: torch.device,
 def stacked_accuracies(heads: Sequence[Sequence[torch.nn.Linear]], Xs: Sequence[torch.Tensor],
                        y: np.ndarray) -> list[list[float]]:
     """`accuracy` of every head of every set (`heads[g]` on the rows `Xs[g]`, a tensor on the device that trains
-    them), each set's heads in one product there: a round's accuracies without taking its rows back to the
-    host."""
+    them), each set's heads in one product there and every count read back at once: a round's accuracies
+    without taking its rows back to the host. Equal to `accuracy` up to the products' rounding (a logit's last
+    bits can differ, so a near-tie can fall the other way); no rows give NaN, as `accuracy` does."""
     if not Xs:
         return []
-    labels = torch.as_tensor(np.asarray(y, np.int64), device=Xs[0].device)
-    out = []
+    labels = torch.as_tensor(np.asarray(y, np.int64)).to(Xs[0].device)
+    counts = []
     with torch.no_grad():
         for per_set, X in zip(heads, Xs):
             W = torch.cat([h.weight for h in per_set]).T.to(X.device)  # (columns, heads x K)
             b = torch.cat([h.bias for h in per_set]).to(X.device)
-            logits = torch.addmm(b, X.float(), W).view(len(X), len(per_set), -1)
-            out.append([int(right) / len(X) for right in (logits.argmax(2) == labels[:, None]).sum(0).tolist()])
-    return out
+            logits = torch.addmm(b, X.float(), W).view(len(X), len(per_set), W.shape[1] // len(per_set))
+            counts.append((logits.argmax(2) == labels[:, None]).sum(0))
+    return [[int(right) / len(X) if len(X) else float("nan") for right in per_set]
+            for per_set, X in zip(torch.stack(counts).tolist(), Xs)]
 
 
 def normalise_layers_on(X: torch.Tensor, plan: dict[str, np.ndarray]) -> torch.Tensor:

@@ -257,19 +257,25 @@ def rows_on_device(device: torch.device) -> bool:
 def _fit_and_val_on(device: torch.device, sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]],
                     fit_at: np.ndarray, val_at: np.ndarray) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """`_fit_and_val` of every set, done on `device`: each distinct column array travels there once (a round's
-    selections all take their columns from one shared read), and the sets' columns are taken and normalised
-    there. On the 2-core CPU machine the host's part of a T = 2048 protocol round (gathers, per-layer norms, the
-    padded copy, each head's accuracies) took ~2 s (benchmarks/stacked_round.py); a GPU's is not measured yet."""
+    selections all take their columns from one shared read), and each set's columns, then its rows, are taken
+    and normalised there (no full-width copy of the shared array). On the 2-core CPU machine the host's part of
+    a T = 2048 protocol round (gathers, per-layer norms, the padded copy, each head's accuracies) took ~2 s
+    (benchmarks/stacked_round.py); a GPU's is not measured yet."""
     arrays: dict[int, torch.Tensor] = {}
-    rows = torch.as_tensor(np.concatenate([fit_at, val_at]), device=device)
+    rows = torch.as_tensor(np.concatenate([fit_at, val_at])).to(device)
+    selections = [selected for _, selected in sets if selected is not None]
+    # every set's column positions in one copy to the device, then split there
+    wheres = iter(torch.as_tensor(np.concatenate([where for _, where in selections])).to(device).split(
+        [len(where) for _, where in selections])) if selections else iter(())
     fits, vals = [], []
     for columns, selected in sets:
         if id(columns) not in arrays:
-            arrays[id(columns)] = torch.index_select(torch.as_tensor(columns).to(device, torch.float32), 0, rows)
+            arrays[id(columns)] = torch.as_tensor(columns).to(device, torch.float32)
         X = arrays[id(columns)]
-        if selected is not None:
-            plan, where = selected
-            X = normalise_layers_on(torch.index_select(X, 1, torch.as_tensor(where, device=device)), plan)
+        if selected is None:
+            X = torch.index_select(X, 0, rows)
+        else:
+            X = normalise_layers_on(torch.index_select(torch.index_select(X, 1, next(wheres)), 0, rows), selected[0])
         fits.append(X[:len(fit_at)])
         vals.append(X[len(fit_at):])
     return fits, vals

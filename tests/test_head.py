@@ -260,6 +260,8 @@ def test_sets_stacked_from_numpy_or_tensors_are_zero_padded_to_the_widest(rng):
                 assert not out[g, :, X.shape[1]:].any()
     alone = stack_padded(sets[:1], torch.device("cpu"))
     assert alone.shape == (1, 6, 3) and np.shares_memory(alone.numpy(), sets[0])
+    with pytest.raises(ValueError, match="share their rows"):
+        stack_padded([sets[0], sets[1][:1]], torch.device("cpu"))
 
 
 def test_layers_normalised_in_torch_are_the_numpy_normalisation(rng):
@@ -284,6 +286,8 @@ def test_stacked_accuracies_are_each_heads_accuracy(rng):
     assert got == [[accuracy(h, X, y) for h in per] for per, X in zip(heads, sets)]
     assert len({a for per in got for a in per}) > 1  # the heads differ: the comparison can fail
     assert stacked_accuracies([], [], y) == []
+    empty = stacked_accuracies(heads, [torch.from_numpy(X[:0]) for X in sets], y[:0])
+    assert all(np.isnan(a) for per in empty for a in per) and len(empty[0]) == 3
 
 
 def test_heads_are_stacked_on_a_gpu_by_default_and_as_told_elsewhere():

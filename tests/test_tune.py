@@ -185,15 +185,21 @@ def test_groups_trained_at_once_give_the_candidates_of_groups_trained_in_turn(st
 def test_rows_taken_normalised_and_evaluated_on_the_device_give_the_hosts_candidates(store, monkeypatch):
     """On a GPU a round's columns are taken, normalised and evaluated where its heads train (rows_on_device); run
     here on the CPU, that path gives the host path's candidates: the same settings, accuracies within one row."""
+    import pipeline.tune as tune_module
+
     job = tune_cfg(**{"tune.folds": 2, "head.stack": True, "tune.grid.head_lr": [0.01, 0.1]})
     host = candidates_for_store(store, job, check_job(job))
+    calls = []
     monkeypatch.setattr("pipeline.tune.rows_on_device", lambda device: True)
+    monkeypatch.setattr("pipeline.tune._fit_and_val_on", lambda *a: calls.append(a) or _fit_and_val_on(*a))
+    assert tune_module._fit_and_val_on is not _fit_and_val_on
     on_device = candidates_for_store(store, job, check_job(job))
+    assert len(calls) == 2  # each fold's round took the device path
     assert len(host) == len(on_device) == 2 * (2 * 2 * 4 + 4)
     for a, b in zip(host, on_device):
         assert {k: a[k] for k in CSV_FIELDS if "accuracy" not in k} == {k: b[k] for k in CSV_FIELDS if "accuracy" not in k}
-        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 16 + 1e-9)  # a fold validates on 64 rows
-        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1 / 32 + 1e-9)
+        assert a["val_accuracy"] == pytest.approx(b["val_accuracy"], abs=1 / 64 + 1e-9)  # a fold validates on 64 rows
+        assert a["train_accuracy"] == pytest.approx(b["train_accuracy"], abs=1 / 64 + 1e-9)
     assert sum(a["val_accuracy"] == b["val_accuracy"] for a, b in zip(host, on_device)) >= 0.9 * len(host)
 
 
