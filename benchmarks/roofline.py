@@ -121,10 +121,10 @@ class PlainWriter:
 
     def __init__(self, root: str, writers: int, inner: int, compression: str = "lz4"):
         self.root, self.inner, self.limit = root, inner, writers + 1
-        # the store's codec (store.compression; `none`: the chunk's own bytes, only checksummed)
-        self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, typesize=2) if compression == "lz4" else None
         if compression not in ("lz4", "none"):
             raise SystemExit(f"roofline.py: the plain baseline writes lz4 or none, not store.compression={compression}")
+        # the store's codec (store.compression; `none`: the chunk's own bytes, only checksummed)
+        self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, typesize=2) if compression == "lz4" else None
         self.pool = ThreadPoolExecutor(writers)
         self.inflight: list = []
 

@@ -235,17 +235,22 @@ def _heads(sets: list[tuple[np.ndarray, tuple[dict, np.ndarray] | None]], fit_at
     accuracy) of a head for every (lr, steps) of the grid. The heads share their rows, so they are trained as one
     computation: one set's as `train_linear_heads` trains it, several sets zero-padded and stacked (`train_stacked_heads`)."""
     settings = list(itertools.product(values["head_lr"], values["head_steps"]))
-    if not (rows_on_device(device) and len(sets) > 1):  # one set: only its own columns need to travel
+    on_device = rows_on_device(device) and len(sets) > 1  # one set: only its own columns need to travel
+    if on_device:
+        fits, vals = _fit_and_val_on(device, sets, fit_at, val_at)
+        rows: list = fits
+    else:
         matrices = [_fit_and_val(columns, fit_at, val_at, selected) for columns, selected in sets]
-        heads = train_stacked_heads([X_fit for X_fit, _ in matrices], y_fit, num_classes, settings,
-                                    int(head_cfg.batch_size), int(head_cfg.seed), device, str(head_cfg.precision))
-        return [[(lr, steps, accuracy(head, X_fit, y_fit), accuracy(head, X_val, y_val))
-                 for (lr, steps), head in zip(settings, per_set)] for (X_fit, X_val), per_set in zip(matrices, heads)]
-    fits, vals = _fit_and_val_on(device, sets, fit_at, val_at)
-    heads = train_stacked_heads(fits, y_fit, num_classes, settings,
+        rows = [X_fit for X_fit, _ in matrices]
+    heads = train_stacked_heads(rows, y_fit, num_classes, settings,
                                 int(head_cfg.batch_size), int(head_cfg.seed), device, str(head_cfg.precision))
-    return [[(lr, steps, fit_acc, val_acc) for (lr, steps), fit_acc, val_acc in zip(settings, *accs)]
-            for accs in zip(stacked_accuracies(heads, fits, y_fit), stacked_accuracies(heads, vals, y_val))]
+    if on_device:
+        fit_accs, val_accs = stacked_accuracies(heads, fits, y_fit), stacked_accuracies(heads, vals, y_val)
+    else:
+        fit_accs = [[accuracy(head, X_fit, y_fit) for head in per_set] for per_set, (X_fit, _) in zip(heads, matrices)]
+        val_accs = [[accuracy(head, X_val, y_val) for head in per_set] for per_set, (_, X_val) in zip(heads, matrices)]
+    return [[(lr, steps, fit_acc, val_acc) for (lr, steps), fit_acc, val_acc in zip(settings, per_fit, per_val)]
+            for per_fit, per_val in zip(fit_accs, val_accs)]
 
 
 def rows_on_device(device: torch.device) -> bool:
@@ -263,10 +268,10 @@ def _fit_and_val_on(device: torch.device, sets: list[tuple[np.ndarray, tuple[dic
     (benchmarks/stacked_round.py); a GPU's is not measured yet."""
     arrays: dict[int, torch.Tensor] = {}
     rows = torch.as_tensor(np.concatenate([fit_at, val_at])).to(device)
-    selections = [selected for _, selected in sets if selected is not None]
     # every set's column positions in one copy to the device, then split there
-    wheres = iter(torch.as_tensor(np.concatenate([where for _, where in selections])).to(device).split(
-        [len(where) for _, where in selections])) if selections else iter(())
+    positions = [where for _, selected in sets if selected is not None for where in selected[1:]]
+    flat = np.concatenate(positions) if positions else np.empty(0, np.int64)
+    wheres = iter(torch.as_tensor(flat).to(device).split([len(where) for where in positions]))
     fits, vals = [], []
     for columns, selected in sets:
         if id(columns) not in arrays:
