@@ -159,3 +159,30 @@ def test_read_rows_reads_shard_files_where_it_can_and_zarr_elsewhere(tmp_path, r
     np.testing.assert_array_equal(shards.read_rows(local, 32, 70), data[32:70])
     np.testing.assert_array_equal(shards.read_rows(in_memory, 32, 70), data[32:70])
     assert read == [(32, 70)]  # the local array's rows came from its files, the other's through zarr
+
+
+def test_pieces_are_written_in_order_across_short_writes_and_many_calls(tmp_path, monkeypatch):
+    """`write_parts` resumes a short write inside its piece and sends more pieces than one call takes."""
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, n, dtype=np.uint8) for n in rng.integers(0, 5000, shards.IOV_MAX + 300)]
+    parts[3] = b""  # an empty piece
+    parts[7] = bytes(range(200))
+    real, calls = os.writev, []
+
+    def short_writev(fd, buffers):  # the kernel may write less than asked: at most 7,777 bytes here
+        calls.append(len(buffers))
+        assert len(buffers) <= shards.IOV_MAX
+        budget, taken = 7777, []
+        for buf in buffers:
+            view = memoryview(buf)[:budget]
+            taken.append(view)
+            budget -= len(view)
+            if not budget:
+                break
+        return real(fd, taken)
+
+    monkeypatch.setattr(os, "writev", short_writev)
+    shards.write_local(str(tmp_path), "a/c.0.0", parts)
+    assert (tmp_path / "a" / "c.0.0").read_bytes() == b"".join(bytes(p) for p in parts)
+    assert len(calls) > sum(len(p) for p in parts) // 7777
+    assert not list((tmp_path / "a").glob("*.tmp"))  # the temp name was renamed into place
