@@ -32,6 +32,9 @@ step 240 python3 benchmarks/roofline.py --device cuda --turns 2 "$@"
 # The same layout stored uncompressed (store.compression=none): lz4 keeps 0.81-0.90 of the bytes of pooled
 # activations but was ~45 % of a writer's time on the CPU machine.
 step 90 python3 benchmarks/roofline.py --device cuda --turns 2 --case "resnet50@224 T=8192" store.compression=none
+# Where the store path stops scaling: 1 to 12 writers, each with its writers' CPU / wall (below 1: waiting)
+# and the main thread's wait for a free writer.
+step 75 python3 benchmarks/extract_ceiling.py --device cuda --images 2048 --writers 1,2,4,8,12 --case "resnet50@224 T=8192"
 step 45 python3 benchmarks/decode.py --images 512 --rounds 3
 # Heads on the device against the host's CPU (benchmarks/tune_cost.py): the default tune of the embedded
 # default: groups of heads trained at once on each, then each round stacked into one computation on the device
@@ -47,6 +50,9 @@ spy=$(command -v py-spy || ls /tmp/h2t-site/bin/py-spy 2>/dev/null || true)
 if [ -n "${H2T_PROFILE_DIR:-}" ] && [ -n "$spy" ]; then  # where the writers stop scaling: every thread, native frames
   mkdir -p "$H2T_PROFILE_DIR"
   step 90 "$spy" record -r 100 --threads --native -f raw -o "$H2T_PROFILE_DIR/store_path.txt" -- \
+    python3 benchmarks/extract_ceiling.py --device cuda --images 4096 --writers 4,8 --case "resnet50@224 T=8192"
+  # the same, only the thread holding the GIL in each sample: what the writers wait for, if it is the GIL
+  step 90 "$spy" record -r 100 --threads --gil -f raw -o "$H2T_PROFILE_DIR/store_path_gil.txt" -- \
     python3 benchmarks/extract_ceiling.py --device cuda --images 4096 --writers 4,8 --case "resnet50@224 T=8192"
 fi
 if [ ${#failed[@]} -gt 0 ]; then printf 'failed: %s\n' "${failed[@]}"; exit 1; fi

@@ -30,6 +30,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,9 +51,10 @@ from pipeline.backbone import build_model
 from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import decode_workers, decodes_on_device, extract, plan_store, resolve_device
 from pipeline.runtime import freeze_imported, keep_freed_memory
-from pipeline.stages import Loader, Shard
+from pipeline.stages import Loader, Shard, WriterTimes
 from pipeline.storage import configure_io
 from pipeline.storage.schema import inner_columns, resolve_compression
+from pipeline.storage.shards import write_parts
 
 RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
 CASES = {
@@ -74,6 +76,11 @@ def make_folder(root: Path, n: int, size: int = 256) -> None:
 def compose_cfg(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return settings(compose(config_name="extract", overrides=overrides)).extract_job()
+
+
+def busy(times: WriterTimes) -> float:
+    """The writers' CPU over the wall time of their writes: 1 when they never waited."""
+    return times.cpu_s / times.wall_s if times.wall_s else float("nan")
 
 
 def stage_rate(run, cfg, plan, repeats: int = 2) -> float:
@@ -127,13 +134,18 @@ class PlainWriter:
         self.codec = Blosc(cname="lz4", clevel=1, shuffle=Blosc.NOSHUFFLE, typesize=2) if compression == "lz4" else None
         self.pool = ThreadPoolExecutor(writers)
         self.inflight: list = []
+        self.times = WriterTimes()  # as the store's writer keeps them (pipeline/stages.py)
+        self.lock = threading.Lock()
 
     def submit(self, shard: str, blocks: list[np.ndarray]) -> None:
+        waited = time.perf_counter()
         while len(self.inflight) >= self.limit:
             self.inflight.pop(0).result()
+        self.times.submit_wait_s += time.perf_counter() - waited
         self.inflight.append(self.pool.submit(self._write, shard, blocks))
 
     def _write(self, shard: str, blocks: list[np.ndarray]) -> None:
+        cpu, wall = time.thread_time(), time.perf_counter()
         for t, block in enumerate(blocks):
             parts = []
             for c0 in range(0, block.shape[1], self.inner):
@@ -141,7 +153,9 @@ class PlainWriter:
                 encoded = self.codec.encode(chunk) if self.codec is not None else chunk.view(np.uint8).reshape(-1)
                 parts += [encoded, np.uint32(google_crc32c.value(encoded)).tobytes()]
             with open(os.path.join(self.root, f"{t}-{shard}"), "wb") as fh:
-                fh.writelines(parts)
+                write_parts(fh, parts)  # os.writev, as the store writes its pieces
+        with self.lock:
+            self.times.add(time.thread_time() - cpu, time.perf_counter() - wall)
 
     def close(self) -> None:
         for future in self.inflight:
@@ -221,6 +235,8 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
             with ThreadPoolExecutor(writers) as pool:
                 list(pool.map(save, shards))
 
+        baseline_times: list[WriterTimes] = []
+
         def baseline() -> None:
             writer = PlainWriter(str(raw_root), writers, inner_columns(memory_cfg.store.col_chunk, "float16"),
                                  resolve_compression(memory_cfg.store.compression, "float16"))
@@ -237,6 +253,7 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
                         offset += p.numel()
                     writer.submit(f"{name}-{shard}", blocks)
             writer.close()
+            baseline_times.append(writer.times)
 
         def store_path(cfg, plan):
             shutil.rmtree(work / "stores", ignore_errors=True)
@@ -249,9 +266,16 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
         # hits both; the fastest of each is kept
         _clock(baseline, raw_root)
         store_path(memory_cfg, memory_plan)
-        turns = [(_clock(baseline, raw_root), store_path(memory_cfg, memory_plan).stage_seconds) for _ in range(args.turns)]
-        out[f"baseline_w{writers}"] = n / min(b for b, _ in turns)
-        out[f"store_w{writers}"] = n / min(st for _, st in turns)
+        turns = [(_clock(baseline, raw_root), store_path(memory_cfg, memory_plan)) for _ in range(args.turns)]
+        fastest_base = min(range(len(turns)), key=lambda i: turns[i][0])
+        fastest_store = min((result for _, result in turns), key=lambda result: result.stage_seconds)
+        out[f"baseline_w{writers}"] = n / turns[fastest_base][0]
+        out[f"store_w{writers}"] = n / fastest_store.stage_seconds
+        # whether the writers waited (CPU / wall of their writes below 1) and whether the main thread waited
+        # for them (its share of the clock): where a store path that stops scaling spends its time
+        out[f"baseline_times_w{writers}"] = (busy(baseline_times[-args.turns + fastest_base]), None)
+        out[f"store_times_w{writers}"] = (busy(fastest_store.writes),
+                                          fastest_store.writes.submit_wait_s / fastest_store.stage_seconds)
     shutil.rmtree(raw_root, ignore_errors=True)
 
     # the whole extraction of the files with the real model (fewer images on a CPU), with the writer count
@@ -284,6 +308,9 @@ def report(r: dict, writers: list[int]) -> None:
         print(f"  {w} writer(s): raw np.save {raw:8,.0f} img/s ({raw * mib:7,.0f} MiB/s)   baseline {base:7,.0f} img/s"
               f"   store path {store:7,.0f} img/s ({store * mib:6,.0f} MiB/s)   store/baseline {store / base:4.2f}"
               f"   store/raw {store / raw:4.2f}")
+        (base_busy, _), (store_busy, waited) = r[f"baseline_times_w{w}"], r[f"store_times_w{w}"]
+        print(f"      writers' CPU / wall of their writes: baseline {base_busy:4.2f}, store path {store_busy:4.2f}"
+              f" (below 1: waiting for the GIL, a lock, the disk or a core); main thread waiting for a free writer: {waited:4.2f} of the store path's clock")
     print(f"  h2t extract          {r['extract']:9,.0f} img/s  ({r['extract_writers']} writer(s): the fastest store path above)")
     print(f"  roofline: extract / min(forward, decode, raw write) = {r['extract']:,.0f} / {limit:,.0f} = "
           f"{r['extract'] / limit:.2f}", flush=True)

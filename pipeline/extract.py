@@ -19,7 +19,7 @@ from .devices import resolve_device
 from .errors import H2TError
 from .pooling import validate_target_size
 from .preprocess import build_preprocess
-from .stages import DeviceStage, Loader, ShardQueue, Writer
+from .stages import DeviceStage, Loader, ShardQueue, Writer, WriterTimes
 from .storage import location
 from .storage.catalog import human_bytes
 from .storage.claims import Claims
@@ -158,6 +158,7 @@ class ExtractResult:
     backbone_images: int
     seconds: float
     stage_seconds: float = 0.0  # the images' own time: from the first shard claimed to the last one written
+    writes: WriterTimes | None = None  # where this process's shard writes spent their time
 
 
 def wait_for_store(job: ExtractJob, plan: Plan, clock=time.monotonic, sleep=time.sleep) -> None:
@@ -271,7 +272,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
 
     queue = ShardQueue(store, dataset, claims, shard_rows)
     remaining = queue.remaining_rows()
-    images_done, stage_seconds = 0, 0.0
+    images_done, stage_seconds, writes = 0, 0.0, None
     if remaining:
         runner = forward
         if runner is None:
@@ -283,7 +284,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
                                    pooling["rule"], pooling["cls_token"])
         try:
             stages_start = time.perf_counter()
-            images_done = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s)
+            images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s)
             stage_seconds = time.perf_counter() - stages_start
         finally:
             claims.release_all()  # an error leaves the unwritten shards free for the next run at once
@@ -295,7 +296,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
         store = reopened
         if not store.complete:
             store.mark_complete()
-    return ExtractResult(store, images_done, time.perf_counter() - start_time, stage_seconds)
+    return ExtractResult(store, images_done, time.perf_counter() - start_time, stage_seconds, writes)
 
 
 def _build(job: ExtractJob, device: torch.device) -> torch.nn.Module:
@@ -321,9 +322,10 @@ def writer_threads(writers: int | None, device: torch.device) -> int:
     return 2 if device.type == "cuda" else 1
 
 
-def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int, poll_s: float) -> int:
+def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int,
+                poll_s: float) -> tuple[int, WriterTimes]:
     """Claim, load, compute and write shards until the store has them all (pipeline/stages.py); returns the
-    images computed here."""
+    images computed here and where the writes spent their time."""
     settings = job.extract
     stage = DeviceStage(runner, plan.preprocess, device, store.computed_layers, store.layer_dtypes(),
                         bool(settings.channels_last), str(job.store.on_overflow), str(job.model.precision))
@@ -364,4 +366,4 @@ def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, d
     finally:
         loader.close()
         writer.close(raise_errors=not failed)
-    return images_done
+    return images_done, writer.times

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import multiprocessing
+import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -335,6 +337,22 @@ def _float16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     return torch.where(off, torch.nextafter(near, torch.full_like(near, direction * float("inf"))), near)
 
 
+@dataclass
+class WriterTimes:
+    """Where a store's writes spent their time: `cpu_s` / `wall_s` summed over the writer threads' shards (a
+    ratio below 1 is time a writer waited: for the GIL, a lock or the disk), and `submit_wait_s`, the main
+    thread's wait for a free writer (a stage faster than its writes waits here)."""
+    shards: int = 0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    submit_wait_s: float = 0.0
+
+    def add(self, cpu_s: float, wall_s: float) -> None:
+        self.shards += 1
+        self.cpu_s += cpu_s
+        self.wall_s += wall_s
+
+
 class Writer:
     """Writes shards in `writers` threads, at most `writers + 1` batches in flight; a write marks the shard
     done in the ledger (last) and releases its claim."""
@@ -346,20 +364,27 @@ class Writer:
         self._pool = ThreadPoolExecutor(writers, thread_name_prefix="h2t-write")
         self._inflight: deque[Future] = deque()
         self.stale = 0  # shards written across another writer's widening
+        self.times = WriterTimes()
+        self._lock = threading.Lock()
 
     def submit(self, shard: Shard, blocks: list[np.ndarray], dtypes: dict | None = None) -> None:
         """`dtypes`: what each block was cast to (a shard cast before another writer widened a tap is stale)."""
+        waited = time.perf_counter()
         while len(self._inflight) >= self.limit:
             self._inflight.popleft().result()
+        self.times.submit_wait_s += time.perf_counter() - waited
         self._inflight.append(self._pool.submit(self._write, shard, blocks, dtypes))
 
     def _write(self, shard: Shard, blocks: list[np.ndarray], dtypes: dict | None) -> None:
+        cpu, wall = time.thread_time(), time.perf_counter()
         try:
             self.store.write_rows(shard.split, shard.start, blocks, dtypes)
         except StaleShard:
             self.stale += 1  # not marked done: claimed and computed again, with the new dtypes
         finally:
             self.claims.release(f"{shard.split}/{shard.index}")
+            with self._lock:
+                self.times.add(time.thread_time() - cpu, time.perf_counter() - wall)
 
     def drain(self) -> None:
         """Wait for every write in flight (errors surface here)."""

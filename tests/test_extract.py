@@ -29,11 +29,14 @@ def shards_done(path):
 
 def test_kill_minus_nine_then_resume_is_bitwise_identical(tmp_path):
     reference_cfg = tiny_cfg(tmp_path / "ref", **OVERRIDES)
-    reference = extract(reference_cfg).store
+    result = extract(reference_cfg)
+    reference = result.store
     root = tmp_path / "stores"
     path = plan_store(tiny_job(tmp_path, **OVERRIDES)).path
     assert path.startswith(str(root))
     total = sum(-(-n // 16) for n in (320, 32, 128))
+    assert result.writes is not None and result.writes.shards == total  # every shard's write accounted
+    assert 0 < result.writes.cpu_s and 0 < result.writes.wall_s
     rng = np.random.default_rng(0)
     kills = 0
     for target in sorted(rng.choice(np.arange(2, total - 2), size=3, replace=False)):

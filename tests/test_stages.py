@@ -98,3 +98,9 @@ def test_writer_keeps_at_most_writers_plus_one_batches_in_flight(tmp_path, rng):
     assert max(submitted_while_full) <= 3 and state["peak"] == 2
     assert store.shards_done("train").all()
     assert np.array_equal(store.features("train", "t0")[:, 0], np.repeat(np.arange(10), 8).astype(np.float16))
+    # where the time went: ten writes of >= 50 ms asleep (wall, not CPU), two at a time, so the main thread
+    # waited for a free writer for at least the four rounds beyond the first three in flight
+    times = writer.times
+    assert times.shards == 10 and times.wall_s >= 10 * 0.05
+    assert 0 < times.cpu_s < times.wall_s / 2
+    assert times.submit_wait_s >= 3 * 0.05
