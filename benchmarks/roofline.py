@@ -51,10 +51,11 @@ from pipeline.backbone import build_model
 from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import decode_workers, decodes_on_device, extract, plan_store, resolve_device
 from pipeline.runtime import freeze_imported, keep_freed_memory
-from pipeline.stages import Loader, Shard, WriterTimes
+from pipeline.stages import Loader, Shard
 from pipeline.storage import configure_io
 from pipeline.storage.schema import inner_columns, resolve_compression
 from pipeline.storage.shards import write_parts
+from pipeline.storage.writer import WriterTimes
 
 RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
 CASES = {

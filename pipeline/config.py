@@ -113,6 +113,11 @@ class Decode(Choice):
     device = "device"
 
 
+class WritersIn(Choice):
+    threads = "threads"
+    processes = "processes"
+
+
 class OnIncomplete(Choice):
     extract = "extract"
     wait = "wait"
@@ -181,6 +186,7 @@ class ExtractConfig:
     workers: Optional[int] = None  # None: decode_workers() picks by device
     prefetch: int = 2
     writers: Optional[int] = None  # None: writer_threads() picks by device
+    writers_in: WritersIn = WritersIn.threads
     replica: int = 0
     decode: Decode = Decode.auto
 

@@ -13,13 +13,13 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbone import build_model, check_model_name, create, create_kwargs, weights_fingerprint
-from .config import Decode, ExtractConfig, ExtractJob, OnIncomplete
+from .config import Decode, ExtractConfig, ExtractJob, OnIncomplete, WritersIn
 from .data import Dataset, build_dataset
 from .devices import resolve_device
 from .errors import H2TError
 from .pooling import validate_target_size
 from .preprocess import build_preprocess
-from .stages import DeviceStage, Loader, ShardQueue, Writer, WriterTimes
+from .stages import DeviceStage, Loader, ShardQueue, Writer
 from .storage import location
 from .storage.catalog import human_bytes
 from .storage.claims import Claims
@@ -27,7 +27,9 @@ from .storage.reuse import Reuse, find_reuse, reused_layer
 from .storage.schema import SCHEMA_VERSION, STATUS_CREATING, inner_columns, storage_dtype
 from .storage.store import FeatureStore, create_store, open_store, store_path
 from .storage.union import StoreUnion
+from .storage.writer import WriterTimes
 from .taps import TappedForward, select_taps
+from .write_processes import ProcessWriter
 
 
 @dataclass
@@ -331,7 +333,8 @@ def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, d
                         bool(settings.channels_last), str(job.store.on_overflow), str(job.model.precision))
     loader = Loader(plan.dataset, decode_workers(settings.workers, device), pin=device.type == "cuda", device=device,
                     device_decode=decodes_on_device(settings, plan.dataset))
-    writer = Writer(store, queue.claims, writer_threads(settings.writers, device))
+    writes_in = ProcessWriter if settings.writers_in == WritersIn.processes else Writer
+    writer = writes_in(store, queue.claims, writer_threads(settings.writers, device))
 
     def widen(name: str) -> None:
         writer.drain()  # widening rewrites the tap's arrays: none of this process's writes may be in flight

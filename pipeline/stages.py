@@ -30,6 +30,7 @@ from .decode import decode_file, decode_jpegs, device_decodable
 from .errors import H2TError
 from .storage.quant import LEVELS, QuantizedBlock
 from .storage.store import StaleShard
+from .storage.writer import WriterTimes
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
 
@@ -335,22 +336,6 @@ def _float16_toward(x: torch.Tensor, direction: float) -> torch.Tensor:
     near = x.half()
     off = near.float() > x if direction < 0 else near.float() < x
     return torch.where(off, torch.nextafter(near, torch.full_like(near, direction * float("inf"))), near)
-
-
-@dataclass
-class WriterTimes:
-    """Where a store's writes spent their time: `cpu_s` / `wall_s` summed over the writer threads' shards (a
-    ratio below 1 is time a writer waited: for the GIL, a lock or the disk), and `submit_wait_s`, the main
-    thread's wait for a free writer (a stage faster than its writes waits here)."""
-    shards: int = 0
-    cpu_s: float = 0.0
-    wall_s: float = 0.0
-    submit_wait_s: float = 0.0
-
-    def add(self, cpu_s: float, wall_s: float) -> None:
-        self.shards += 1
-        self.cpu_s += cpu_s
-        self.wall_s += wall_s
 
 
 class Writer:

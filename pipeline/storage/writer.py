@@ -7,6 +7,7 @@ entry is written last, so a shard marked done is fully on storage.
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import dataclass
 
 import numpy as np
 import zarr
@@ -17,6 +18,22 @@ from .handle import StoreHandle, read_all
 from .quant import QuantizedBlock
 from .schema import FEATURES, LEDGER, QUANT, STATUS_COMPLETE, from_bfloat16_bits
 from .widening import Widening
+
+
+@dataclass
+class WriterTimes:
+    """Where a store's writes spent their time: `cpu_s` / `wall_s` summed over the writer threads' shards (a
+    ratio below 1 is time a writer waited: for the GIL, a lock or the disk), and `submit_wait_s`, the main
+    thread's wait for a free writer (a stage faster than its writes waits here)."""
+    shards: int = 0
+    cpu_s: float = 0.0
+    wall_s: float = 0.0
+    submit_wait_s: float = 0.0
+
+    def add(self, cpu_s: float, wall_s: float) -> None:
+        self.shards += 1
+        self.cpu_s += cpu_s
+        self.wall_s += wall_s
 
 
 class ShardWriter:

@@ -1,0 +1,214 @@
+"""Shard writes in worker processes (`extract.writers_in=processes`): the store path without a GIL shared
+with the forward, the decoders and the other writers.
+
+A writer thread releases the GIL for each inner chunk's codec call and takes it back after: hundreds of
+times per shard. Beside a thread that runs Python without pause, each of those takes waits for the
+interpreter's switch interval (5 ms): a writer that encodes 300-400 MiB/s alone wrote 2-12 MiB/s beside a
+pure-Python loop on the CPU machine (benchmarks/README.md, extract_ceiling.py). Worker processes have a
+GIL each.
+
+Each worker opens the store once, as another writer of it would (claims, the ledger and the widening
+protocol already serve several processes: a widening in the main process is followed by every worker's
+next shard), and writes the shards it is handed. A batch reaches it through shared memory: the main process
+copies the batch's blocks into one segment (one copy of the bytes, in a packing thread beside the main
+thread), and the segment is reused once that write is done. `ProcessWriter` has `stages.Writer`'s interface.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing.shared_memory import SharedMemory
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .errors import H2TError
+from .storage.quant import QuantizedBlock
+from .storage.store import FeatureStore, StaleShard
+from .storage.writer import WriterTimes
+
+if TYPE_CHECKING:
+    from .stages import Shard
+
+ALIGN = 64  # bytes: each block starts on a cache line of its segment
+
+# (offset, shape, dtype) of one array in a segment; a block is one array, or two for an int8 tap
+Placed = tuple[int, tuple[int, ...], str]
+
+
+class ProcessWriter:
+    """Writes shards in `writers` worker processes, at most `writers + 1` batches in flight; the main process
+    releases a shard's claim when its write is done (marked in the ledger, or found stale)."""
+
+    def __init__(self, store, claims, writers: int):
+        if writers < 1:
+            raise H2TError(f"extract.writers must be >= 1, got {writers}")
+        self.claims, self.limit = claims, writers + 1
+        self.stale = 0  # shards written across another writer's widening
+        self.times = WriterTimes()
+        # spawn: a fork of a process with CUDA, Hydra and I/O threads running is not safe
+        self._pool = ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_open_store, initargs=(store.path, store.options))
+        self._inflight: deque[tuple[Future, SharedMemory, str]] = deque()
+        self._free: list[SharedMemory] = []
+        self._segments: list[SharedMemory] = []
+        self._packers = ThreadPoolExecutor(writers, thread_name_prefix="h2t-pack")
+        # every worker starts now (a pool spawns one per call waiting), while the first batches load and compute
+        self._started = [self._pool.submit(_ready) for _ in range(writers)]
+
+    def submit(self, shard: Shard, blocks: list, dtypes: dict | None = None) -> None:
+        """`dtypes`: what each block was cast to (a shard cast before another writer widened a tap is stale)."""
+        waited = time.perf_counter()
+        while len(self._inflight) >= self.limit:
+            self._finish_oldest()
+        self.times.submit_wait_s += time.perf_counter() - waited
+        layout, nbytes = place(blocks)
+        segment = self._segment(nbytes)
+        self._inflight.append((self._packers.submit(self._pack_and_send, blocks, layout, segment, shard, dtypes),
+                               segment, f"{shard.split}/{shard.index}"))
+
+    def _pack_and_send(self, blocks: list, layout: list[list[Placed]], segment: SharedMemory, shard: Shard,
+                       dtypes: dict | None) -> Future:
+        """In a packing thread (the copies release the GIL, so they run beside the main thread's work): the
+        blocks into the segment, then the write to a worker."""
+        pack(blocks, layout, segment.buf)
+        return self._pool.submit(_write, segment.name, shard.split, shard.start, layout, dtypes)
+
+    def _segment(self, nbytes: int) -> SharedMemory:
+        """A free segment of at least `nbytes` (one too small is replaced)."""
+        if self._free:
+            segment = self._free.pop()
+            if segment.size >= nbytes:
+                return segment
+            self._segments.remove(segment)
+            _release(segment)
+        check_shared_memory(nbytes, len(self._segments) - len(self._free))
+        segment = SharedMemory(create=True, size=max(nbytes, 1))
+        self._segments.append(segment)
+        return segment
+
+    def _finish_oldest(self) -> None:
+        packed, segment, key = self._inflight.popleft()
+        try:
+            stale, cpu_s, wall_s = packed.result().result()
+        finally:
+            self.claims.release(key)
+            self._free.append(segment)
+        self.stale += stale
+        self.times.add(cpu_s, wall_s)
+
+    def drain(self) -> None:
+        """Wait for every write in flight (errors surface here)."""
+        while self._inflight:
+            self._finish_oldest()
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish the writes in flight; after another error, theirs are not raised over it. The workers exit
+        and the segments are removed either way."""
+        try:
+            if raise_errors:
+                self.drain()
+        finally:
+            self._packers.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            for _, _, key in self._inflight:  # after an error: written or not, these shards are free again
+                self.claims.release(key)
+            self._inflight.clear()
+            for segment in self._segments:
+                _release(segment)
+            self._segments.clear()
+            self._free.clear()
+
+
+SHM_ROOT = "/dev/shm"  # where POSIX shared memory lives on Linux (a tmpfs, 64 MiB in a default Docker container)
+
+
+def check_shared_memory(nbytes: int, in_use: int) -> None:
+    """H2TError unless a new segment of `nbytes` fits in /dev/shm's free space: a segment is created sparse,
+    and a write beyond a full tmpfs kills the process with SIGBUS instead of an error."""
+    if not os.path.isdir(SHM_ROOT):
+        return
+    stat = os.statvfs(SHM_ROOT)
+    free = stat.f_bavail * stat.f_frsize
+    if nbytes > free:
+        raise H2TError(f"extract.writers_in=processes: a batch needs {nbytes / 2**20:,.0f} MiB of shared memory, "
+                       f"{SHM_ROOT} has {free / 2**20:,.0f} MiB free ({in_use} batches in flight): use fewer "
+                       f"extract.writers, a smaller extract.batch_size, extract.writers_in=threads, or a larger "
+                       f"{SHM_ROOT} (docker run --shm-size)")
+
+
+def place(blocks: list) -> tuple[list[list[Placed]], int]:
+    """Where each block's arrays go in one segment, and the segment's size."""
+    layout, offset = [], 0
+    for block in blocks:
+        arrays = [block.codes, block.params] if isinstance(block, QuantizedBlock) else [block]
+        placed = []
+        for array in arrays:
+            placed.append((offset, tuple(array.shape), array.dtype.str))
+            offset += -(-array.nbytes // ALIGN) * ALIGN
+        layout.append(placed)
+    return layout, offset
+
+
+def pack(blocks: list, layout: list[list[Placed]], buffer) -> None:
+    for block, placed in zip(blocks, layout):
+        arrays = [block.codes, block.params] if isinstance(block, QuantizedBlock) else [block]
+        for array, where in zip(arrays, placed):
+            np.copyto(_view(buffer, where), array, casting="no")
+
+
+def unpack(layout: list[list[Placed]], buffer) -> list:
+    """The blocks `pack` wrote, as views of the segment."""
+    views = [[_view(buffer, where) for where in placed] for placed in layout]
+    return [QuantizedBlock(*arrays) if len(arrays) == 2 else arrays[0] for arrays in views]
+
+
+def _view(buffer, where: Placed) -> np.ndarray:
+    offset, shape, dtype = where
+    return np.ndarray(shape, np.dtype(dtype), buffer=buffer, offset=offset)
+
+
+def _release(segment: SharedMemory) -> None:
+    segment.close()
+    segment.unlink()
+
+
+# --- in each worker process --------------------------------------------------------------------------------
+_STORE: FeatureStore | None = None
+_ATTACHED: dict[str, SharedMemory] = {}
+
+
+def _open_store(path: str, options: dict | None) -> None:
+    """The worker's start: the process-wide settings an h2t command makes (pipeline/runtime.py, storage's
+    I/O setup), then the store, opened once."""
+    global _STORE
+    from .runtime import keep_freed_memory  # noqa: PLC0415 - in the worker only
+    from .storage import configure_io  # noqa: PLC0415
+    from .storage.store import open_store  # noqa: PLC0415
+    keep_freed_memory()
+    configure_io()
+    _STORE = open_store(path, options=options)
+    if _STORE is None:
+        raise H2TError(f"store {path} is gone")
+
+
+def _ready() -> None:
+    """Nothing: a call that makes the pool start a worker."""
+
+
+def _write(name: str, split: str, start: int, layout: list[list[Placed]], dtypes: dict | None) -> tuple[bool, float, float]:
+    """Write one shard from its segment; returns (stale, CPU seconds, wall seconds)."""
+    cpu, wall = time.thread_time(), time.perf_counter()
+    segment = _ATTACHED.get(name)
+    if segment is None:
+        segment = _ATTACHED[name] = SharedMemory(name=name)
+    stale = False
+    assert _STORE is not None  # opened by the initializer
+    try:
+        _STORE.write_rows(split, start, unpack(layout, segment.buf), dtypes)
+    except StaleShard:
+        stale = True  # not marked done: claimed and computed again, with the new dtypes
+    return stale, time.thread_time() - cpu, time.perf_counter() - wall
