@@ -15,6 +15,7 @@ thread), and the segment is reused once that write is done. `ProcessWriter` has 
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
 import os
 import time
@@ -32,8 +33,6 @@ from .storage.writer import WriterTimes
 
 if TYPE_CHECKING:
     from .stages import Shard
-
-ALIGN = 64  # bytes: each block starts on a cache line of its segment
 
 # (offset, shape, dtype) of one array in a segment; a block is one array, or two for an int8 tap
 Placed = tuple[int, tuple[int, ...], str]
@@ -141,23 +140,44 @@ def check_shared_memory(nbytes: int, in_use: int) -> None:
 
 
 def place(blocks: list) -> tuple[list[list[Placed]], int]:
-    """Where each block's arrays go in one segment, and the segment's size."""
+    """Where each block's arrays go in one segment (back to back, each at its dtype's alignment: blocks
+    that lie back to back in the host buffer stay so), and the segment's size."""
     layout, offset = [], 0
     for block in blocks:
-        arrays = [block.codes, block.params] if isinstance(block, QuantizedBlock) else [block]
         placed = []
-        for array in arrays:
+        for array in _arrays(block):
+            offset = -(-offset // array.dtype.alignment) * array.dtype.alignment
             placed.append((offset, tuple(array.shape), array.dtype.str))
-            offset += -(-array.nbytes // ALIGN) * ALIGN
+            offset += array.nbytes
         layout.append(placed)
     return layout, offset
 
 
 def pack(blocks: list, layout: list[list[Placed]], buffer) -> None:
+    """Copy the blocks into the segment: one `memmove` per run of blocks adjacent both in the host buffer and
+    in the segment (a batch cast into one buffer per dtype is one or two runs). Each copy releases the GIL
+    once; a copy per tap waited for it 51 times a shard beside a busy main thread."""
+    base = np.frombuffer(buffer, np.uint8).ctypes.data
+    runs: list[list[int]] = []  # [segment offset, source address, bytes]
+    sources = []  # contiguous sources, alive until copied
     for block, placed in zip(blocks, layout):
-        arrays = [block.codes, block.params] if isinstance(block, QuantizedBlock) else [block]
-        for array, where in zip(arrays, placed):
-            np.copyto(_view(buffer, where), array, casting="no")
+        for array, (offset, _, _) in zip(_arrays(block), placed):
+            if not array.nbytes:
+                continue  # nothing to copy (and an empty array's address is not its neighbours')
+            source = np.ascontiguousarray(array)
+            sources.append(source)
+            address, nbytes = source.ctypes.data, source.nbytes
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + last[2] == offset and last[1] + last[2] == address:
+                last[2] += nbytes
+            else:
+                runs.append([offset, address, nbytes])
+    for offset, address, nbytes in runs:
+        ctypes.memmove(base + offset, address, nbytes)
+
+
+def _arrays(block) -> list[np.ndarray]:
+    return [block.codes, block.params] if isinstance(block, QuantizedBlock) else [block]
 
 
 def unpack(layout: list[list[Placed]], buffer) -> list:

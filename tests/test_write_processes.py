@@ -11,7 +11,7 @@ from pipeline.stages import Shard
 from pipeline.storage.claims import Claims
 from pipeline.storage.quant import QuantizedBlock
 from pipeline.storage.store import create_store
-from pipeline.write_processes import ALIGN, ProcessWriter, pack, place, unpack
+from pipeline.write_processes import ProcessWriter, pack, place, unpack
 from tests.conftest import tiny_cfg
 
 
@@ -21,7 +21,7 @@ def test_blocks_come_back_from_one_segment_as_they_went_in(rng):
               QuantizedBlock(rng.integers(-128, 128, (5, 9), dtype=np.int8), rng.random(18).astype(np.float16)),
               np.zeros((5, 0), np.float32)]
     layout, nbytes = place(blocks)
-    assert all(offset % ALIGN == 0 for placed in layout for offset, _, _ in placed)
+    assert all(offset % np.dtype(dtype).alignment == 0 for placed in layout for offset, _, dtype in placed)
     buffer = bytearray(nbytes)
     pack(blocks, layout, buffer)
     back = unpack(layout, buffer)
@@ -30,6 +30,20 @@ def test_blocks_come_back_from_one_segment_as_they_went_in(rng):
         for a, b in zip(sent if isinstance(sent, QuantizedBlock) else [sent],
                         got if isinstance(got, QuantizedBlock) else [got]):
             assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_blocks_cut_from_one_buffer_are_copied_as_one_run(rng, monkeypatch):
+    host = rng.standard_normal(5 * 12).astype(np.float16)  # a batch cast into one buffer: taps of 7, 0 and 5 columns
+    blocks = [host[:35].reshape(5, 7), host[35:35].reshape(5, 0), host[35:].reshape(5, 5),
+              rng.standard_normal((5, 2)).astype(np.float16)[:, :1]]  # not contiguous: copied on its own
+    copies = []
+    real = write_processes.ctypes.memmove
+    monkeypatch.setattr(write_processes.ctypes, "memmove", lambda dst, src, n: copies.append(n) or real(dst, src, n))
+    layout, nbytes = place(blocks)
+    buffer = bytearray(nbytes)
+    pack(blocks, layout, buffer)
+    assert copies == [host.nbytes, 10]
+    assert all(np.array_equal(a, b) for a, b in zip(blocks, unpack(layout, buffer)))
 
 
 @pytest.mark.parametrize("dtype", ["float16", "int8"])
