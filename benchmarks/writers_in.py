@@ -5,7 +5,7 @@
 The store path's steady state: shards of the ResNet-50 @ 224, T = 8192 layout (51 taps of 10,140 columns,
 64 rows, ~63 MiB of float16 per shard, ReLU'd normal values) written into a fresh store by `stages.Writer`
 (threads) and `write_processes.ProcessWriter` (processes), in turns, with the workers started and warm before
-the clock. Then the same beside one thread that runs pure Python without pause, as an extraction's main
+the clock. Then the same (shards of 4 taps, one per writer) beside one thread that runs pure Python without pause, as an extraction's main
 thread and decoders do between their native calls: a writer thread takes the GIL back after each inner
 chunk's codec call, hundreds of times per shard, and waits up to the switch interval (5 ms) each time.
 Prints MiB/s of each and the ratio processes / threads.
@@ -33,7 +33,7 @@ ROWS, TAPS, DIM = 64, 51, 10_140  # D = 517,140: ResNet-50 @ 224 at T = 8192 has
 def rate(kind, root: str, writers: int, shards: int, blocks: list[np.ndarray], beside_python: bool) -> float:
     """MiB/s of shards [writers, shards) written by `kind`, after the first `writers` shards warmed it up."""
     shutil.rmtree(root, ignore_errors=True)
-    layers = [{"name": f"t{i}", "role": "t", "raw_shape": [DIM], "dim": DIM, "offset": i * DIM} for i in range(TAPS)]
+    layers = [{"name": f"t{i}", "role": "t", "raw_shape": [DIM], "dim": DIM, "offset": i * DIM} for i in range(len(blocks))]
     store = create_store(f"{root}/s.zarr", {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers,
                          {"train": ROWS * shards}, 2, ["a", "b"], ROWS, "float16", None, "lz4")
     writer = kind(store, Claims(store.group.store, 300), writers)
@@ -81,11 +81,12 @@ def main() -> None:
         for beside_python in (False, True):
             for writers in (int(w) for w in args.writers.split(",")):
                 best: dict[str, float] = {}
-                # beside Python, writer threads crawl: one turn of one shard per writer
+                # beside Python, writer threads crawl: one turn of one shard per writer, of 4 taps (5 MiB)
                 shards, turns = (2 * writers, 1) if beside_python else (args.shards, args.turns)
+                taps = blocks[:4] if beside_python else blocks
                 for _ in range(turns):
                     for name, kind in (("threads", Writer), ("processes", ProcessWriter)):
-                        best[name] = max(best.get(name, 0.0), rate(kind, root, writers, shards, blocks, beside_python))
+                        best[name] = max(best.get(name, 0.0), rate(kind, root, writers, shards, taps, beside_python))
                 where = "beside a Python thread" if beside_python else "alone"
                 print(f"{writers} writer(s), {where:22s}: threads {best['threads']:6.0f} MiB/s, processes "
                       f"{best['processes']:6.0f} MiB/s, processes / threads {best['processes'] / best['threads']:5.2f}",

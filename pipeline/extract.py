@@ -276,19 +276,26 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
     remaining = queue.remaining_rows()
     images_done, stage_seconds, writes = 0, 0.0, None
     if remaining:
-        runner = forward
-        if runner is None:
-            model = model or _build(job, device)
-            # only the layers this store computes; the forward stops after the last of them
-            computed = {layer["name"] for layer in store.computed_layers}
-            pooling = plan.spec["pooling"]
-            runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
-                                   pooling["rule"], pooling["cls_token"])
+        writer = open_writer(job.extract, store, queue.claims, device)  # first: worker processes start meanwhile
+        try:
+            runner = forward
+            if runner is None:
+                model = model or _build(job, device)
+                # only the layers this store computes; the forward stops after the last of them
+                computed = {layer["name"] for layer in store.computed_layers}
+                pooling = plan.spec["pooling"]
+                runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
+                                       pooling["rule"], pooling["cls_token"])
+        except BaseException:
+            writer.close(raise_errors=False)
+            claims.release_all()
+            raise
         try:
             stages_start = time.perf_counter()
-            images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s)
+            images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s, writer)
             stage_seconds = time.perf_counter() - stages_start
         finally:
+            writer.close(raise_errors=False)  # closed by then, unless the stages failed to start
             claims.release_all()  # an error leaves the unwritten shards free for the next run at once
             if forward is None:
                 runner.close()
@@ -324,17 +331,21 @@ def writer_threads(writers: int | None, device: torch.device) -> int:
     return 2 if device.type == "cuda" else 1
 
 
+def open_writer(settings: ExtractConfig, store, claims, device: torch.device) -> Writer | ProcessWriter:
+    """The shard writers of `extract.writers_in`: threads, or worker processes (pipeline/write_processes.py)."""
+    kind = ProcessWriter if settings.writers_in == WritersIn.processes else Writer
+    return kind(store, claims, writer_threads(settings.writers, device))
+
+
 def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, device, remaining: int,
-                poll_s: float) -> tuple[int, WriterTimes]:
-    """Claim, load, compute and write shards until the store has them all (pipeline/stages.py); returns the
-    images computed here and where the writes spent their time."""
+                poll_s: float, writer: Writer | ProcessWriter) -> tuple[int, WriterTimes]:
+    """Claim, load, compute and write shards until the store has them all (pipeline/stages.py), `writer` closed
+    at the end; returns the images computed here and where the writes spent their time."""
     settings = job.extract
     stage = DeviceStage(runner, plan.preprocess, device, store.computed_layers, store.layer_dtypes(),
                         bool(settings.channels_last), str(job.store.on_overflow), str(job.model.precision))
     loader = Loader(plan.dataset, decode_workers(settings.workers, device), pin=device.type == "cuda", device=device,
                     device_decode=decodes_on_device(settings, plan.dataset))
-    writes_in = ProcessWriter if settings.writers_in == WritersIn.processes else Writer
-    writer = writes_in(store, queue.claims, writer_threads(settings.writers, device))
 
     def widen(name: str) -> None:
         writer.drain()  # widening rewrites the tap's arrays: none of this process's writes may be in flight
