@@ -130,6 +130,7 @@ def test_claims_on_s3_are_conditional_puts(s3):
 
 
 def test_two_writers_on_s3_share_the_work_and_match_a_local_run(s3, tmp_path):
+    """Two `h2t extract` processes, one writing through writer processes, fill one S3 store."""
     import re
 
     from pipeline.storage.store import open_store
@@ -137,8 +138,9 @@ def test_two_writers_on_s3_share_the_work_and_match_a_local_run(s3, tmp_path):
 
     args = [*TINY, "extract.batch_size=8", "extract.poll_s=0.05"]
     cmd = [sys.executable, "-m", "pipeline.cli", "extract", *args, f"store.root=s3://{BUCKET}/two"]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=s3.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(2)]
+    # the second writes with worker processes, each opening the S3 store with the job's credentials
+    procs = [subprocess.Popen(c, cwd=tmp_path, env=s3.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for c in (cmd, [*cmd, "extract.writers_in=processes"])]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err for _, err in outs]
     images = [int(re.search(r"(\d+) images through the backbone", out).group(1)) for out, _ in outs]
@@ -182,3 +184,28 @@ def test_credentials_never_reach_the_files_a_job_writes(s3, tmp_path):
     assert refused.returncode == 2 and refused.stderr.strip().count("\n") == 0
     assert "store.s3.secret" in refused.stderr and "AWS_SECRET_ACCESS_KEY" in refused.stderr
     assert not refused_out.exists()
+
+
+def test_writer_processes_fill_a_store_on_s3(s3):
+    """Each worker process opens the S3 store with the options it was opened with (credentials, endpoint)."""
+    import numpy as np
+
+    from pipeline.stages import Shard
+    from pipeline.storage.claims import Claims
+    from pipeline.storage.store import create_store, open_store
+    from pipeline.write_processes import ProcessWriter
+    from tests.s3server import KEY, SECRET
+
+    options = {"endpoint_url": s3.endpoint, "key": KEY, "secret": SECRET}
+    layers = [{"name": "t0", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0}]
+    path = f"s3://{BUCKET}/procs/s.zarr"
+    store = create_store(path, {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers, {"train": 40}, 2,
+                         ["a", "b"], 8, "float16", 4, "lz4", options=options)
+    writer = ProcessWriter(store, Claims(store.group.store, 300), writers=2)
+    for i in range(5):
+        writer.submit(Shard("train", 8 * i, 8 * i + 8, i), [np.full((8, 4), i, np.float16)])
+    writer.close()
+    assert writer.times.shards == 5
+    reopened = open_store(path, options=options)
+    assert reopened.shards_done("train").all()
+    assert np.array_equal(reopened.features("train", "t0")[:, 0], np.repeat(np.arange(5), 8).astype(np.float16))
