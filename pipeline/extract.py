@@ -276,7 +276,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
     remaining = queue.remaining_rows()
     images_done, stage_seconds, writes = 0, 0.0, None
     if remaining:
-        writer = open_writer(job.extract, store, queue.claims, device)  # first: worker processes start meanwhile
+        writer = open_writer(job.extract, store, queue.claims, device)  # worker processes start while batches load
         try:
             runner = forward
             if runner is None:
@@ -295,10 +295,12 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
             images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s, writer)
             stage_seconds = time.perf_counter() - stages_start
         finally:
-            writer.close(raise_errors=False)  # closed by then, unless the stages failed to start
-            claims.release_all()  # an error leaves the unwritten shards free for the next run at once
-            if forward is None:
-                runner.close()
+            try:
+                writer.close(raise_errors=False)  # closed by then, unless the stages failed to start
+            finally:
+                claims.release_all()  # an error leaves the unwritten shards free for the next run at once
+                if forward is None:
+                    runner.close()
     if not store.complete:
         reopened = open_store(plan.path, plan.spec, options)
         assert reopened is not None  # it was laid out above

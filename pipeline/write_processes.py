@@ -7,7 +7,7 @@ interpreter's switch interval (5 ms): a writer that encodes 300-400 MiB/s alone 
 pure-Python loop on the CPU machine (benchmarks/README.md, extract_ceiling.py). Worker processes have a
 GIL each.
 
-Each worker opens the store once, as another writer of it would (claims, the ledger and the widening
+Each worker opens the store at its first write, as another writer of it would (claims, the ledger and the widening
 protocol already serve several processes: a widening in the main process is followed by every worker's
 next shard), and writes the shards it is handed. A batch reaches it through shared memory: the main process
 copies the batch's blocks into one segment (one copy of the bytes, in a packing thread beside the main
@@ -16,8 +16,10 @@ thread), and the segment is reused once that write is done. `ProcessWriter` has 
 from __future__ import annotations
 
 import ctypes
+import errno
 import multiprocessing
 import os
+import signal
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -48,15 +50,21 @@ class ProcessWriter:
         self.claims, self.limit = claims, writers + 1
         self.stale = 0  # shards written across another writer's widening
         self.times = WriterTimes()
-        # spawn: a fork of a process with CUDA, Hydra and I/O threads running is not safe
-        self._pool = ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_open_store, initargs=(store.path, store.options))
+        self._where = (store.path, store.options)  # each worker opens the store at its first write
         self._inflight: deque[tuple[Future, SharedMemory, str]] = deque()
         self._free: list[SharedMemory] = []
         self._segments: list[SharedMemory] = []
+        self._retired: list[str] = []  # segments replaced by larger ones: workers let go of them
+        # spawn: a fork of a process with CUDA, Hydra and I/O threads running is not safe
+        self._pool = ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_ignore_interrupts)
         self._packers = ThreadPoolExecutor(writers, thread_name_prefix="h2t-pack")
-        # every worker starts now (a pool spawns one per call waiting), while the first batches load and compute
-        self._started = [self._pool.submit(_ready) for _ in range(writers)]
+        try:  # every worker starts now (a pool spawns one per call waiting), while the first batches compute
+            for _ in range(writers):
+                self._pool.submit(_ready)
+        except BaseException:
+            self.close(raise_errors=False)
+            raise
 
     def submit(self, shard: Shard, blocks: list, dtypes: dict | None = None) -> None:
         """`dtypes`: what each block was cast to (a shard cast before another writer widened a tap is stale)."""
@@ -74,7 +82,8 @@ class ProcessWriter:
         """In a packing thread (the copies release the GIL, so they run beside the main thread's work): the
         blocks into the segment, then the write to a worker."""
         pack(blocks, layout, segment.buf)
-        return self._pool.submit(_write, segment.name, shard.split, shard.start, layout, dtypes)
+        return self._pool.submit(_write, self._where, segment.name, tuple(self._retired), shard.split, shard.start,
+                                 layout, dtypes)
 
     def _segment(self, nbytes: int) -> SharedMemory:
         """A free segment of at least `nbytes` (one too small is replaced)."""
@@ -83,9 +92,9 @@ class ProcessWriter:
             if segment.size >= nbytes:
                 return segment
             self._segments.remove(segment)
+            self._retired.append(segment.name)
             _release(segment)
-        check_shared_memory(nbytes, len(self._segments) - len(self._free))
-        segment = SharedMemory(create=True, size=max(nbytes, 1))
+        segment = allocate_segment(nbytes, len(self._segments) - len(self._free))
         self._segments.append(segment)
         return segment
 
@@ -93,9 +102,15 @@ class ProcessWriter:
         packed, segment, key = self._inflight.popleft()
         try:
             stale, cpu_s, wall_s = packed.result().result()
-        finally:
-            self.claims.release(key)
+        except Exception:
+            self.claims.release(key)  # the write failed: the shard is free again
             self._free.append(segment)
+            raise
+        except BaseException:  # interrupted while the write may still run: `close` waits for it first
+            self._inflight.appendleft((packed, segment, key))
+            raise
+        self.claims.release(key)
+        self._free.append(segment)
         self.stale += stale
         self.times.add(cpu_s, wall_s)
 
@@ -105,38 +120,51 @@ class ProcessWriter:
             self._finish_oldest()
 
     def close(self, raise_errors: bool = True) -> None:
-        """Finish the writes in flight; after another error, theirs are not raised over it. The workers exit
-        and the segments are removed either way."""
+        """Finish the writes in flight (as writer threads do: shards already computed are kept); after another
+        error, theirs are not raised over it. The workers exit and the segments are removed either way."""
         try:
             if raise_errors:
                 self.drain()
         finally:
-            self._packers.shutdown(wait=True, cancel_futures=True)
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            for _, _, key in self._inflight:  # after an error: written or not, these shards are free again
-                self.claims.release(key)
-            self._inflight.clear()
-            for segment in self._segments:
-                _release(segment)
-            self._segments.clear()
-            self._free.clear()
+            try:
+                self._packers.shutdown(wait=True)
+                self._pool.shutdown(wait=True)
+            finally:
+                for _, _, key in self._inflight:  # after an error: written or not, these shards are free again
+                    self.claims.release(key)
+                self._inflight.clear()
+                for segment in self._segments:
+                    _release(segment)
+                self._segments.clear()
+                self._free.clear()
 
 
 SHM_ROOT = "/dev/shm"  # where POSIX shared memory lives on Linux (a tmpfs, 64 MiB in a default Docker container)
 
 
-def check_shared_memory(nbytes: int, in_use: int) -> None:
-    """H2TError unless a new segment of `nbytes` fits in /dev/shm's free space: a segment is created sparse,
-    and a write beyond a full tmpfs kills the process with SIGBUS instead of an error."""
-    if not os.path.isdir(SHM_ROOT):
-        return
-    stat = os.statvfs(SHM_ROOT)
-    free = stat.f_bavail * stat.f_frsize
-    if nbytes > free:
+def allocate_segment(nbytes: int, in_use: int) -> SharedMemory:
+    """A new segment of `nbytes` with its memory reserved: a segment is created sparse, and a write past a full
+    tmpfs would kill the process (SIGBUS) instead of raising; `posix_fallocate` fails first, with ENOSPC."""
+    segment = SharedMemory(create=True, size=max(nbytes, 1))
+    path = os.path.join(SHM_ROOT, segment.name.lstrip("/"))
+    if not hasattr(os, "posix_fallocate") or not os.path.exists(path):
+        return segment
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, segment.size)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        _release(segment)
+        if error.errno != errno.ENOSPC:
+            raise
+        stat = os.statvfs(SHM_ROOT)
         raise H2TError(f"extract.writers_in=processes: a batch needs {nbytes / 2**20:,.0f} MiB of shared memory, "
-                       f"{SHM_ROOT} has {free / 2**20:,.0f} MiB free ({in_use} batches in flight): use fewer "
-                       f"extract.writers, a smaller extract.batch_size, extract.writers_in=threads, or a larger "
-                       f"{SHM_ROOT} (docker run --shm-size)")
+                       f"{SHM_ROOT} has {stat.f_bavail * stat.f_frsize / 2**20:,.0f} MiB free ({in_use} batches in "
+                       f"flight): use fewer extract.writers, a smaller extract.batch_size, extract.writers_in=threads, "
+                       f"or a larger {SHM_ROOT} (docker run --shm-size)") from None
+    return segment
 
 
 def place(blocks: list) -> tuple[list[list[Placed]], int]:
@@ -192,43 +220,62 @@ def _view(buffer, where: Placed) -> np.ndarray:
 
 
 def _release(segment: SharedMemory) -> None:
-    segment.close()
-    segment.unlink()
+    try:
+        segment.close()
+    finally:
+        try:
+            segment.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # --- in each worker process --------------------------------------------------------------------------------
-_STORE: FeatureStore | None = None
+_STORES: dict[str, FeatureStore] = {}  # by path: opened at a worker's first write to it
 _ATTACHED: dict[str, SharedMemory] = {}
 
 
-def _open_store(path: str, options: dict | None) -> None:
-    """The worker's start: the process-wide settings an h2t command makes (pipeline/runtime.py, storage's
-    I/O setup), then the store, opened once."""
-    global _STORE
-    from .runtime import keep_freed_memory  # noqa: PLC0415 - in the worker only
-    from .storage import configure_io  # noqa: PLC0415
-    from .storage.store import open_store  # noqa: PLC0415
-    keep_freed_memory()
-    configure_io()
-    _STORE = open_store(path, options=options)
-    if _STORE is None:
-        raise H2TError(f"store {path} is gone")
+def _ignore_interrupts() -> None:
+    """A worker's start: Ctrl-C reaches the whole process group, and a write it cut would leave a temp file;
+    the main process stops the workers itself (`close`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _ready() -> None:
     """Nothing: a call that makes the pool start a worker."""
 
 
-def _write(name: str, split: str, start: int, layout: list[list[Placed]], dtypes: dict | None) -> tuple[bool, float, float]:
+def _store(path: str, options: dict | None) -> FeatureStore:
+    """The worker's open store (errors reach the main process as the write's own), with the process-wide
+    settings an h2t command makes (pipeline/runtime.py, storage's I/O setup) made once."""
+    store = _STORES.get(path)
+    if store is None:
+        from .runtime import keep_freed_memory  # noqa: PLC0415 - in the worker only
+        from .storage import configure_io  # noqa: PLC0415
+        from .storage.store import open_store  # noqa: PLC0415
+        if not _STORES:
+            keep_freed_memory()
+            configure_io()
+        opened = open_store(path, options=options)
+        if opened is None:
+            raise H2TError(f"store {path} is gone")
+        store = _STORES[path] = opened
+    return store
+
+
+def _write(where: tuple[str, dict | None], name: str, retired: tuple[str, ...], split: str, start: int,
+           layout: list[list[Placed]], dtypes: dict | None) -> tuple[bool, float, float]:
     """Write one shard from its segment; returns (stale, CPU seconds, wall seconds)."""
     cpu, wall = time.thread_time(), time.perf_counter()
+    for old in retired:  # segments the main process replaced: their memory is freed once no one maps them
+        if old in _ATTACHED:
+            _ATTACHED.pop(old).close()
     segment = _ATTACHED.get(name)
     if segment is None:
         segment = _ATTACHED[name] = SharedMemory(name=name)
+    store = _store(*where)
     stale = False
-    assert _STORE is not None  # opened by the initializer
     try:
-        _STORE.write_rows(split, start, unpack(layout, segment.buf), dtypes)
+        store.write_rows(split, start, unpack(layout, segment.buf), dtypes)
     except StaleShard:
         stale = True  # not marked done: claimed and computed again, with the new dtypes
     return stale, time.thread_time() - cpu, time.perf_counter() - wall

@@ -184,7 +184,8 @@ def write_local(root: str, key: str, parts: list) -> None:
     os.replace(tmp, path)
 
 
-IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") and "SC_IOV_MAX" in os.sysconf_names else 16
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in getattr(os, "sysconf_names", {}) else -1
+IOV_MAX = _IOV_MAX if _IOV_MAX > 0 else 16  # -1: indeterminate; POSIX guarantees 16
 
 
 def write_parts(fh, parts: list) -> None:
