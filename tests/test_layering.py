@@ -14,7 +14,7 @@ LAYERS = [
     ("storage",),
     ("data",),
     ("backbone", "preprocess", "taps"),
-    ("stages",),
+    ("stages", "write_processes"),
     ("extract",),
     ("score",),
     ("head",),
