@@ -277,8 +277,8 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
     images_done, stage_seconds, writes = 0, 0.0, None
     if remaining:
         writer = open_writer(job.extract, store, queue.claims, device)  # worker processes start while batches load
+        runner = forward
         try:
-            runner = forward
             if runner is None:
                 model = model or _build(job, device)
                 # only the layers this store computes; the forward stops after the last of them
@@ -286,11 +286,6 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
                 pooling = plan.spec["pooling"]
                 runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
                                        pooling["rule"], pooling["cls_token"])
-        except BaseException:
-            writer.close(raise_errors=False)
-            claims.release_all()
-            raise
-        try:
             stages_start = time.perf_counter()
             images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s, writer)
             stage_seconds = time.perf_counter() - stages_start
@@ -299,7 +294,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
                 writer.close(raise_errors=False)  # closed by then, unless the stages failed to start
             finally:
                 claims.release_all()  # an error leaves the unwritten shards free for the next run at once
-                if forward is None:
+                if forward is None and runner is not None:
                     runner.close()
     if not store.complete:
         reopened = open_store(plan.path, plan.spec, options)

@@ -4,7 +4,7 @@ with the forward, the decoders and the other writers.
 A writer thread releases the GIL for each inner chunk's codec call and takes it back after: hundreds of
 times per shard. Beside a thread that runs Python without pause, each of those takes waits for the
 interpreter's switch interval (5 ms): a writer that encodes 300-400 MiB/s alone wrote 2-12 MiB/s beside a
-pure-Python loop on the CPU machine (benchmarks/README.md, extract_ceiling.py). Worker processes have a
+pure-Python loop on the CPU machine (benchmarks/README.md, writers_in.py). Worker processes have a
 GIL each.
 
 Each worker opens the store at its first write, as another writer of it would (claims, the ledger and the widening
