@@ -5,6 +5,7 @@
     python benchmarks/tune_cost.py --modes together --devices cpu,cuda          # heads on the GPU against the CPU
     python benchmarks/tune_cost.py --modes together --precisions float32,bfloat16   # the heads' product dtype
     python benchmarks/tune_cost.py --modes together --precisions float32,bfloat16 --seeds 0,1   # ... against batch order
+    python benchmarks/tune_cost.py --modes together --baseline-rev 9620c23 tune.folds=5 "tune.grid.target_size=[512,2048]"
 
 The tune's stores are made first (extraction is not timed). Then, in this run and on the same stores, the
 same tune runs once per mode, each from cold scores (the cached relevance and column views are deleted
@@ -23,15 +24,27 @@ batches, whose effect is the yardstick for any other change of numbers): wall ti
 time per stage (the lam paths, column reads, heads) and the chosen settings with their test accuracy; then
 whether the choices agree, the speed-up, how many candidates' validation accuracies differ between the modes
 (the largest gap) and, where the choices differ, each winner's mean validation accuracy in both modes.
+
+`--baseline-rev REV` also runs the tune of an earlier commit of this repository, in the same run, as that
+commit's own `python -m pipeline.cli tune` process (a git worktree of REV; its stores extracted first, untimed):
+the code an issue measured, on this machine. `ISSUE_17_CODE` is the last commit whose heads trained one at a
+time (issue 17's baseline). Its row shows the tune's own time (results.json: `timings_s.tune`, without the
+process's start) and its choices; each mode's wall is then also given as a fraction of it.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import replace
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -48,6 +61,10 @@ from pipeline.score.cluster import ScoreRuntime
 from pipeline.storage import catalog, configure_io
 
 BATCHED = tune_module.train_stacked_heads
+REPO = Path(__file__).resolve().parents[1]
+# The last commit whose heads trained one at a time and whose CLI runs (652bae9, right after it, calls a
+# storage.configure_io that landed a commit later): the code issue 17 measured its 1,492 s with.
+ISSUE_17_CODE = "9620c23"
 
 
 def heads_alone(X, y, num_classes, settings, batch_size, seed=0, device="cpu"):
@@ -95,6 +112,30 @@ def run(job, stores, mode: str) -> dict:
             "stages": {k.removeprefix("tune_"): timings.get(k, 0.0) for k in ("tune_score", "tune_read", "tune_heads")}}
 
 
+def baseline_run(rev: str, overrides: list[str], target_sizes: list[int], workdir: Path) -> dict:
+    """The tune of commit `rev` as its own CLI process on stores it extracts first (untimed): its time
+    (results.json's `timings_s.tune`), its results and the process's wall time."""
+    tree, stores, out = workdir / "tree", workdir / "stores", workdir / "run"
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(tree), rev],
+                   check=True, capture_output=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree)}  # its own package, not this one
+    command = [sys.executable, "-m", "pipeline.cli"]
+    try:
+        extract_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("tune.", "methods"))]
+        for T in target_sizes:
+            subprocess.run([*command, "extract", f"store.root={stores}", f"pooling.target_size={T}",
+                            "extract.progress=false", *extract_overrides],
+                           cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL)
+        start = time.perf_counter()
+        subprocess.run([*command, "tune", f"store.root={stores}", f"hydra.run.dir={out}", *overrides],
+                       cwd=tree, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wall = time.perf_counter() - start
+        results = json.loads((out / "results.json").read_text())["results"]
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    return {"seconds": float(results[0]["timings_s"]["tune"]), "process_seconds": wall, "results": results}
+
+
 def main() -> None:
     keep_freed_memory()  # as the h2t command does (pipeline/runtime.py)
     freeze_imported()  # and its start-up objects out of the collector's scans
@@ -105,6 +146,8 @@ def main() -> None:
     parser.add_argument("--devices", default=None, help="head.device values to compare, e.g. cpu,cuda")
     parser.add_argument("--precisions", default=None, help="head.precision values to compare: float32,bfloat16")
     parser.add_argument("--seeds", default=None, help="head.seed values to compare, e.g. 0,1")
+    parser.add_argument("--baseline-rev", default=None,
+                        help=f"also run this commit's tune in the same run, e.g. {ISSUE_17_CODE} (issue 17's code)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -129,6 +172,19 @@ def main() -> None:
         print(f"{name:24s} {r['seconds']:8.1f} {len(r['candidates']) / r['seconds']:7.2f} {s['score']:8.1f} "
               f"{s['read']:7.1f} {s['heads']:8.1f}  {chosen}", flush=True)
     names = list(outcome)
+    if args.baseline_rev:
+        workdir = Path(tempfile.mkdtemp(prefix="h2t-baseline-"))
+        try:
+            base = baseline_run(args.baseline_rev, args.overrides, values["target_size"], workdir)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        chosen = "; ".join(f"{x['method']} {x['chosen']} ({100 * x['test_accuracy']:.1f})" for x in base["results"])
+        print(f"{'rev ' + args.baseline_rev:24s} {base['seconds']:8.1f} {len(outcome[names[0]]['candidates']) / base['seconds']:7.2f} "
+              f"{'':8s} {'':7s} {'':8s}  {chosen}  (process {base['process_seconds']:.1f} s)")
+        for name in names:
+            r = outcome[name]
+            same = [x["chosen"] for x in r["results"]] == [x["chosen"] for x in base["results"]]
+            print(f"{name} / rev {args.baseline_rev}: wall {r['seconds'] / base['seconds']:.3f}; same choices: {same}")
     for other in names[1:]:
         a, b = outcome[names[0]], outcome[other]
         same = [x["chosen"] for x in a["results"]] == [x["chosen"] for x in b["results"]]
