@@ -10,7 +10,7 @@ from . import storage
 from .config import CONF_DIR, register
 from .errors import H2TError, fail
 from .runtime import keep_freed_memory
-from .storage import catalog
+from .storage import catalog, runs
 
 __all__ = ["CONF_DIR", "main"]
 
@@ -122,8 +122,9 @@ def _store_command(args: list[str]) -> None:
             return
         store = catalog.open_resolved(path)
         if opts.action == "info":
+            made_by = runs.records(store.group)
             info = {**catalog.summary(store), "spec": store.info.spec, "layers": store.layers,
-                    "skipped": store.info.skipped}
+                    "skipped": store.info.skipped, "runs": made_by, "runs_differ_in": runs.differences(made_by)}
             if opts.json:
                 print(json.dumps(info, indent=2))
                 return
@@ -131,6 +132,11 @@ def _store_command(args: list[str]) -> None:
                 print(f"{key:11s} {info[key]}")
             print(f"{'size':11s} {catalog.human_bytes(info['size_bytes'])}")
             print("provenance " + json.dumps(store.info.spec, sort_keys=True))
+            print(f"{'runs':11s} {len(made_by)} extraction process(es) wrote rows" + ":" * bool(made_by))
+            for entry in made_by:
+                print(f"  {runs.describe(entry)}")
+            for field, values in info["runs_differ_in"].items():
+                print(f"  the runs differ in {field}: {values}; their rows' numbers differ slightly")
             print(f"\n{'#':>3s} {'tap':40s} {'role':18s} {'raw shape':>16s} {'dim':>7s} {'offset':>8s}  stored")
             dtypes = store.layer_dtypes()
             for i, layer in enumerate(store.layers):

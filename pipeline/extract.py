@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from .errors import H2TError
 from .pooling import validate_target_size
 from .preprocess import build_preprocess
 from .stages import DeviceStage, Loader, ShardQueue, Writer
-from .storage import location
+from .storage import location, runs
 from .storage.catalog import human_bytes
 from .storage.claims import Claims
 from .storage.reuse import Reuse, find_reuse, reused_layer
@@ -276,6 +277,7 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
     remaining = queue.remaining_rows()
     images_done, stage_seconds, writes = 0, 0.0, None
     if remaining:
+        note_run(store, run_record(job, plan.dataset, device))
         writer = open_writer(job.extract, store, queue.claims, device)  # worker processes start while batches load
         runner = forward
         try:
@@ -317,6 +319,30 @@ def decode_workers(workers: int | None, device: torch.device) -> int:
     if workers is not None:
         return int(workers)
     return 4 if device.type == "cuda" else 1
+
+
+def run_record(job: ExtractJob, dataset: Dataset, device: torch.device) -> dict:
+    """This process's record for the store's runs (pipeline/storage/runs.py): what, besides the spec, makes
+    the numbers it writes."""
+    cuda = device.type == "cuda"
+    float32_on_cuda = cuda and str(job.model.precision) == "float32"  # torch's TF32 switches: its defaults rule
+    return runs.new_record(
+        device=device.type, device_name=torch.cuda.get_device_name(device) if cuda else None,
+        decode="nvjpeg" if cuda and decodes_on_device(job.extract, dataset) else "cpu",
+        tf32_convolutions=bool(float32_on_cuda and torch.backends.cudnn.allow_tf32),
+        tf32_matmuls=bool(float32_on_cuda and torch.backends.cuda.matmul.allow_tf32),
+        writers_in=str(job.extract.writers_in), torch=torch.__version__)
+
+
+def note_run(store: FeatureStore, entry: dict) -> None:
+    """Record this run in the store before it writes rows; say so when earlier runs made other numbers."""
+    earlier = runs.records(store.group)
+    runs.record(store.group, entry)
+    differ = runs.differences(earlier + [entry])
+    if differ:
+        fields = ", ".join(f"{field} {values}" for field, values in differ.items())
+        print(f"h2t: note: store {store.id} gets rows from runs that differ in {fields}: their numbers differ slightly "
+              f"(h2t store info lists the runs)", file=sys.stderr)
 
 
 def writer_threads(writers: int | None, device: torch.device) -> int:

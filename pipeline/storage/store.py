@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as _dt
-import getpass
 import os
 import shutil
-import socket
 from typing import Any, cast
 
 import numpy as np
@@ -24,6 +22,7 @@ from .handle import StoreHandle, array_at, h2t_attrs, read_all
 from .meta import StoreMeta
 from .quant import DequantizedArray
 from .relevance import RelevanceCache
+from .runs import who
 from .schema import (
     COMPRESSIONS,
     DTYPES,
@@ -248,7 +247,7 @@ def create_store(path: str, spec: dict, layers: list[dict], split_sizes: dict[st
         "splits": dict(split_sizes), "num_classes": int(num_classes), "class_names": list(class_names),
         "shard_rows": int(shard_rows), "dtype": dtype, "status": STATUS_CREATING, "skipped": list(skipped or []),
         "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "created_by": f"{_user()}@{socket.gethostname()}",
+        "created_by": who(),
     }
     widened = sorted(layer["name"] for layer in layers if layer["name"] in reused and layer.get("dtype") == "float32")
     if widened:
@@ -346,13 +345,6 @@ def _link_tree(src, dst) -> None:
                 os.link(os.path.join(folder, name), target / name)
             except OSError:
                 shutil.copy2(os.path.join(folder, name), target / name)
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except Exception:  # noqa: BLE001 - no passwd entry in some containers
-        return "unknown"
 
 
 def open_store(path: str, spec: dict | None = None, options: dict | None = None) -> FeatureStore | None:
