@@ -52,9 +52,10 @@ from pipeline.config import CONF_DIR, register, settings
 from pipeline.extract import decode_workers, decodes_on_device, extract, plan_store, resolve_device
 from pipeline.runtime import freeze_imported, keep_freed_memory
 from pipeline.stages import Loader, Shard
-from pipeline.storage import configure_io
+from pipeline.storage import configure_io, runs
 from pipeline.storage.schema import inner_columns, resolve_compression
 from pipeline.storage.shards import write_parts
+from pipeline.storage.store import open_store
 from pipeline.storage.writer import WriterTimes
 
 RESNET = ["model=timm", "model.name=resnet50", "model.pretrained=false", "model.input_size=224"]
@@ -292,6 +293,8 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
         return extract(cfg, plan)
 
     out["extract"] = stage_rate(whole, whole_cfg, plan_store(whole_cfg), repeats=2 if cuda else 1)
+    made = open_store(plan_store(whole_cfg).path)  # what the store says made its rows (pipeline/storage/runs.py)
+    out["run"] = runs.describe(runs.records(made.group)[-1]) if made is not None else "no store"
     shutil.rmtree(work / "stores", ignore_errors=True)
     out["mib_per_image"] = mib_per_image
     return out
@@ -313,6 +316,7 @@ def report(r: dict, writers: list[int]) -> None:
         print(f"      writers' CPU / wall of their writes: baseline {base_busy:4.2f}, store path {store_busy:4.2f}"
               f" (below 1: waiting for the GIL, a lock, the disk or a core); main thread waiting for a free writer: {waited:4.2f} of the store path's clock")
     print(f"  h2t extract          {r['extract']:9,.0f} img/s  ({r['extract_writers']} writer(s): the fastest store path above)")
+    print(f"      its store's record of the run: {r['run']}")
     print(f"  roofline: extract / min(forward, decode, raw write) = {r['extract']:,.0f} / {limit:,.0f} = "
           f"{r['extract'] / limit:.2f}", flush=True)
 

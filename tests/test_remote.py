@@ -83,6 +83,11 @@ def test_probe_from_a_read_only_http_root(tmp_path):
         assert result["backbone_images"] == 0 and result["store_path"].startswith("http://")
         proc = h2t(tmp_path, None, "extract", *TINY, "data.seed=5", f"store.root={url}")
         assert proc.returncode == 2 and "read-only" in proc.stderr
+        store = next(local.rglob("*.zarr")).relative_to(local)
+        info = h2t(tmp_path, None, "store", "info", f"{url}/{store}", "--json")
+        assert info.returncode == 0, info.stderr
+        made_by = json.loads(info.stdout)["runs"]  # the run's record, read over HTTP
+        assert len(made_by) == 1 and made_by[0]["device"] == "cpu", made_by
     finally:
         server.shutdown()
 

@@ -60,7 +60,10 @@ def records(group: zarr.Group) -> list[dict]:
     """Every run's record, oldest first; one that cannot be read is listed as unreadable."""
     prefix = f"{group.path}/{GROUP}" if group.path else GROUP
     # listed from the store: zarr's own listing of the group stops at the first torn record
-    names = sorted(set(zarr_compat.collect(group.store.list_dir(prefix))) - {"zarr.json"})
+    try:
+        names = sorted(set(zarr_compat.collect(group.store.list_dir(prefix))) - {"zarr.json"})
+    except Exception:  # noqa: BLE001 - a location that cannot be listed: said, not fatal
+        return [{"unreadable": f"{GROUP}/ (cannot be listed at this location)"}]
     out = []
     for name in names:
         try:
