@@ -5,11 +5,13 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import zarr
 from zarr.storage import LocalStore
 
 from pipeline.extract import extract, plan_store
@@ -32,6 +34,10 @@ def test_two_writers_share_the_work_and_match_a_single_run(tmp_path):
     assert sum(images) >= 480 and min(images) > 0, images  # both did part of the work
     store = open_store(path)
     assert store.complete
+    assert not (Path(path) / "claims").exists()  # every claim released, their folders gone: no stray zarr node
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr warns about a folder that is no node of the hierarchy
+        assert set(store.splits()) <= set(dict(zarr.open_group(path, mode="r").members()))
     for split in reference.splits():
         for layer in reference.layers:
             assert store.features(split, layer["name"])[:].tobytes() == \
@@ -53,6 +59,10 @@ def test_claims_are_exclusive_and_lapse(tmp_path):
     assert dead.try_claim("train/1")
     assert a.try_claim("train/1")  # its owner is gone: no need to wait for the lease
     assert a._read("claims/train/1")["owner"] == a.owner and "train/1" in a.held
+    a.release_all()
+    b.release("train/0")
+    assert not (tmp_path / "s" / "claims").exists()  # the folders emptied by the releases go with them
+    assert a.try_claim("train/2") and (tmp_path / "s" / "claims" / "train" / "2").exists()  # and come back
 
 
 WIDEN_SCRIPT = """

@@ -116,7 +116,17 @@ class Claims:
 
     def _delete(self, key: str) -> None:
         if self.root is not None:
-            (self.root / key).unlink(missing_ok=True)
+            path = self.root / key
+            path.unlink(missing_ok=True)
+            # folders left empty go too: zarr's listing of a store warns about a folder that is no node. A writer
+            # creating a claim there meanwhile keeps it (not empty) or makes it again (create_local).
+            for folder in path.parents:
+                if folder == self.root:
+                    break
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty: another claim lives there
+                    break
         else:
             zarr_compat.run(self.store.delete(key))
 
