@@ -1,13 +1,15 @@
-"""Which machines computed a store's rows, and how: one record per extraction process that wrote to it.
+"""Which machines computed a store's rows, and how: one record per extraction process that set out to write
+some of them.
 
 The store id hashes what the config fixes (the spec). Two things that change the numbers belong to the
 machine instead. nvJPEG's pixels differ from libjpeg-turbo's by up to 57 levels (benchmarks/README.md,
 decode.py). A CUDA float32 forward runs its convolutions in TF32 while cuDNN allows it, which is torch's
-default (and its matrix products when the process allows that). Putting these in the id would stop the same config from finding, on a CPU machine, a store that was
-extracted on a GPU. So every process that writes rows leaves its own record instead: a zarr group
-`runs/<started>-<host>-<pid>` whose attributes hold it (`h2t_run`). Each record is its own node, so
-concurrent writers never race on one object, and readers of the Zarr hierarchy (zarr-python, xarray) see
-plain groups. `h2t store info` lists the records and says when they differ in a field of `NUMBER_FIELDS`.
+default (and its matrix products when the process allows that). Putting these in the id would stop the same
+config from finding, on a CPU machine, a store that was extracted on a GPU. So every such process leaves its
+own record instead: a zarr group `runs/<started>-<host>-<pid>` whose attributes hold it (`h2t_run`). Each
+record is its own node, so concurrent writers never race on one object, and readers of the Zarr hierarchy
+(zarr-python, xarray) see plain groups. `h2t store info` lists the records and says when they differ in a
+field of `NUMBER_FIELDS`.
 """
 from __future__ import annotations
 
