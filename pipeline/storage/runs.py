@@ -6,7 +6,7 @@ machine instead. nvJPEG's pixels differ from libjpeg-turbo's by up to 57 levels 
 decode.py). A CUDA float32 forward runs its convolutions in TF32 while cuDNN allows it, which is torch's
 default (and its matrix products when the process allows that). Putting these in the id would stop the same
 config from finding, on a CPU machine, a store that was extracted on a GPU. So every such process leaves its
-own record instead: a zarr group `runs/<started>-<host>-<pid>` whose attributes hold it (`h2t_run`). Each
+own record instead: a zarr group `runs/<started>-<host>-<pid>-<random>` whose attributes hold it (`h2t_run`). Each
 record is its own node, so concurrent writers never race on one object, and readers of the Zarr hierarchy
 (zarr-python, xarray) see plain groups. `h2t store info` lists the records and says when they differ in a
 field of `NUMBER_FIELDS`.
@@ -19,6 +19,7 @@ import json
 import os
 import re
 import socket
+import uuid
 
 import zarr
 
@@ -53,7 +54,9 @@ def new_record(**machine) -> dict:
 
 def record(group: zarr.Group, entry: dict) -> str:
     """Write one run's record into the store (its root group); returns the record's name."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{entry['started_at']}-{entry['host']}-{entry['pid']}")
+    # unique per call: one process may start several runs within a second (a failed one, then another)
+    tail = f"{entry['started_at']}-{entry['host']}-{entry['pid']}-{uuid.uuid4().hex[:8]}"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", tail)
     group.require_group(GROUP).create_group(name, attributes={ATTR: entry})  # two writers may both make `runs`
     return name
 
