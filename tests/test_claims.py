@@ -136,3 +136,19 @@ def test_a_write_that_overlaps_a_widening_is_not_marked_done(tmp_path):
         store.write_rows("train", 8, blocks, {"t0": "float16", "t1": "float16"})
     store.write_rows("train", 8, [blocks[0], blocks[1].astype(np.float32)], {"t0": "float16", "t1": "float32"})
     assert store.ledger_entry("train", 1)
+
+
+def test_a_claim_made_while_its_folder_is_being_removed_still_lands(tmp_path, monkeypatch):
+    from pipeline.storage import claims as claims_module
+
+    real_write, calls = Path.write_bytes, []
+
+    def write_after_a_removal(self, data):  # a release elsewhere removes the folder right after it is made
+        calls.append(self)
+        if len(calls) == 2 and self.parent.exists():
+            self.parent.rmdir()
+        return real_write(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", write_after_a_removal)
+    target = tmp_path / "claims" / "train" / "0"
+    assert claims_module.create_local(target, b"{}") and target.read_bytes() == b"{}" and len(calls) == 3

@@ -135,11 +135,14 @@ def create_local(path: Path, body: bytes) -> bool:
     """Create a file unless it exists, atomically: written beside it, then hard-linked to its name (a link
     fails when the name exists). True if this call created it."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        tmp.write_bytes(body)
-    except FileNotFoundError:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_bytes(body)
+    for attempt in range(3):  # a release elsewhere may remove the folder it found empty (Claims._delete)
+        try:
+            tmp.write_bytes(body)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+            path.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(tmp, path)
         return True
