@@ -292,8 +292,9 @@ def run_case(name: str, overrides: list[str], args, folder: Path, work: Path, de
         settle()
         return extract(cfg, plan)
 
-    out["extract"] = stage_rate(whole, whole_cfg, plan_store(whole_cfg), repeats=2 if cuda else 1)
-    made = open_store(plan_store(whole_cfg).path)  # what the store says made its rows (pipeline/storage/runs.py)
+    whole_plan = plan_store(whole_cfg)
+    out["extract"] = stage_rate(whole, whole_cfg, whole_plan, repeats=2 if cuda else 1)
+    made = open_store(whole_plan.path)  # what the store says made its rows (pipeline/storage/runs.py)
     out["run"] = runs.describe(runs.records(made.group)[-1]) if made is not None else "no store"
     shutil.rmtree(work / "stores", ignore_errors=True)
     out["mib_per_image"] = mib_per_image
