@@ -26,7 +26,7 @@ from .storage.catalog import human_bytes
 from .storage.claims import Claims
 from .storage.reuse import Reuse, find_reuse, reused_layer
 from .storage.schema import SCHEMA_VERSION, STATUS_CREATING, inner_columns, storage_dtype
-from .storage.store import FeatureStore, create_store, open_store, store_path
+from .storage.store import FeatureStore, WideningElsewhere, create_store, open_store, store_path
 from .storage.union import StoreUnion
 from .storage.writer import WriterTimes
 from .taps import TappedForward, select_taps
@@ -372,7 +372,7 @@ def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, d
 
     def widen(name: str) -> None:
         writer.drain()  # widening rewrites the tap's arrays: none of this process's writes may be in flight
-        store.widen_layer(name, queue.claims, poll_s)
+        store.widen_layer(name, queue.claims, poll_s, wait=False)  # WideningElsewhere: step back (below)
 
     stage.widen = widen
     depth = int(settings.prefetch)
@@ -395,7 +395,15 @@ def _run_stages(job: ExtractJob, plan: Plan, store, runner, queue: ShardQueue, d
                     continue
                 shard, images = ahead.popleft()
                 stage.dtypes.update(store.layer_dtypes())  # taps other writers widened meanwhile
-                batch = stage(images.result())
+                try:
+                    batch = stage(images.result())
+                except WideningElsewhere:
+                    # A tap needs widening while another process widens one, waiting for every shard claim to
+                    # go: this process gives up its shards (their loads are dropped) and claims them again after.
+                    queue.give_back([shard] + [s for s, _ in ahead])
+                    ahead.clear()
+                    time.sleep(poll_s)
+                    continue
                 writer.submit(shard, stage.to_host(batch), dict(stage.dtypes))
                 images_done += shard.stop - shard.start
                 bar.update(shard.stop - shard.start)

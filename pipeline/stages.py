@@ -84,6 +84,12 @@ class ShardQueue:
                 return shard
         return None
 
+    def give_back(self, shards: list[Shard]) -> None:
+        """Release the claims of shards this process will not write now; they are the next candidates."""
+        for shard in shards:
+            self.claims.release(f"{shard.split}/{shard.index}")
+        self._candidates.extendleft(reversed(shards))
+
     def all_done(self) -> bool:
         return all(self.store.shards_done(name).all() for name in self.dataset.splits)
 

@@ -65,6 +65,22 @@ def test_claims_are_exclusive_and_lapse(tmp_path):
     assert a.try_claim("train/2") and (tmp_path / "s" / "claims" / "train" / "2").exists()  # and come back
 
 
+def test_taking_over_an_expired_claim_never_deletes_a_newer_one(tmp_path):
+    store = LocalStore(str(tmp_path / "s"))
+    stalled = Claims(store, ttl_s=0.01)
+    assert stalled.try_claim("train/0")
+    time.sleep(0.05)
+    seen = stalled._read("claims/train/0")  # what a slow writer read: an expired claim
+    first = Claims(store, ttl_s=60)
+    assert first.try_claim("train/0")  # another writer took it over meanwhile
+    slow = Claims(store, ttl_s=60)
+    slow._take_over("claims/train/0", seen)  # the slow writer acts on what it read
+    assert slow._read("claims/train/0")["owner"] == first.owner and not slow.try_claim("train/0")
+    slow._take_over("claims/train/0", first._read("claims/train/0"))  # what it read is what is there: deleted
+    assert slow.try_claim("train/0")
+    assert sorted(p.name for p in (tmp_path / "s" / "claims" / "train").iterdir()) == ["0"]  # nothing set aside stays
+
+
 WIDEN_SCRIPT = """
 import sys, torch
 from pipeline.extract import extract, plan_store
@@ -107,6 +123,56 @@ def test_two_writers_widen_a_tap_safely_and_match_a_single_run(tmp_path):
     for split in ref.splits():
         for layer in ref.layers:
             a, b = ref.features(split, layer["name"])[:], two.features(split, layer["name"])[:]
+            assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (split, layer["name"])
+
+
+def test_a_writer_that_must_widen_while_another_widens_gives_its_shards_up(tmp_path):
+    """The widening process waits until no other process holds a shard; a writer that needs the widening too
+    must not wait for it holding its shards (each would wait on the other until the lease lapsed, and then
+    both would widen at once: a CI failure of the two-writer test above). It gives them up and carries on."""
+    over = {"store.on_overflow": "widen", "extract.poll_s": 0.05, "extract.writers": 1, "extract.lease_s": 600}
+    reference = extract(tiny_job(tmp_path / "ref", **over),
+                        forward=overflowing_forward([l["dim"] for l in plan_store(tiny_job(tmp_path / "ref", **over)).layers]))
+    job = tiny_job(tmp_path / "two", **over)
+    plan = plan_store(job)
+    forward, gate, at_gate = overflowing_forward([l["dim"] for l in plan.layers]), threading.Event(), threading.Event()
+
+    def gated(x):  # the first batch, which overflows, waits until the other process has begun its widening
+        at_gate.set()
+        assert gate.wait(60)
+        return forward(x)
+
+    outcome: dict = {}
+
+    def run(name, call):
+        try:
+            outcome[name] = call()
+        except BaseException as error:  # noqa: BLE001 - reported by the asserts below
+            outcome[name] = error
+
+    writer = threading.Thread(target=run, args=("writer", lambda: extract(job, plan, forward=gated)), daemon=True)
+    writer.start()
+    assert at_gate.wait(60)  # the writer holds its first shards and computes the first of them
+    other = open_store(plan.path)
+    tap = other.layers[2]["name"]
+    widener = threading.Thread(target=run, daemon=True, args=(
+        "widener", lambda: other.widen_layer(tap, Claims(other.group.store, ttl_s=600), poll_s=0.05)))
+    widener.start()
+    deadline = time.monotonic() + 30
+    while open_store(plan.path).meta.get("widening") != tap:  # announced: it now waits for the writer's shards
+        assert time.monotonic() < deadline and widener.is_alive(), outcome
+        time.sleep(0.02)
+    gate.set()
+    widener.join(60)
+    writer.join(60)
+    assert not widener.is_alive() and not writer.is_alive(), "the writer and the widener wait on each other"
+    assert outcome["widener"] is None and not isinstance(outcome["writer"], BaseException), outcome
+    two = open_store(plan.path)
+    assert two.complete and two.meta["widened"] == [tap] and two.layer_dtypes()[tap] == "float32"
+    assert not (Path(plan.path) / "claims").exists()  # every shard claim given up was claimed again and released
+    for split in reference.store.splits():
+        for layer in reference.store.layers:
+            a, b = reference.store.features(split, layer["name"])[:], two.features(split, layer["name"])[:]
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (split, layer["name"])
 
 

@@ -11,6 +11,7 @@ an existence check, so a server that ignores the condition degrades to check-the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -51,10 +52,7 @@ class Claims:
             data = zarr_compat.run(zarr_compat.get_bytes(self.store, key))
             if data is None:
                 return None
-        try:
-            return json.loads(data)
-        except ValueError:
-            return {"owner": "?", "expires": 0.0}  # a torn claim counts as expired
+        return _parse(data)
 
     def try_claim(self, unit: str) -> bool:
         """Take the unit if nobody (this process included) holds a live claim on it."""
@@ -68,13 +66,34 @@ class Claims:
             else:
                 zarr_compat.run(create_if_absent(self.store, key, body))
             current = self._read(key)
-            if current is not None and current.get("owner") == self.owner:
+            if current is None:
+                continue  # released since: create it again (deleting here could delete a newer claim)
+            if current.get("owner") == self.owner:
                 self.held.add(unit)
                 return True
-            if current is not None and current.get("expires", 0.0) > time.time() and self._owner_alive(current):
+            if current.get("expires", 0.0) > time.time() and self._owner_alive(current):
                 return False
-            self._delete(key)  # expired (its owner died or stalled): take it over
+            self._take_over(key, current)  # expired (its owner died or stalled)
         return False
+
+    def _take_over(self, key: str, seen: dict) -> None:
+        """Delete the expired claim `seen`. Two writers may take one over at once: on a local store the claim
+        is moved aside first and put back if it is not the one read (the other writer's new claim)."""
+        if self.root is None:
+            zarr_compat.run(self.store.delete(key))
+            return
+        path = self.root / key
+        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.expired")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            if _parse(aside.read_bytes()) != seen:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, path)
+        finally:
+            aside.unlink()
 
     @staticmethod
     def _owner_alive(claim: dict) -> bool:
@@ -129,6 +148,13 @@ class Claims:
                     break
         else:
             zarr_compat.run(self.store.delete(key))
+
+
+def _parse(data: bytes) -> dict:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"owner": "?", "expires": 0.0}  # a torn claim counts as expired
 
 
 def create_local(path: Path, body: bytes) -> bool:

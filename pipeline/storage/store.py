@@ -51,11 +51,11 @@ from .schema import (
     store_id,
     to_bfloat16_bits,
 )
-from .widening import StaleShard, Widening
+from .widening import StaleShard, Widening, WideningElsewhere
 from .writer import ShardWriter
 
 # names callers import from here
-__all__ = ["FeatureStore", "StaleShard", "StoreMeta", "STATUS_COMPLETE", "STATUS_CREATING", "STATUS_WRITING",
+__all__ = ["FeatureStore", "StaleShard", "StoreMeta", "WideningElsewhere", "STATUS_COMPLETE", "STATUS_CREATING", "STATUS_WRITING",
            "create_store", "open_store", "store_path", "from_bfloat16_bits", "to_bfloat16_bits"]
 
 
@@ -208,8 +208,8 @@ class FeatureStore:
     def mark_complete(self) -> None:
         self.writer.mark_complete()
 
-    def widen_layer(self, layer: str, claims=None, poll_s: float = 0.2) -> None:
-        self.widenings.widen_layer(layer, self.writer, claims, poll_s)
+    def widen_layer(self, layer: str, claims=None, poll_s: float = 0.2, wait: bool = True) -> None:
+        self.widenings.widen_layer(layer, self.writer, claims, poll_s, wait)
 
     def widening(self) -> bool:
         """True while another writer widens a tap (fresh attributes: one small read)."""

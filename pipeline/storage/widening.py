@@ -32,6 +32,11 @@ class StaleShard(Exception):
     """A shard written across another writer's widening of a tap: not marked done, it is computed again."""
 
 
+class WideningElsewhere(Exception):
+    """Another process holds the store's widening, and it waits until no other process holds a shard: the
+    writer that needs a widening too gives its shards up first (`widen_layer(..., wait=False)`)."""
+
+
 class Widening:
     """Widens taps of one store and tells its writers whether a widening began or ended under them."""
 
@@ -40,12 +45,17 @@ class Widening:
         self._attrs_stat: tuple = ()  # (inode, mtime, size) of the attributes file last followed
 
     def widen_layer(self, layer: str, writer: ShardWriter, claims: Claims | None = None,
-                    poll_s: float = 0.2) -> None:
+                    poll_s: float = 0.2, wait: bool = True) -> None:
         """Re-create one tap's arrays as float32 (its activations overflow the store dtype), keeping the
-        written rows (rewritten through `writer`); see the module docstring for the protocol."""
+        written rows (rewritten through `writer`); see the module docstring for the protocol.
+
+        While another process widens, this call waits for it (`wait`) or raises `WideningElsewhere`: a
+        caller that holds shard claims must not wait here, since that widening waits for its claims."""
         handle = self.handle
         claims = claims or Claims(handle.group.store, ttl_s=3600)
         while not claims.try_claim("widen"):
+            if not wait:
+                raise WideningElsewhere(f"tap {layer}: another writer is widening a tap of {handle.path}")
             time.sleep(poll_s)
         try:
             handle.adopt(handle.fresh_group())
