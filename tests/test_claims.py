@@ -176,6 +176,34 @@ def test_a_writer_that_must_widen_while_another_widens_gives_its_shards_up(tmp_p
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (split, layer["name"])
 
 
+def test_a_widening_that_outlasts_the_lease_keeps_its_claim(tmp_path):
+    layers = [{"name": "t0", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0},
+              {"name": "t1", "role": "t", "raw_shape": [4], "dim": 4, "offset": 4}]
+    store = create_store(str(tmp_path / "w.zarr"), {"model": {"name": "m"}, "dataset": {"name": "d"}}, layers,
+                         {"train": 32}, 2, ["a", "b"], 8, "float16", 4, "lz4")
+    store.write_rows("train", 0, [np.ones((8, 4), np.float16), np.full((8, 4), 2, np.float16)])
+    busy = Claims(store.group.store, ttl_s=60)  # a writer busy with shard 1 for five of the widening's leases
+    assert busy.try_claim("train/1")
+    widener = open_store(store.path)
+    thread = threading.Thread(target=widener.widen_layer, args=("t1", Claims(widener.group.store, ttl_s=0.3)),
+                              kwargs={"poll_s": 0.05})
+    thread.start()
+    deadline = time.monotonic() + 30
+    while open_store(store.path).meta.get("widening") != "t1":  # claimed and announced: it waits for shard 1
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    rival = Claims(store.group.store, ttl_s=60)
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        assert not rival.try_claim("widen")  # renewed while it waits: never taken over as lapsed
+        time.sleep(0.05)
+    busy.release("train/1")
+    thread.join(30)
+    assert not thread.is_alive() and open_store(store.path).layer_dtypes()["t1"] == "float32"
+    assert rival.try_claim("widen")  # released when done
+    assert open_store(store.path).features("train", "t1")[:8].tolist() == [[2.0] * 4] * 8
+
+
 def test_a_write_that_overlaps_a_widening_is_not_marked_done(tmp_path):
     layers = [{"name": "t0", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0},
               {"name": "t1", "role": "t", "raw_shape": [4], "dim": 4, "offset": 4}]

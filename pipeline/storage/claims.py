@@ -15,10 +15,11 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import botocore.session
 import obstore
@@ -121,6 +122,40 @@ class Claims:
                     and self._owner_alive(claim):
                 out.append(unit)
         return out
+
+    def renew(self, unit: str) -> bool:
+        """Push a held claim's lapse `ttl_s` from now; False when it is no longer this process's."""
+        key = f"claims/{unit}"
+        current = self._read(key)
+        if unit not in self.held or current is None or current.get("owner") != self.owner:
+            return False
+        body = json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
+        if self.root is not None:  # replaced whole: a reader never finds it torn
+            path = self.root / key
+            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+            tmp.write_bytes(body)
+            os.replace(tmp, path)
+        else:
+            zarr_compat.run(zarr_compat.set_bytes(self.store, key, body))
+        return True
+
+    @contextlib.contextmanager
+    def kept(self, unit: str) -> Iterator[None]:
+        """Renew a held claim every third of its lease while the block runs: work that may outlast the lease
+        (a widening rewrites a tap's every row) is not taken over by a writer that thinks it stalled."""
+        stop = threading.Event()
+
+        def renew_until_stopped() -> None:
+            while not stop.wait(self.ttl_s / 3) and self.renew(unit):
+                pass
+
+        renewer = threading.Thread(target=renew_until_stopped, name="h2t-claim-renew", daemon=True)
+        renewer.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            renewer.join()
 
     def release_all(self) -> None:
         for unit in list(self.held):

@@ -58,34 +58,40 @@ class Widening:
                 raise WideningElsewhere(f"tap {layer}: another writer is widening a tap of {handle.path}")
             time.sleep(poll_s)
         try:
-            handle.adopt(handle.fresh_group())
-            dtype = handle.info.layer_dtypes()[layer]
-            if dtype == "float32":
-                return  # another writer widened it meanwhile
-            if dtype == "int8":
-                raise H2TError(f"tap {layer}: int8 taps are quantised per shard and never widened")
-            handle.write_attrs(widening=layer)
-            while claims.held_by_others(SHARD_CLAIM):
-                time.sleep(poll_s)  # writes in flight elsewhere finish (and are found stale) first
-            for split in handle.info.splits:
-                old = handle.array(FEATURES.key(split, layer))
-                data = decode_values(read_all(old), dtype).astype(np.float32)
-                new = handle.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
-                                                shards=old.shards, compressors=old.compressors, fill_value=0,
-                                                chunk_key_encoding=getattr(old.metadata, "chunk_key_encoding", None),
-                                                dimension_names=getattr(old.metadata, "dimension_names", None),
-                                                overwrite=True)
-                handle.forget_arrays()  # the encoder of the old dtype
-                rows, done = old.chunks[0], read_all(handle.array(LEDGER.key(split)))
-                for shard, r0 in enumerate(range(0, len(data), rows)):
-                    if done[shard]:  # shards not yet written stay absent
-                        writer.write_shard(new, shard, data[r0:r0 + rows])
-            handle.forget_arrays()
-            info = handle.info
-            layers = [dict(entry, dtype="float32") if entry["name"] == layer else entry for entry in info.layers]
-            handle.write_attrs(layers=layers, widened=sorted(set(info.widened) | {layer}), widening=None)
+            with claims.kept("widen"):
+                self._widen(layer, writer, claims, poll_s)
         finally:
             claims.release("widen")
+
+    def _widen(self, layer: str, writer: ShardWriter, claims: Claims, poll_s: float) -> None:
+        """The widening itself, under the `widen` claim."""
+        handle = self.handle
+        handle.adopt(handle.fresh_group())
+        dtype = handle.info.layer_dtypes()[layer]
+        if dtype == "float32":
+            return  # another writer widened it meanwhile
+        if dtype == "int8":
+            raise H2TError(f"tap {layer}: int8 taps are quantised per shard and never widened")
+        handle.write_attrs(widening=layer)
+        while claims.held_by_others(SHARD_CLAIM):
+            time.sleep(poll_s)  # writes in flight elsewhere finish (and are found stale) first
+        for split in handle.info.splits:
+            old = handle.array(FEATURES.key(split, layer))
+            data = decode_values(read_all(old), dtype).astype(np.float32)
+            new = handle.group.create_array(old.path, shape=old.shape, dtype="float32", chunks=old.chunks,
+                                            shards=old.shards, compressors=old.compressors, fill_value=0,
+                                            chunk_key_encoding=getattr(old.metadata, "chunk_key_encoding", None),
+                                            dimension_names=getattr(old.metadata, "dimension_names", None),
+                                            overwrite=True)
+            handle.forget_arrays()  # the encoder of the old dtype
+            rows, done = old.chunks[0], read_all(handle.array(LEDGER.key(split)))
+            for shard, r0 in enumerate(range(0, len(data), rows)):
+                if done[shard]:  # shards not yet written stay absent
+                    writer.write_shard(new, shard, data[r0:r0 + rows])
+        handle.forget_arrays()
+        info = handle.info
+        layers = [dict(entry, dtype="float32") if entry["name"] == layer else entry for entry in info.layers]
+        handle.write_attrs(layers=layers, widened=sorted(set(info.widened) | {layer}), widening=None)
 
     def in_progress(self) -> bool:
         """True while another writer widens a tap (fresh attributes: one small read)."""
