@@ -1,6 +1,7 @@
 """Each extraction process that writes rows records what its machine decided (pipeline/storage/runs.py):
 zarr readers do not see the records, `h2t store info` lists them, and a resume made otherwise says so."""
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -72,3 +73,33 @@ def test_an_unreadable_record_is_listed_not_fatal(tmp_path):
     made_by = runs.records(open_store(store.path).group)
     assert made_by[0].get("unreadable", "").startswith("runs/") and runs.differences(made_by) == {}
     assert "unreadable record runs/" in runs.describe(made_by[0])
+
+
+
+def _record_after(path: str, start, results) -> None:
+    group = zarr.open_group(path, mode="a")
+    start.wait()
+    try:
+        runs.record(group, dict(GPU_RUN, pid=os.getpid()))
+        results.put(None)
+    except Exception as error:  # noqa: BLE001 - reported by the test
+        results.put(repr(error))
+
+
+def test_writers_starting_together_each_leave_their_record(tmp_path):
+    """Several processes may make the store's first records at once: none fails on the `runs` group another
+    made meanwhile (zarr's require_group did: ContainsGroupError in 11 of 60 such processes)."""
+    context = multiprocessing.get_context("fork")
+    for trial in range(5):
+        path = str(tmp_path / f"s{trial}.zarr")
+        zarr.open_group(path, mode="w", zarr_format=3).attrs["h2t"] = {"id": "x"}
+        start, results = context.Barrier(6), context.Queue()
+        processes = [context.Process(target=_record_after, args=(path, start, results)) for _ in range(6)]
+        for process in processes:
+            process.start()
+        errors = [error for error in (results.get(timeout=60) for _ in processes) if error]
+        for process in processes:
+            process.join()
+        assert not errors, errors
+        assert len(runs.records(zarr.open_group(path, mode="r"))) == len(processes)
+        assert dict(zarr.open_group(path, mode="r").attrs) == {"h2t": {"id": "x"}}  # the root's attributes kept

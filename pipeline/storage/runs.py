@@ -57,7 +57,8 @@ def record(group: zarr.Group, entry: dict) -> str:
     # unique per call: one process may start several runs within a second (a failed one, then another)
     tail = f"{entry['started_at']}-{entry['host']}-{entry['pid']}-{uuid.uuid4().hex[:8]}"
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", tail)
-    group.require_group(GROUP).create_group(name, attributes={ATTR: entry})  # two writers may both make `runs`
+    # made with its path: zarr creates a missing `runs` only if absent (require_group raced another writer's)
+    group.create_group(f"{GROUP}/{name}", attributes={ATTR: entry})
     return name
 
 

@@ -55,8 +55,8 @@ from .widening import StaleShard, Widening, WideningElsewhere
 from .writer import ShardWriter
 
 # names callers import from here
-__all__ = ["FeatureStore", "StaleShard", "StoreMeta", "WideningElsewhere", "STATUS_COMPLETE", "STATUS_CREATING", "STATUS_WRITING",
-           "create_store", "open_store", "store_path", "from_bfloat16_bits", "to_bfloat16_bits"]
+__all__ = ["FeatureStore", "StaleShard", "StoreMeta", "WideningElsewhere", "STATUS_COMPLETE", "STATUS_CREATING",
+           "STATUS_WRITING", "create_store", "open_store", "store_path", "from_bfloat16_bits", "to_bfloat16_bits"]
 
 
 def _slug(text: str) -> str:
