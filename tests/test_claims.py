@@ -70,13 +70,13 @@ def test_taking_over_an_expired_claim_never_deletes_a_newer_one(tmp_path):
     stalled = Claims(store, ttl_s=0.01)
     assert stalled.try_claim("train/0")
     time.sleep(0.05)
-    seen = stalled._read("claims/train/0")  # what a slow writer read: an expired claim
+    seen, tag = stalled._read_tagged("claims/train/0")  # what a slow writer read: an expired claim
     first = Claims(store, ttl_s=60)
     assert first.try_claim("train/0")  # another writer took it over meanwhile
     slow = Claims(store, ttl_s=60)
-    slow._take_over("claims/train/0", seen)  # the slow writer acts on what it read
+    assert not slow._take_over("claims/train/0", seen, tag, b"{}")  # the slow writer acts on what it read
     assert slow._read("claims/train/0")["owner"] == first.owner and not slow.try_claim("train/0")
-    slow._take_over("claims/train/0", first._read("claims/train/0"))  # what it read is what is there: deleted
+    slow._take_over("claims/train/0", first._read("claims/train/0"), None, b"{}")  # what it read is there: deleted
     assert slow.try_claim("train/0")
     assert sorted(p.name for p in (tmp_path / "s" / "claims" / "train").iterdir()) == ["0"]  # nothing set aside stays
 

@@ -134,6 +134,36 @@ def test_claims_on_s3_are_conditional_puts(s3):
     assert sync(store.get("race", prototype=default_buffer_prototype())).to_bytes() == b"first"
 
 
+def test_an_expired_claim_on_s3_is_taken_over_by_one_writer_only(s3):
+    """Two writers that read the same expired claim: the server's conditional put lets only the first replace it,
+    and the second's never removes the first's (a plain delete would, and both would then hold the unit)."""
+    import time
+
+    from pipeline.storage import location
+    from pipeline.storage.claims import Claims
+    from tests.s3server import KEY, SECRET
+
+    store = location.zarr_store(f"s3://{BUCKET}/takeover", {"endpoint_url": s3.endpoint, "key": KEY, "secret": SECRET})
+    stalled = Claims(store, ttl_s=0.05)
+    assert stalled.try_claim("widen")
+    time.sleep(0.2)
+    seen, tag = stalled._read_tagged("claims/widen")  # what a slow writer read: an expired claim and its tag
+    assert seen["owner"] == stalled.owner and tag
+    first, slow = Claims(store, ttl_s=60), Claims(store, ttl_s=60)
+    assert first.try_claim("widen")  # took it over meanwhile
+    assert not slow._take_over("claims/widen", seen, tag, b'{"owner": "slow", "expires": 1e12}')
+    assert slow._read("claims/widen")["owner"] == first.owner and not slow.try_claim("widen")
+    assert not stalled.renew("widen")  # the stalled writer learns it lost the unit, and leaves it as it is
+    assert first._read("claims/widen")["owner"] == first.owner
+    before = first._read("claims/widen")["expires"]
+    time.sleep(0.01)
+    assert first.renew("widen") and first._read("claims/widen")["expires"] > before
+    seen, tag = slow._read_tagged("claims/widen")
+    first.release("widen")
+    assert not slow._take_over("claims/widen", seen, tag, b"{}")  # released since: nothing to replace, no error
+    assert slow.try_claim("widen")
+
+
 def test_two_writers_on_s3_share_the_work_and_match_a_local_run(s3, tmp_path):
     """Two `h2t extract` processes, one writing through writer processes, fill one S3 store."""
     import re

@@ -4,10 +4,12 @@ A claim is an object `claims/<unit>` inside the store holding its owner and expi
 `set_if_not_exists` (atomic on local disks: a hard link) and read back to see who won. A claim expires
 `ttl_s` after it was taken, or at once when its owner was a process on this host that no longer exists;
 then anyone may take it over, which is how a dead writer's shard is finished.
-Two writers can both take over the same expired claim: at most that one shard is computed twice, and as
-extraction is deterministic both write the same bytes. On s3:// the create is a conditional put
-(`If-None-Match: *` through obstore's atomic create, refused by the server when the object exists), after
-an existence check, so a server that ignores the condition degrades to check-then-put with the same bound.
+An expired claim is taken over by one writer only: on a local disk it is moved aside (an atomic rename) and
+put back when it is not the claim read; on s3:// it is overwritten by a conditional put (`If-Match` on the
+entity tag read with it), which the server refuses once anyone else has replaced it. On s3:// the create is a
+conditional put too (`If-None-Match: *` through obstore's atomic create, refused when the object exists),
+after an existence check, so a server that ignores conditions degrades to check-then-put; then two writers
+can hold one shard, and as extraction is deterministic both write the same bytes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import botocore.session
 import obstore
-from obstore.exceptions import AlreadyExistsError
+from obstore.exceptions import AlreadyExistsError, NotFoundError, PreconditionError
 from obstore.store import S3Store
 from zarr.storage import LocalStore
 
@@ -41,19 +43,31 @@ class Claims:
         # Local stores are claimed with direct file operations in the calling thread: through zarr's event
         # loop each took a thread hop, which cost ~20 ms a claim on two busy cores.
         self.root = Path(zstore.root) if isinstance(zstore, LocalStore) else None
+        # On s3:// claims are read with their entity tags and replaced only if unchanged (conditional puts)
+        self.s3 = _s3_objects(zstore)
 
     def _read(self, key: str) -> dict | None:
+        return self._read_tagged(key)[0]
+
+    def _read_tagged(self, key: str) -> tuple[dict | None, str | None]:
+        """A claim and, on s3://, the entity tag a conditional replacement of it names (else None)."""
         data: bytes | None
+        tag = None
         if self.root is not None:  # a local store: read in this thread (no hop to zarr's event loop)
             try:
                 data = (self.root / key).read_bytes()
             except FileNotFoundError:
-                return None
+                data = None
+        elif self.s3 is not None:
+            objects, prefix = self.s3
+            try:
+                found = obstore.get(objects, f"{prefix}{key}")
+            except (FileNotFoundError, NotFoundError):  # obstore raises the builtin for a missing object
+                return None, None
+            data, tag = found.bytes().to_bytes(), found.meta["e_tag"]
         else:
             data = zarr_compat.run(zarr_compat.get_bytes(self.store, key))
-            if data is None:
-                return None
-        return _parse(data)
+        return (None if data is None else _parse(data)), tag
 
     def try_claim(self, unit: str) -> bool:
         """Take the unit if nobody (this process included) holds a live claim on it."""
@@ -66,7 +80,7 @@ class Claims:
                 create_local(self.root / key, body)
             else:
                 zarr_compat.run(create_if_absent(self.store, key, body))
-            current = self._read(key)
+            current, tag = self._read_tagged(key)
             if current is None:
                 continue  # released since: create it again (deleting here could delete a newer claim)
             if current.get("owner") == self.owner:
@@ -74,27 +88,41 @@ class Claims:
                 return True
             if current.get("expires", 0.0) > time.time() and self._owner_alive(current):
                 return False
-            self._take_over(key, current)  # expired (its owner died or stalled)
+            if self._take_over(key, current, tag, body):  # expired (its owner died or stalled)
+                self.held.add(unit)
+                return True
         return False
 
-    def _take_over(self, key: str, seen: dict) -> None:
-        """Delete the expired claim `seen`. Two writers may take one over at once: on a local store the claim
-        is moved aside first and put back if it is not the one read (the other writer's new claim)."""
+    def _take_over(self, key: str, seen: dict, tag: str | None, body: bytes) -> bool:
+        """End the expired claim `seen` (read with entity tag `tag`). Two writers may take one over at once, and
+        only the claim read goes: on s3:// it is replaced by `body` (this writer's claim) with a put conditional
+        on `tag`, refused when anyone else replaced or released it since; on a local store it is moved aside and
+        put back if it is not the one read (the other writer's new claim). Other stores delete it (a plain
+        delete can remove a claim made since: two writers may then hold one unit). True when `body` replaced it
+        (s3://); elsewhere the caller creates its claim again."""
+        if self.s3 is not None and tag is not None:
+            objects, prefix = self.s3
+            try:
+                obstore.put(objects, f"{prefix}{key}", body, mode={"e_tag": tag})
+                return True
+            except (PreconditionError, FileNotFoundError, NotFoundError):
+                return False
         if self.root is None:
             zarr_compat.run(self.store.delete(key))
-            return
+            return False
         path = self.root / key
         aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.expired")
         try:
             os.rename(path, aside)
         except FileNotFoundError:
-            return
+            return False
         try:
             if _parse(aside.read_bytes()) != seen:
                 with contextlib.suppress(FileExistsError):
                     os.link(aside, path)
         finally:
             aside.unlink()
+        return False
 
     @staticmethod
     def _owner_alive(claim: dict) -> bool:
@@ -126,7 +154,7 @@ class Claims:
     def renew(self, unit: str) -> bool:
         """Push a held claim's lapse `ttl_s` from now; False when it is no longer this process's."""
         key = f"claims/{unit}"
-        current = self._read(key)
+        current, tag = self._read_tagged(key)
         if unit not in self.held or current is None or current.get("owner") != self.owner:
             return False
         body = json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
@@ -135,6 +163,12 @@ class Claims:
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
             tmp.write_bytes(body)
             os.replace(tmp, path)
+        elif self.s3 is not None and tag is not None:  # only if still the claim read: never over a taker's
+            objects, prefix = self.s3
+            try:
+                obstore.put(objects, f"{prefix}{key}", body, mode={"e_tag": tag})
+            except (PreconditionError, FileNotFoundError, NotFoundError):
+                return False
         else:
             zarr_compat.run(zarr_compat.set_bytes(self.store, key, body))
         return True
@@ -213,6 +247,15 @@ def create_local(path: Path, body: bytes) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _s3_objects(store) -> tuple[S3Store, str] | None:
+    """For a zarr store on s3://, obstore's S3Store of its bucket and the store's key prefix in it; else None."""
+    fs = getattr(store, "fs", None)
+    if fs is None or "s3" not in fs.protocol:  # protocol is a name or a tuple of names
+        return None
+    bucket, _, prefix = str(store.path).strip("/").partition("/")
+    return _object_store(fs, bucket), f"{prefix}/" if prefix else ""
+
+
 async def create_if_absent(store, key: str, body: bytes) -> None:
     """Write `key` unless it exists; on S3 atomically, through a conditional put the server arbitrates."""
     fs = getattr(store, "fs", None)
@@ -234,7 +277,7 @@ async def put_if_absent(fs, path: str, body: bytes) -> bool:
         return False
 
 
-_OBJECT_STORES: dict[tuple, object] = {}
+_OBJECT_STORES: dict[tuple, S3Store] = {}
 
 
 def _object_store(fs, bucket: str):
