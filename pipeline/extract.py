@@ -289,7 +289,8 @@ def extract(job: ExtractJob, plan: Plan | None = None, reuse: Reuse | None = Non
                 runner = TappedForward(model, [t for t in plan.taps if t.name in computed], pooling["target_size"],
                                        pooling["rule"], pooling["cls_token"])
             stages_start = time.perf_counter()
-            images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s, writer)
+            with claims.kept():  # a shard slower than the lease is not taken over and computed again elsewhere
+                images_done, writes = _run_stages(job, plan, store, runner, queue, device, remaining, poll_s, writer)
             stage_seconds = time.perf_counter() - stages_start
         finally:
             try:

@@ -176,6 +176,26 @@ def test_a_writer_that_must_widen_while_another_widens_gives_its_shards_up(tmp_p
             assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), (split, layer["name"])
 
 
+def test_claims_held_through_work_longer_than_the_lease_are_kept_and_released_ones_stay_released(tmp_path):
+    """`kept()` (what extraction runs its shards in) renews every claim held: a shard slower than the lease is
+    not taken over by another writer, and a claim released meanwhile is not made again by a renewal."""
+    store = LocalStore(str(tmp_path / "s"))
+    writer, rival = Claims(store, ttl_s=0.3), Claims(store, ttl_s=60)
+    assert writer.try_claim("train/0") and writer.try_claim("train/1")
+    with writer.kept():
+        deadline = time.monotonic() + 1.5  # five leases
+        while time.monotonic() < deadline:
+            assert not rival.try_claim("train/0") and not rival.try_claim("train/1")
+            time.sleep(0.05)
+        writer.release("train/1")
+        assert writer.try_claim("train/2")  # claimed inside the block: kept as well
+        time.sleep(0.5)
+        assert not (tmp_path / "s" / "claims" / "train" / "1").exists()
+        assert not rival.try_claim("train/2")
+    time.sleep(0.5)  # the block is over: the claims lapse
+    assert rival.try_claim("train/0") and rival.try_claim("train/2")
+
+
 def test_a_widening_that_outlasts_the_lease_keeps_its_claim(tmp_path):
     layers = [{"name": "t0", "role": "t", "raw_shape": [4], "dim": 4, "offset": 0},
               {"name": "t1", "role": "t", "raw_shape": [4], "dim": 4, "offset": 4}]

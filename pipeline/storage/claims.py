@@ -40,6 +40,8 @@ class Claims:
         self.store, self.ttl_s = zstore, float(ttl_s)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held: set[str] = set()
+        # a renewal and a release of one claim never interleave: a renewal after the release would make it again
+        self._renewing = threading.Lock()
         # Local stores are claimed with direct file operations in the calling thread: through zarr's event
         # loop each took a thread hop, which cost ~20 ms a claim on two busy cores.
         self.root = Path(zstore.root) if isinstance(zstore, LocalStore) else None
@@ -153,6 +155,10 @@ class Claims:
 
     def renew(self, unit: str) -> bool:
         """Push a held claim's lapse `ttl_s` from now; False when it is no longer this process's."""
+        with self._renewing:
+            return self._renew(unit)
+
+    def _renew(self, unit: str) -> bool:
         key = f"claims/{unit}"
         current, tag = self._read_tagged(key)
         if unit not in self.held or current is None or current.get("owner") != self.owner:
@@ -174,14 +180,21 @@ class Claims:
         return True
 
     @contextlib.contextmanager
-    def kept(self, unit: str) -> Iterator[None]:
-        """Renew a held claim every third of its lease while the block runs: work that may outlast the lease
-        (a widening rewrites a tap's every row) is not taken over by a writer that thinks it stalled."""
+    def kept(self, unit: str | None = None) -> Iterator[None]:
+        """Renew a held claim (`unit`; None: every claim held at the time) every third of its lease while the
+        block runs: work that may outlast the lease (a widening rewrites a tap's every row; a shard of a large
+        model on a CPU) is not taken over by a writer that thinks it stalled."""
         stop = threading.Event()
 
         def renew_until_stopped() -> None:
-            while not stop.wait(self.ttl_s / 3) and self.renew(unit):
-                pass
+            while not stop.wait(self.ttl_s / 3):
+                if unit is not None:
+                    if not self.renew(unit):
+                        return
+                    continue
+                with self._renewing:
+                    for held in list(self.held):
+                        self._renew(held)
 
         renewer = threading.Thread(target=renew_until_stopped, name="h2t-claim-renew", daemon=True)
         renewer.start()
@@ -196,11 +209,12 @@ class Claims:
             self.release(unit)
 
     def release(self, unit: str) -> None:
-        self.held.discard(unit)
-        key = f"claims/{unit}"
-        current = self._read(key)
-        if current is not None and current.get("owner") == self.owner:
-            self._delete(key)
+        with self._renewing:
+            self.held.discard(unit)
+            key = f"claims/{unit}"
+            current = self._read(key)
+            if current is not None and current.get("owner") == self.owner:
+                self._delete(key)
 
     def _delete(self, key: str) -> None:
         if self.root is not None:
