@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -126,9 +128,11 @@ def _guarded(task):
         multirun = HydraConfig.get().mode == RunMode.MULTIRUN
         try:
             return task(cfg)
-        except KeyboardInterrupt:
-            print("h2t: interrupted; the store stays incomplete and resumes on the next run", file=sys.stderr)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            terminated = isinstance(exc, Terminated)
+            print(f"h2t: {'terminated' if terminated else 'interrupted'}; the store stays incomplete and resumes on "
+                  "the next run", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM if terminated else 130)
         except Exception as exc:  # noqa: BLE001 - recorded per job in a sweep; re-raised otherwise
             if not multirun:
                 if isinstance(exc, H2TError):
@@ -147,6 +151,29 @@ def _record_failure(exc: Exception) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / FAILED_FILE).write_text(json.dumps({"error": message, "traceback": traceback.format_exc()}, indent=2))
     print(f"h2t: job failed: {message}", file=sys.stderr)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (`kill`, a scheduler's time limit): the command stops as on Ctrl-C, running its clean-up
+    (claims released, writer and decode processes stopped, the store left incomplete to resume)."""
+
+
+@contextmanager
+def _terminated_as_interrupt():
+    """While a verb runs in the main thread, SIGTERM raises `Terminated` there (Python's default ends the
+    process at once, skipping every `finally`); the previous handler is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -178,8 +205,9 @@ def run_verb(verb: str, rest: list[str]) -> None:
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(tasks.TASKS[verb]))
     with tempfile.TemporaryDirectory(prefix="h2t-sweep-") as scratch:
         outcome = Path(scratch) / "outcome.json"  # the sweep's failed jobs (pipeline/report.py SweepReport)
-        with _argv([f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}",
-                                                           f"hydra.callbacks.sweep_report.outcome={outcome}"])):
+        argv = [f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}",
+                                                      f"hydra.callbacks.sweep_report.outcome={outcome}"])
+        with _terminated_as_interrupt(), _argv(argv):
             app()
         sweep = json.loads(outcome.read_text()) if outcome.is_file() else {"failed": []}
     if sweep["failed"]:

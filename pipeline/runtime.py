@@ -11,12 +11,18 @@ process; the cyclic garbage collector scanned them all again in each of its 8 fu
 imports (0.9-1.0 s of every verb's start, `h2t tune` on the embedded default) and in every later one (0.22 s
 each, one per T = 8192 extraction of 512 images). Imported with collection paused, they are then moved out of
 its reach (`gc.freeze`), as CPython's documentation advises for long-lived start-up objects.
+
+`exit_with_parent`: what a worker process (decoders, shard writers) sets at its start, so that it does not
+outlive an extraction that was killed.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import gc
+import os
+import threading
+import time
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -54,3 +60,18 @@ def freeze_imported() -> None:
     """Move every object alive now out of the collector's reach: what `imports_uncollected` ends with, for
     code that imported at module level (the benchmarks, to measure what the command does)."""
     gc.freeze()
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a worker process: end it when the process that started it is gone (killed, or ended by a signal that
+    ran no clean-up). A pool's worker would otherwise wait on its queue for ever, holding its shared memory;
+    a write it cuts leaves at most a temp file, which the next run replaces. A daemon thread polls the parent's
+    pid (an orphan is re-parented), so it works the same for forked and spawned workers."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="h2t-parent-watch", daemon=True).start()

@@ -28,6 +28,7 @@ from PIL import Image
 
 from .decode import decode_file, decode_jpegs, device_decodable
 from .errors import H2TError
+from .runtime import exit_with_parent
 from .storage.quant import LEVELS, QuantizedBlock
 from .storage.store import StaleShard
 from .storage.writer import WriterTimes
@@ -109,8 +110,10 @@ _PROCESS_DATASET = None  # set in each forked decode process by its initializer;
 
 
 def _hold_dataset(dataset) -> None:
+    """A decode process's start: the dataset it decodes from, and an end when the extraction's process is gone."""
     global _PROCESS_DATASET
     _PROCESS_DATASET = dataset
+    exit_with_parent()
 
 
 def _decode_range(split: str, start: int, stop: int):

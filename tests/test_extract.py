@@ -5,8 +5,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
+import psutil
+import pytest
 import torch
 
 from pipeline.extract import decode_workers, extract, plan_store, writer_threads
@@ -14,9 +17,10 @@ from pipeline.storage.store import open_store
 from tests.conftest import ARGS, OVERRIDES, tiny_cfg, tiny_job
 
 
-def cli_extract(root, cwd):
-    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", *ARGS, f"store.root={root}"], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def cli_extract(root, cwd, *extra):
+    return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "extract", *ARGS, f"store.root={root}", *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def shards_done(path):
@@ -68,6 +72,47 @@ def test_kill_minus_nine_then_resume_is_bitwise_identical(tmp_path):
     # the last run only did what was left of the 480 images
     images = int(re.search(rb"(\d+) images through the backbone", out).group(1))
     assert 0 < images < 480
+
+
+def shared_memory_mapped(pid: int) -> set[str]:
+    """The POSIX shared-memory segments a process maps (/dev/shm files in its memory map)."""
+    return {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/dev/shm/psm_" in line}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_extraction_leaves_no_worker_processes_or_shared_memory_behind(tmp_path, sig):
+    """SIGTERM (`kill`, a scheduler's time limit) stops an extraction as Ctrl-C does: exit 143, one line, claims
+    released, writer processes stopped; after SIGKILL the writer processes end on their own. Either way their
+    shared memory is removed and the store is left incomplete, to resume."""
+    root = tmp_path / "stores"
+    extra = ["data.sizes.train=2000", "extract.writers_in=processes", "extract.writers=2"]
+    proc = cli_extract(root, tmp_path, *extra)
+    deadline, path, segments = time.time() + 120, None, set()
+    while proc.poll() is None and time.time() < deadline:
+        found = list(root.glob("*/*/*.zarr"))
+        path = str(found[0]) if found else None
+        segments = shared_memory_mapped(proc.pid)
+        if path and shards_done(path) >= 3 and segments:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the extraction ended before it could be stopped"
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    assert len(workers) >= 2 and segments
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"still running after the extraction stopped: {[w.cmdline()[-1][:60] for w in alive]}"
+    assert not any(os.path.exists(segment) for segment in segments)
+    assert not open_store(path).complete
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143 and err.decode().strip().splitlines()[-1].startswith("h2t: terminated")
+        assert not (Path(path) / "claims").exists()  # released: another writer need not wait for the lease
+        proc = cli_extract(root, tmp_path, *extra)
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err.decode()
+        assert open_store(path).complete
+    else:
+        assert proc.returncode == -signal.SIGKILL
 
 
 def test_decoders_default_to_one_thread_beside_a_cpu_forward_and_four_beside_a_cuda_one():

@@ -2,9 +2,14 @@
 interpreter, so that freezing objects or changing malloc does not reach the rest of the test session."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
 
 
 def _run(code: str) -> str:
@@ -62,3 +67,32 @@ def test_a_verb_imports_torch_frozen():
         print(gc.isenabled(), gc.get_freeze_count() > 100_000, id(torch.nn.Module) in tracked)
     """)
     assert out == "True True False"
+
+
+WORKER_POOL = """
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from pipeline.stages import _hold_dataset
+from pipeline.write_processes import _start_worker
+
+if __name__ == "__main__":
+    method = sys.argv[1]  # as extraction starts them: decoders forked, writers spawned
+    start, args = (_hold_dataset, (None,)) if method == "fork" else (_start_worker, ())
+    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method), initializer=start, initargs=args)
+    print(pool.submit(os.getpid).result(), flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_decode_and_writer_processes_end_when_the_extraction_is_killed(tmp_path, method):
+    """A pool's worker waits on its queue for ever once its parent is gone (it holds the queue's write end too);
+    extraction's workers watch for that (`exit_with_parent`) and end."""
+    (tmp_path / "pool.py").write_text(WORKER_POOL)
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "pool.py"), method], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    worker = psutil.Process(int(parent.stdout.readline()))
+    parent.kill()
+    parent.wait()
+    _, alive = psutil.wait_procs([worker], timeout=15)
+    assert not alive
