@@ -167,7 +167,10 @@ class Claims:
         if self.root is not None:  # replaced whole: a reader never finds it torn
             path = self.root / key
             tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-            tmp.write_bytes(body)
+            try:
+                tmp.write_bytes(body)
+            except FileNotFoundError:  # its folder went with a release elsewhere: the claim was taken over
+                return False
             os.replace(tmp, path)
         elif self.s3 is not None and tag is not None:  # only if still the claim read: never over a taker's
             objects, prefix = self.s3
