@@ -191,13 +191,10 @@ class Claims:
 
         def renew_until_stopped() -> None:
             while not stop.wait(self.ttl_s / 3):
-                if unit is not None:
-                    if not self.renew(unit):
-                        return
-                    continue
                 with self._renewing:
-                    for held in list(self.held):
-                        self._renew(held)
+                    kept = [self._renew(held) for held in ([unit] if unit is not None else list(self.held))]
+                if unit is not None and not kept[0]:
+                    return  # no longer this process's: nothing left to keep
 
         renewer = threading.Thread(target=renew_until_stopped, name="h2t-claim-renew", daemon=True)
         renewer.start()
