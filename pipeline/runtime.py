@@ -62,16 +62,18 @@ def freeze_imported() -> None:
     gc.freeze()
 
 
-def exit_with_parent(poll_s: float = 1.0) -> None:
-    """In a worker process: end it when the process that started it is gone (killed, or ended by a signal that
-    ran no clean-up). A pool's worker would otherwise wait on its queue for ever, holding its shared memory;
-    a write it cuts leaves at most a temp file, which the next run replaces. A daemon thread polls the parent's
-    pid (an orphan is re-parented), so it works the same for forked and spawned workers."""
-    parent = os.getppid()
-
+def exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """In a worker process: end it when `parent` (the pid of the process that started it, taken there) is gone
+    (killed, or ended by a signal that ran no clean-up). A pool's worker would otherwise wait on its queue for
+    ever, holding its shared memory; a write it cuts leaves at most a temp file, which the next run replaces.
+    A daemon thread polls the parent's pid (an orphan is re-parented), so it works the same for forked and
+    spawned workers. The pid comes from the parent because a spawned worker still importing when its parent
+    was killed would otherwise take its new parent (init) for the one to watch, and never end."""
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
         os._exit(1)
 
+    if os.getppid() != parent:
+        os._exit(1)
     threading.Thread(target=watch, name="h2t-parent-watch", daemon=True).start()

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from collections import deque
@@ -109,11 +110,12 @@ def _join(parts: list):
 _PROCESS_DATASET = None  # set in each forked decode process by its initializer; never in the parent
 
 
-def _hold_dataset(dataset) -> None:
-    """A decode process's start: the dataset it decodes from, and an end when the extraction's process is gone."""
+def _hold_dataset(dataset, parent: int) -> None:
+    """A decode process's start: the dataset it decodes from, and an end when the extraction's process
+    (`parent`) is gone."""
     global _PROCESS_DATASET
     _PROCESS_DATASET = dataset
-    exit_with_parent()
+    exit_with_parent(parent)
 
 
 def _decode_range(split: str, start: int, stop: int):
@@ -146,7 +148,7 @@ class Loader:
             Image.init()  # image plugins imported before forking, so that no child needs the import lock
             # forked: the dataset reaches each process without pickling
             self._processes = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                                  initializer=_hold_dataset, initargs=(dataset,))
+                                                  initializer=_hold_dataset, initargs=(dataset, os.getpid()))
             list(self._processes.map(abs, range(workers)))  # fork them all now, while the other threads idle
 
     def submit(self, shard: Shard) -> Future:

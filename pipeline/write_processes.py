@@ -58,7 +58,7 @@ class ProcessWriter:
         self._retired: list[str] = []  # segments replaced by larger ones: workers let go of them
         # spawn: a fork of a process with CUDA, Hydra and I/O threads running is not safe
         self._pool = ProcessPoolExecutor(writers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start_worker)
+                                         initializer=_start_worker, initargs=(os.getpid(),))
         self._packers = ThreadPoolExecutor(writers, thread_name_prefix="h2t-pack")
         try:  # every worker starts now (a pool spawns one per call waiting), while the first batches compute
             for _ in range(writers):
@@ -235,11 +235,11 @@ _STORES: dict[str, FeatureStore] = {}  # by path: opened at a worker's first wri
 _ATTACHED: dict[str, SharedMemory] = {}
 
 
-def _start_worker() -> None:
+def _start_worker(parent: int) -> None:
     """A worker's start: Ctrl-C reaches the whole process group, and a write it cut would leave a temp file;
-    the main process stops the workers itself (`close`), and a worker ends when that process is gone."""
+    the main process (`parent`) stops the workers itself (`close`), and a worker ends when it is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    exit_with_parent()
+    exit_with_parent(parent)
 
 
 def _ready() -> None:

@@ -87,20 +87,24 @@ def test_a_stopped_extraction_leaves_no_worker_processes_or_shared_memory_behind
     root = tmp_path / "stores"
     extra = ["data.sizes.train=2000", "extract.writers_in=processes", "extract.writers=2"]
     proc = cli_extract(root, tmp_path, *extra)
-    deadline, path, segments = time.time() + 120, None, set()
+    deadline, path, segments, workers = time.time() + 120, None, set(), []
     while proc.poll() is None and time.time() < deadline:
         found = list(root.glob("*/*/*.zarr"))
         path = str(found[0]) if found else None
         segments = shared_memory_mapped(proc.pid)
-        if path and shards_done(path) >= 3 and segments:
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        if path and shards_done(path) >= 3 and segments and len(workers) >= 3:  # two writers, one tracker
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the extraction ended before it could be stopped"
-    workers = psutil.Process(proc.pid).children(recursive=True)
-    assert len(workers) >= 2 and segments
+    assert len(workers) >= 3 and segments
     os.kill(proc.pid, sig)
-    _, err = proc.communicate(timeout=60)
-    _, alive = psutil.wait_procs(workers, timeout=20)
+    try:
+        _, err = proc.communicate(timeout=60)
+        _, alive = psutil.wait_procs(workers, timeout=20)
+    finally:  # a failure leaves nothing running
+        for process in psutil.wait_procs(workers, timeout=0)[1]:
+            process.kill()
     assert not alive, f"still running after the extraction stopped: {[w.cmdline()[-1][:60] for w in alive]}"
     assert not any(os.path.exists(segment) for segment in segments)
     assert not open_store(path).complete

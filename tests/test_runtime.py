@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import psutil
@@ -72,27 +73,48 @@ def test_a_verb_imports_torch_frozen():
 WORKER_POOL = """
 import multiprocessing, os, sys, time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from pipeline.stages import _hold_dataset
 from pipeline.write_processes import _start_worker
 
+
+def start_late(start, args, pid_file):
+    # a worker still starting (a spawned one importing) when its parent is killed
+    Path(pid_file).write_text(str(os.getpid()))
+    while os.getppid() == args[-1]:
+        time.sleep(0.02)
+    start(*args)
+
+
 if __name__ == "__main__":
-    method = sys.argv[1]  # as extraction starts them: decoders forked, writers spawned
-    start, args = (_hold_dataset, (None,)) if method == "fork" else (_start_worker, ())
+    method, when, pid_file = sys.argv[1:]  # as extraction starts them: decoders forked, writers spawned
+    start, args = (_hold_dataset, (None, os.getpid())) if method == "fork" else (_start_worker, (os.getpid(),))
+    if when == "late":
+        start, args = start_late, (start, args, pid_file)
     pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context(method), initializer=start, initargs=args)
-    print(pool.submit(os.getpid).result(), flush=True)
+    future = pool.submit(os.getpid)
+    if when == "started":
+        Path(pid_file).write_text(str(future.result()))
     time.sleep(120)
 """
 
 
+@pytest.mark.parametrize("when", ["started", "late"])
 @pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_decode_and_writer_processes_end_when_the_extraction_is_killed(tmp_path, method):
+def test_decode_and_writer_processes_end_when_the_extraction_is_killed(tmp_path, method, when):
     """A pool's worker waits on its queue for ever once its parent is gone (it holds the queue's write end too);
-    extraction's workers watch for that (`exit_with_parent`) and end."""
+    extraction's workers watch for that (`exit_with_parent`) and end, also one whose start ran after the kill."""
     (tmp_path / "pool.py").write_text(WORKER_POOL)
-    parent = subprocess.Popen([sys.executable, str(tmp_path / "pool.py"), method], stdout=subprocess.PIPE, text=True,
+    pid_file = tmp_path / "worker.pid"
+    parent = subprocess.Popen([sys.executable, str(tmp_path / "pool.py"), method, when, str(pid_file)],
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    worker = psutil.Process(int(parent.stdout.readline()))
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    worker = psutil.Process(int(pid_file.read_text()))
     parent.kill()
     parent.wait()
     _, alive = psutil.wait_procs([worker], timeout=15)
+    for process in alive:  # a failure leaves nothing running
+        process.kill()
     assert not alive
