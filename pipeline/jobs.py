@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -12,8 +13,10 @@ import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import hydra
+import psutil
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -176,6 +179,22 @@ def _terminated_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+SCRATCH_PREFIX = "h2t-sweep-"
+
+
+@contextmanager
+def command_scratch() -> Iterator[Path]:
+    """A temp folder for one command, named by its pid (`h2t-sweep-<pid>-...`) and removed after it. A command
+    killed with SIGKILL runs no clean-up, so each command first removes the folders of commands whose process
+    is gone."""
+    for old in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*-*"):
+        pid = old.name[len(SCRATCH_PREFIX):].split("-")[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=f"{SCRATCH_PREFIX}{os.getpid()}-") as scratch:
+        yield Path(scratch)
+
+
 @contextmanager
 def _argv(args: list[str]):
     """Hydra's app reads its command line from sys.argv, and HYDRA_FULL_ERROR from the environment (unset:
@@ -203,8 +222,8 @@ def run_verb(verb: str, rest: list[str]) -> None:
         from . import tasks  # noqa: PLC0415 - start-up time: a bad override is one line before torch loads
 
     app = hydra.main(config_path=str(CONF_DIR), config_name=verb, version_base="1.3")(_guarded(tasks.TASKS[verb]))
-    with tempfile.TemporaryDirectory(prefix="h2t-sweep-") as scratch:
-        outcome = Path(scratch) / "outcome.json"  # the sweep's failed jobs (pipeline/report.py SweepReport)
+    with command_scratch() as scratch:
+        outcome = scratch / "outcome.json"  # the sweep's failed jobs (pipeline/report.py SweepReport)
         argv = [f"h2t-{verb}"] + _flags_first(args + [f"hydra.job.name={verb}",
                                                       f"hydra.callbacks.sweep_report.outcome={outcome}"])
         with _terminated_as_interrupt(), _argv(argv):
