@@ -76,9 +76,42 @@ def test_taking_over_an_expired_claim_never_deletes_a_newer_one(tmp_path):
     slow = Claims(store, ttl_s=60)
     assert not slow._take_over("claims/train/0", seen, tag, b"{}")  # the slow writer acts on what it read
     assert slow._read("claims/train/0")["owner"] == first.owner and not slow.try_claim("train/0")
-    slow._take_over("claims/train/0", first._read("claims/train/0"), None, b"{}")  # what it read is there: deleted
+    mine = b'{"owner": "slow", "expires": 0}'
+    assert slow._take_over("claims/train/0", first._read("claims/train/0"), None, mine)  # what it read is there
+    assert (tmp_path / "s" / "claims" / "train" / "0").read_bytes() == mine
     assert slow.try_claim("train/0")
-    assert sorted(p.name for p in (tmp_path / "s" / "claims" / "train").iterdir()) == ["0"]  # nothing set aside stays
+    assert sorted(p.name for p in (tmp_path / "s" / "claims" / "train").iterdir()) == ["0"]  # no temp file stays
+
+
+def test_a_renewal_never_overwrites_the_claim_of_a_writer_that_took_it_over(tmp_path, monkeypatch):
+    """A renewer that stalled past the lease reads its own claim, lapsed; a taker replaces it before the renewal
+    writes. On a local store the renewal reads and writes under the store's lock, which the take-over needs too:
+    the taker then finds the claim renewed, and exactly one of them holds it."""
+    store = LocalStore(str(tmp_path / "s"))
+    stalled, taker = Claims(store, ttl_s=0.01), Claims(store, ttl_s=60)
+    assert stalled.try_claim("train/0")
+    time.sleep(0.05)  # lapsed
+    stalled.ttl_s = 60  # the renewal then pushes it well beyond the taker's read
+    read, took = stalled._read_tagged, []
+
+    def read_then_a_taker_moves(key):  # the taker acts between the renewal's read and its write
+        found = read(key)
+        if threading.current_thread() is renewer:
+            rival = threading.Thread(target=lambda: took.append(taker.try_claim("train/0")))
+            rival.start()
+            rival.join(timeout=0.5)  # blocked on the lock: it cannot finish while the renewal holds it
+        return found
+
+    monkeypatch.setattr(stalled, "_read_tagged", read_then_a_taker_moves)
+    renewed = []
+    renewer = threading.Thread(target=lambda: renewed.append(stalled.renew("train/0")))
+    renewer.start()
+    renewer.join()
+    deadline = time.time() + 10
+    while not took and time.time() < deadline:
+        time.sleep(0.01)
+    owner = stalled._read("claims/train/0")["owner"]
+    assert renewed == [True] and took == [False] and owner == stalled.owner
 
 
 WIDEN_SCRIPT = """

@@ -4,9 +4,10 @@ A claim is an object `claims/<unit>` inside the store holding its owner and expi
 `set_if_not_exists` (atomic on local disks: a hard link) and read back to see who won. A claim expires
 `ttl_s` after it was taken, or at once when its owner was a process on this host that no longer exists;
 then anyone may take it over, which is how a dead writer's shard is finished.
-An expired claim is taken over by one writer only: on a local disk it is moved aside (an atomic rename) and
-put back when it is not the claim read; on s3:// it is overwritten by a conditional put (`If-Match` on the
-entity tag read with it), which the server refuses once anyone else has replaced it. On s3:// the create is a
+An expired claim is taken over by one writer only, and a renewal never overwrites a taker's claim: on a local
+disk both replace a claim only under an exclusive lock on the store's folder (`flock`, which every process
+on the host, and NFS clients, honour) after reading it again there; on s3:// by a conditional put (`If-Match`
+on the entity tag read with it), which the server refuses once anyone else has replaced it. On s3:// the create is a
 conditional put too (`If-None-Match: *` through obstore's atomic create, refused when the object exists),
 after an existence check, so a server that ignores conditions degrades to check-then-put; then two writers
 can hold one shard, and as extraction is deterministic both write the same bytes.
@@ -14,6 +15,7 @@ can hold one shard, and as extraction is deterministic both write the same bytes
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -98,10 +100,10 @@ class Claims:
     def _take_over(self, key: str, seen: dict, tag: str | None, body: bytes) -> bool:
         """End the expired claim `seen` (read with entity tag `tag`). Two writers may take one over at once, and
         only the claim read goes: on s3:// it is replaced by `body` (this writer's claim) with a put conditional
-        on `tag`, refused when anyone else replaced or released it since; on a local store it is moved aside and
-        put back if it is not the one read (the other writer's new claim). Other stores delete it (a plain
-        delete can remove a claim made since: two writers may then hold one unit). True when `body` replaced it
-        (s3://); elsewhere the caller creates its claim again."""
+        on `tag`, refused when anyone else replaced or released it since; on a local store it is replaced by
+        `body` under the store's lock if it is still the one read. Other stores delete it (a plain delete can
+        remove a claim made since: two writers may then hold one unit). True when `body` replaced it; else the
+        caller creates its claim again."""
         if self.s3 is not None and tag is not None:
             objects, prefix = self.s3
             try:
@@ -112,19 +114,10 @@ class Claims:
         if self.root is None:
             zarr_compat.run(self.store.delete(key))
             return False
-        path = self.root / key
-        aside = path.with_name(f"{path.name}.{uuid.uuid4().hex}.expired")
-        try:
-            os.rename(path, aside)
-        except FileNotFoundError:
-            return False
-        try:
-            if _parse(aside.read_bytes()) != seen:
-                with contextlib.suppress(FileExistsError):
-                    os.link(aside, path)
-        finally:
-            aside.unlink()
-        return False
+        with self._locked():
+            if self._read(key) != seen:  # replaced or released since it was read
+                return False
+            return _replace_local(self.root / key, body)
 
     @staticmethod
     def _owner_alive(claim: dict) -> bool:
@@ -160,19 +153,14 @@ class Claims:
 
     def _renew(self, unit: str) -> bool:
         key = f"claims/{unit}"
-        current, tag = self._read_tagged(key)
-        if unit not in self.held or current is None or current.get("owner") != self.owner:
-            return False
-        body = json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
-        if self.root is not None:  # replaced whole: a reader never finds it torn
-            path = self.root / key
-            tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
-            try:
-                tmp.write_bytes(body)
-            except FileNotFoundError:  # its folder went with a release elsewhere: the claim was taken over
+        with self._locked():  # on a local store no taker replaces the claim between this read and the write
+            current, tag = self._read_tagged(key)
+            if unit not in self.held or current is None or current.get("owner") != self.owner:
                 return False
-            os.replace(tmp, path)
-        elif self.s3 is not None and tag is not None:  # only if still the claim read: never over a taker's
+            body = json.dumps({"owner": self.owner, "expires": time.time() + self.ttl_s}).encode()
+            if self.root is not None:
+                return _replace_local(self.root / key, body)
+        if self.s3 is not None and tag is not None:  # only if still the claim read: never over a taker's
             objects, prefix = self.s3
             try:
                 obstore.put(objects, f"{prefix}{key}", body, mode={"e_tag": tag})
@@ -209,12 +197,30 @@ class Claims:
             self.release(unit)
 
     def release(self, unit: str) -> None:
-        with self._renewing:
+        with self._renewing, self._locked():
             self.held.discard(unit)
             key = f"claims/{unit}"
             current = self._read(key)
             if current is not None and current.get("owner") == self.owner:
                 self._delete(key)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """On a local store, an exclusive lock on the store's folder (never removed while the store exists, so
+        every process locks the same inode; a lock file inside would be litter): replacements and removals of
+        claims by all processes exclude each other. Elsewhere nothing: s3:// replaces conditionally."""
+        try:
+            fd = None if self.root is None else os.open(self.root, os.O_RDONLY)
+        except FileNotFoundError:  # the store is gone (removed): no claim left to protect
+            fd = None
+        if fd is None:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing the last descriptor releases the lock
 
     def _delete(self, key: str) -> None:
         if self.root is not None:
@@ -238,6 +244,18 @@ def _parse(data: bytes) -> dict:
         return json.loads(data)
     except ValueError:
         return {"owner": "?", "expires": 0.0}  # a torn claim counts as expired
+
+
+def _replace_local(path: Path, body: bytes) -> bool:
+    """Replace a claim file whole (written beside it, then renamed over it: a reader never finds it torn);
+    False when its folder went with a release elsewhere (the claim is gone)."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        tmp.write_bytes(body)
+    except FileNotFoundError:
+        return False
+    os.replace(tmp, path)
+    return True
 
 
 def create_local(path: Path, body: bytes) -> bool:
