@@ -105,12 +105,7 @@ class Claims:
         remove a claim made since: two writers may then hold one unit). True when `body` replaced it; else the
         caller creates its claim again."""
         if self.s3 is not None and tag is not None:
-            objects, prefix = self.s3
-            try:
-                obstore.put(objects, f"{prefix}{key}", body, mode={"e_tag": tag})
-                return True
-            except (PreconditionError, FileNotFoundError, NotFoundError):
-                return False
+            return self._put_if_unchanged(key, body, tag)
         if self.root is None:
             zarr_compat.run(self.store.delete(key))
             return False
@@ -118,6 +113,17 @@ class Claims:
             if self._read(key) != seen:  # replaced or released since it was read
                 return False
             return _replace_local(self.root / key, body)
+
+    def _put_if_unchanged(self, key: str, body: bytes, tag: str) -> bool:
+        """On s3://, write `body` over the claim only while it is the one read with entity tag `tag`
+        (`If-Match`); False when the server refuses: anyone else replaced or released it since."""
+        assert self.s3 is not None
+        objects, prefix = self.s3
+        try:
+            obstore.put(objects, f"{prefix}{key}", body, mode={"e_tag": tag})
+            return True
+        except (PreconditionError, FileNotFoundError, NotFoundError):
+            return False
 
     @staticmethod
     def _owner_alive(claim: dict) -> bool:
@@ -161,13 +167,8 @@ class Claims:
             if self.root is not None:
                 return _replace_local(self.root / key, body)
         if self.s3 is not None and tag is not None:  # only if still the claim read: never over a taker's
-            objects, prefix = self.s3
-            try:
-                obstore.put(objects, f"{prefix}{key}", body, mode={"e_tag": tag})
-            except (PreconditionError, FileNotFoundError, NotFoundError):
-                return False
-        else:
-            zarr_compat.run(zarr_compat.set_bytes(self.store, key, body))
+            return self._put_if_unchanged(key, body, tag)
+        zarr_compat.run(zarr_compat.set_bytes(self.store, key, body))
         return True
 
     @contextlib.contextmanager
@@ -279,10 +280,16 @@ def create_local(path: Path, body: bytes) -> bool:
         tmp.unlink(missing_ok=True)
 
 
+def _s3_fs(store):
+    """The fsspec filesystem of a zarr store on s3://, else None."""
+    fs = getattr(store, "fs", None)
+    return fs if fs is not None and "s3" in fs.protocol else None  # protocol is a name or a tuple of names
+
+
 def _s3_objects(store) -> tuple[S3Store, str] | None:
     """For a zarr store on s3://, obstore's S3Store of its bucket and the store's key prefix in it; else None."""
-    fs = getattr(store, "fs", None)
-    if fs is None or "s3" not in fs.protocol:  # protocol is a name or a tuple of names
+    fs = _s3_fs(store)
+    if fs is None:
         return None
     bucket, _, prefix = str(store.path).strip("/").partition("/")
     return _object_store(fs, bucket), f"{prefix}/" if prefix else ""
@@ -290,8 +297,8 @@ def _s3_objects(store) -> tuple[S3Store, str] | None:
 
 async def create_if_absent(store, key: str, body: bytes) -> None:
     """Write `key` unless it exists; on S3 atomically, through a conditional put the server arbitrates."""
-    fs = getattr(store, "fs", None)
-    if fs is None or "s3" not in fs.protocol:  # protocol is a name or a tuple of names
+    fs = _s3_fs(store)
+    if fs is None:
         await zarr_compat.set_bytes_if_absent(store, key, body)
         return
     if not await store.exists(key):
