@@ -1,6 +1,6 @@
 """Head2Toe pooling: reduce each tapped activation to about `target_size` features.
 
-The rule (head2toe-method.md) is applied on the device inside the forward, so full maps never reach the
+The paper's rule is applied on the device inside the forward, so full maps never reach the
 host. Sizes are computed by `pooled_dim` from shapes alone, so the store layout is known before any image
 goes through the backbone.
 """

@@ -204,7 +204,7 @@ class DeviceBatch:
     flats: dict[str, torch.Tensor]  # store dtype -> every tap of that dtype cast into one flat buffer
     members: dict[str, list[int]]  # store dtype -> the taps (indices) in its buffer, in order
     sizes: list[int]  # elements of each tap
-    params: torch.Tensor | None = None  # int8 taps: each one's scales then offsets (2 * dim), float32, in order
+    params: torch.Tensor | None = None  # int8 taps: each one's scales then minima (2 * dim), float16, in order
 
 
 class DeviceStage:

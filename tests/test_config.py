@@ -94,3 +94,29 @@ def test_the_schema_refuses_bad_types_and_choices_when_composed(override, key):
         causes.append(str(exc))
         exc = exc.__cause__
     assert any(key in c for c in causes), causes
+
+
+def _differences(schema, composed, path=""):
+    """(dotted key, schema's default, composed value) wherever both give a value and they differ."""
+    if isinstance(schema, dict) and isinstance(composed, dict):
+        return [d for key in schema if key in composed
+                for d in _differences(schema[key], composed[key], f"{path}.{key}" if path else key)]
+    return [] if schema == composed or schema == "???" else [(path, schema, composed)]
+
+
+@pytest.mark.parametrize("verb", ["extract", "probe", "run", "tune"])
+def test_the_conf_files_state_the_schemas_defaults(verb):
+    """A default lives in the schema; the conf/ groups repeat it for a reader and may not contradict it. Only the
+    default model group (the embedded default's own values), the store root's environment lookup and the tune
+    grid (empty in the schema) are set in conf/ alone."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import H2TConfig
+
+    schema = OmegaConf.to_container(OmegaConf.structured(H2TConfig), resolve=False)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        composed = OmegaConf.to_container(compose(config_name=verb), resolve=False)
+    conf_only = {key for key, _, _ in _differences(schema, composed)
+                 if not key.startswith(("model.", "tune.grid.")) and key != "store.root"}
+    assert not conf_only, f"conf/ contradicts the schema's defaults at {sorted(conf_only)}"
+    assert composed["store"]["root"] == "${oc.env:H2T_STORE_ROOT," + schema["store"]["root"] + "}"
