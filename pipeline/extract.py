@@ -322,17 +322,23 @@ def decode_workers(workers: int | None, device: torch.device) -> int:
     return 4 if device.type == "cuda" else 1
 
 
-def run_record(job: ExtractJob, dataset: Dataset, device: torch.device) -> dict:
-    """This process's record for the store's runs (pipeline/storage/runs.py): what, besides the spec, makes
-    the numbers it writes."""
+def run_numbers(job: ExtractJob, dataset: Dataset, device: torch.device) -> dict:
+    """What, besides the spec, makes the numbers a run on `device` writes: the device, who decodes its JPEGs
+    (nvJPEG's pixels differ from libjpeg-turbo's) and, for a CUDA float32 forward, torch's TF32 switches as they
+    stand (its defaults rule). Needs no device: `device` is only read."""
     cuda = device.type == "cuda"
-    float32_on_cuda = cuda and str(job.model.precision) == "float32"  # torch's TF32 switches: its defaults rule
-    return runs.new_record(
-        device=device.type, device_name=torch.cuda.get_device_name(device) if cuda else None,
-        decode="nvjpeg" if cuda and decodes_on_device(job.extract, dataset) else "cpu",
-        tf32_convolutions=bool(float32_on_cuda and torch.backends.cudnn.allow_tf32),
-        tf32_matmuls=bool(float32_on_cuda and torch.backends.cuda.matmul.allow_tf32),
-        writers_in=str(job.extract.writers_in), torch=torch.__version__)
+    float32_on_cuda = cuda and str(job.model.precision) == "float32"
+    return {"device": device.type, "decode": "nvjpeg" if cuda and decodes_on_device(job.extract, dataset) else "cpu",
+            "tf32_convolutions": bool(float32_on_cuda and torch.backends.cudnn.allow_tf32),
+            "tf32_matmuls": bool(float32_on_cuda and torch.backends.cuda.matmul.allow_tf32)}
+
+
+def run_record(job: ExtractJob, dataset: Dataset, device: torch.device) -> dict:
+    """This process's record for the store's runs (pipeline/storage/runs.py): `run_numbers`, the device's name,
+    the writers' kind and torch's version."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return runs.new_record(**run_numbers(job, dataset, device), device_name=name,
+                           writers_in=str(job.extract.writers_in), torch=torch.__version__)
 
 
 def note_run(store: FeatureStore, entry: dict) -> None:

@@ -103,3 +103,43 @@ def test_writers_starting_together_each_leave_their_record(tmp_path):
         assert not errors, errors
         assert len(runs.records(zarr.open_group(path, mode="r"))) == len(processes)
         assert dict(zarr.open_group(path, mode="r").attrs) == {"h2t": {"id": "x"}}  # the root's attributes kept
+
+
+def test_a_cuda_runs_numbers_name_nvjpeg_and_the_tf32_switches_as_they_stand(tmp_path):
+    """`run_numbers` needs no GPU to say what a CUDA run records: the device object is only read. This is the
+    record's CUDA logic tested on the CPU (a lent GPU runs the real thing: benchmarks/gpu_check.sh)."""
+    import torch
+    from PIL import Image
+
+    from pipeline.config import settings
+    from pipeline.extract import plan_store, run_numbers
+    from tests.conftest import TINY_OVERRIDES, compose_cfg
+    from tests.test_decode import photo
+
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "images" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(photo(40, 56, seed=i)).save(tmp_path / "images" / split / c / f"{i}.jpg")
+    model = [o for o in TINY_OVERRIDES if not o.startswith("data")]
+
+    def numbers(device, *overrides):
+        job = settings(compose_cfg("extract", model + ["data=folder", f"data.root={tmp_path / 'images'}",
+                                                      f"store.root={tmp_path / 'stores'}", *overrides])).extract_job()
+        return run_numbers(job, plan_store(job).dataset, torch.device(device))
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # module-like: no monkeypatch
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False  # torch's defaults
+        assert numbers("cuda:0", "extract.decode=device") == {
+            "device": "cuda", "decode": "nvjpeg", "tf32_convolutions": True, "tf32_matmuls": False}
+        assert numbers("cuda:0", "extract.decode=cpu")["decode"] == "cpu"
+        assert numbers("cpu", "extract.decode=device") == {  # torchvision's CPU decode is libjpeg-turbo's
+            "device": "cpu", "decode": "cpu", "tf32_convolutions": False, "tf32_matmuls": False}
+        bf16 = numbers("cuda:0", "extract.decode=device", "model.precision=bfloat16")
+        assert (bf16["tf32_convolutions"], bf16["tf32_matmuls"]) == (False, False)  # autocast, not TF32
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, True
+        assert numbers("cuda:0", "extract.decode=device") == {
+            "device": "cuda", "decode": "nvjpeg", "tf32_convolutions": False, "tf32_matmuls": True}
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
