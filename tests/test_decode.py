@@ -25,6 +25,16 @@ def photo(height=48, width=64, seed=0) -> np.ndarray:
     return np.clip(rgb, 0, 255).astype(np.uint8)
 
 
+def write_jpeg_folder(root, per_class: int) -> None:
+    """A `data=folder` tree of JPEG photos: ROOT/{train,test}/{a,b}/<i>.jpg."""
+    for split in ("train", "test"):
+        for c, seed in (("a", 0), ("b", 1)):
+            folder = root / split / c
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(photo(40, 56, seed=10 * seed + i)).save(folder / f"{i}.jpg", quality=90)
+
+
 def write_all(folder, size=(48, 64), seed=0) -> dict:
     """Every kind of file the decoders treat differently, written by PIL."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -150,12 +160,7 @@ def test_extraction_decoding_on_the_device_writes_the_cpu_paths_store(tmp_path):
     from pipeline.extract import decodes_on_device, extract, plan_store
     from tests.conftest import TINY_OVERRIDES, compose_cfg
 
-    for split in ("train", "test"):
-        for c, seed in (("a", 0), ("b", 1)):
-            folder = tmp_path / "images" / split / c
-            folder.mkdir(parents=True)
-            for i in range(6):
-                Image.fromarray(photo(40, 56, seed=10 * seed + i)).save(folder / f"{i}.jpg", quality=90)
+    write_jpeg_folder(tmp_path / "images", per_class=6)
     stores = {}
     for mode in ("cpu", "device"):
         model = [o for o in TINY_OVERRIDES if not o.startswith("data")]

@@ -109,18 +109,13 @@ def test_a_cuda_runs_numbers_name_nvjpeg_and_the_tf32_switches_as_they_stand(tmp
     """`run_numbers` needs no GPU to say what a CUDA run records: the device object is only read. This is the
     record's CUDA logic tested on the CPU (a lent GPU runs the real thing: benchmarks/gpu_check.sh)."""
     import torch
-    from PIL import Image
 
     from pipeline.config import settings
     from pipeline.extract import plan_store, run_numbers
     from tests.conftest import TINY_OVERRIDES, compose_cfg
-    from tests.test_decode import photo
+    from tests.test_decode import write_jpeg_folder
 
-    for split in ("train", "test"):
-        for c in ("a", "b"):
-            (tmp_path / "images" / split / c).mkdir(parents=True)
-            for i in range(3):
-                Image.fromarray(photo(40, 56, seed=i)).save(tmp_path / "images" / split / c / f"{i}.jpg")
+    write_jpeg_folder(tmp_path / "images", per_class=3)
     model = [o for o in TINY_OVERRIDES if not o.startswith("data")]
 
     def numbers(device, *overrides):
